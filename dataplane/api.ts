@@ -1,0 +1,104 @@
+// The data plane: a framed, authenticated, checksummed, acknowledged message stream between two host
+// agents. It knows nothing about migrations beyond the session identity; the meaning of the messages
+// (blocks, pages, state, stale bitmaps, fetch requests) belongs to the migration code that uses it.
+// Wire format: dataplane/PROTOCOL.md.
+
+export interface SessionIdentity {
+  migrationId: string;
+  epoch: number;
+  vmId: string;
+  /** Free-form name of the stream within the migration (e.g. "disk", "memory", "postcopy"). */
+  stream: string;
+}
+
+export interface Message {
+  /** Application message type, 1..65535. */
+  type: number;
+  /** Small JSON metadata. */
+  meta: Record<string, unknown>;
+  /** Binary payload (may be empty). All-zero payloads travel as a flag, not as bytes. */
+  data: Buffer;
+}
+
+export interface TlsOptions {
+  cert?: Buffer | string;
+  key?: Buffer | string;
+  ca?: Buffer | string;
+  /** Client side: the name to verify in the server's certificate. */
+  servername?: string;
+}
+
+export interface DataPlaneStats {
+  bytesSent: number; // payload bytes put on the wire (zero blocks count 0)
+  bytesAcked: number;
+  messagesSent: number;
+  messagesAcked: number;
+  zeroMessages: number;
+  reconnects: number;
+  inFlight: number;
+}
+
+/** Client side (the source host). Sends are pipelined; `flush` waits for every acknowledgement. */
+export interface DataPlaneSession {
+  readonly identity: SessionIdentity;
+  /** Queue a message; resolves once it fits in the in-flight window (back-pressure). */
+  send(msg: Message): Promise<void>;
+  /** Send and wait for the peer's reply (the handler's return value). */
+  request(msg: Message): Promise<Message>;
+  /** Resolves when every sent message has been acknowledged (applied) by the peer. */
+  flush(): Promise<void>;
+  /** Messages the server pushes (e.g. on-demand fetch requests during postcopy). */
+  onPush(cb: (msg: Message) => void): void;
+  /** Bytes per second, or null for unlimited. Takes effect immediately. */
+  setBandwidth(bytesPerSecond: number | null): void;
+  readonly stats: DataPlaneStats;
+  close(): Promise<void>;
+}
+
+export interface ConnectOptions {
+  address: string; // host:port
+  secret: Buffer;
+  identity: SessionIdentity;
+  tls?: TlsOptions;
+  /** Max unacknowledged payload bytes in flight (default 8 MiB). */
+  windowBytes?: number;
+  bandwidthBytesPerSecond?: number | null;
+  /** How long to keep trying to reconnect after a drop before failing pending operations (default 30 s). */
+  reconnectTimeoutMs?: number;
+  /** Called on every reconnect attempt failure, for logging. */
+  onReconnectError?: (err: Error) => void;
+}
+
+/** Server side: one handler per session, chosen after authentication. */
+export interface ServerSession {
+  readonly identity: SessionIdentity;
+  readonly remoteAddress: string;
+  /** Push a message to the client (best effort: lost if the connection drops; the app re-requests). */
+  push(msg: Message): void;
+}
+
+export interface SessionHandler {
+  /** Apply a message. The acknowledgement is sent only after this resolves; a thrown error is sent back as an error. Return a reply for requests. */
+  onMessage(session: ServerSession, msg: Message): Promise<Message | void>;
+  onClose?(session: ServerSession): void;
+}
+
+export interface ServerOptions {
+  host: string;
+  port: number; // 0 = pick a free port
+  secret: Buffer;
+  tls?: TlsOptions;
+  /** Decide whether to accept a session (after authentication); throw DataPlaneRefused to refuse with a reason. */
+  accept(identity: SessionIdentity, remoteAddress: string): Promise<SessionHandler>;
+  log?: (level: 'info' | 'warn' | 'error', msg: string, fields?: Record<string, unknown>) => void;
+}
+
+export class DataPlaneError extends Error {
+  constructor(
+    readonly code: string,
+    message: string,
+  ) {
+    super(message);
+    this.name = 'DataPlaneError';
+  }
+}
