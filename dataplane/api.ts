@@ -18,7 +18,11 @@ export interface Message {
   meta: Record<string, unknown>;
   /** Binary payload (may be empty). All-zero payloads travel as a flag, not as bytes. */
   data: Buffer;
+  /** Set on received messages whose payload travelled as the ZERO flag (data is then a fresh zero-filled buffer). */
+  zero?: boolean;
 }
+
+export type LogFn = (level: 'info' | 'warn' | 'error', msg: string, fields?: Record<string, unknown>) => void;
 
 export interface TlsOptions {
   cert?: Buffer | string;
@@ -67,12 +71,19 @@ export interface ConnectOptions {
   reconnectTimeoutMs?: number;
   /** Called on every reconnect attempt failure, for logging. */
   onReconnectError?: (err: Error) => void;
+  /** Handshake (connect + authenticate) timeout per attempt (default 10 s). */
+  handshakeTimeoutMs?: number;
+  /** A PING is sent after this much idle time; a connection silent for 3x this long is dropped and resumed (default 5 s). */
+  keepaliveMs?: number;
+  log?: LogFn;
 }
 
 /** Server side: one handler per session, chosen after authentication. */
 export interface ServerSession {
   readonly identity: SessionIdentity;
   readonly remoteAddress: string;
+  /** The client's random session id (stable across reconnects of one DataPlaneSession). */
+  readonly sessionId: string;
   /** Push a message to the client (best effort: lost if the connection drops; the app re-requests). */
   push(msg: Message): void;
 }
@@ -80,6 +91,7 @@ export interface ServerSession {
 export interface SessionHandler {
   /** Apply a message. The acknowledgement is sent only after this resolves; a thrown error is sent back as an error. Return a reply for requests. */
   onMessage(session: ServerSession, msg: Message): Promise<Message | void>;
+  /** The session ended: the client closed it, it stayed disconnected for sessionIdleMs, or the server closed. Not called for a dropped connection that may resume. */
   onClose?(session: ServerSession): void;
 }
 
@@ -90,7 +102,20 @@ export interface ServerOptions {
   tls?: TlsOptions;
   /** Decide whether to accept a session (after authentication); throw DataPlaneRefused to refuse with a reason. */
   accept(identity: SessionIdentity, remoteAddress: string): Promise<SessionHandler>;
-  log?: (level: 'info' | 'warn' | 'error', msg: string, fields?: Record<string, unknown>) => void;
+  log?: LogFn;
+  /** An unauthenticated connection is closed after this long (default 10 s). */
+  handshakeTimeoutMs?: number;
+  /** Session state (resume point, handler) is kept this long after its connection drops (default 10 min). */
+  sessionIdleMs?: number;
+}
+
+export interface DataPlaneServer {
+  address: string;
+  port: number;
+  /** Closes the listener and every connection; calls onClose of every session. */
+  close(): Promise<void>;
+  /** Number of live sessions (connected or waiting for a reconnect). */
+  sessions(): number;
 }
 
 export class DataPlaneError extends Error {
@@ -100,5 +125,13 @@ export class DataPlaneError extends Error {
   ) {
     super(message);
     this.name = 'DataPlaneError';
+  }
+}
+
+/** Thrown by ServerOptions.accept to refuse a session; the client gets DataPlaneError('refused', reason). */
+export class DataPlaneRefused extends DataPlaneError {
+  constructor(reason: string) {
+    super('refused', reason);
+    this.name = 'DataPlaneRefused';
   }
 }

@@ -123,10 +123,16 @@ export interface VmHandle {
 
 export interface HypervisorDriver {
   readonly kind: string;
-  /** Create the VM's disk (sparse) and metadata; `incoming` makes a destination shell instead of a fresh guest. */
-  create(spec: VmSpec, opts?: { incoming?: boolean }): Promise<VmStatus>;
-  /** Start the VM process (detached: it outlives the agent). A fresh VM starts running its guest; an incoming one waits. */
-  start(vm: VmId): Promise<VmHandle>;
+  /**
+   * Create the VM's disk (sparse) and metadata; `incoming` makes a destination shell instead of a fresh guest.
+   * `reuseDisk` builds on the disk.img kept by `destroy(vm, { keepDisk: true })` (an incremental-migration base).
+   */
+  create(spec: VmSpec, opts?: { incoming?: boolean; reuseDisk?: boolean }): Promise<VmStatus>;
+  /**
+   * Start the VM process (detached: it outlives the agent). A fresh VM starts running its guest (or paused with
+   * `paused`); an incoming one waits. Starting a VM whose process is alive attaches to it.
+   */
+  start(vm: VmId, opts?: { paused?: boolean }): Promise<VmHandle>;
   /** Attach to a running VM process (after an agent restart). Throws VmNotFound / VmNotRunning. */
   attach(vm: VmId): Promise<VmHandle>;
   /** Clean stop: persistent bitmaps are saved and stay valid. */

@@ -1,1 +1,63 @@
-export default async function globalSetup(): Promise<void> {}
+/**
+ * Jest global setup: one real Temporal dev server for the whole run (headless, in-memory, free
+ * ports). Test files find it through FERRY_TEST_TEMPORAL_ADDRESS, which jest workers inherit.
+ * If FERRY_TEST_TEMPORAL_ADDRESS is already set, that server is used and nothing is started.
+ */
+import { defineSearchAttributeKey, SearchAttributeType } from '@temporalio/common';
+import { TestWorkflowEnvironment } from '@temporalio/testing';
+import {
+  ensureTemporalCli,
+  FERRY_SEARCH_ATTRIBUTES,
+  startDevServer,
+  type SearchAttributeTypeName,
+} from '../../scripts/temporal-cli';
+
+export const ADDRESS_ENV = 'FERRY_TEST_TEMPORAL_ADDRESS';
+export const HANDLE_KEY = '__ferryTestTemporalServer';
+
+export interface TestServerHandle {
+  address: string;
+  stop(): Promise<void>;
+}
+
+const log = (line: string): void => {
+  process.stderr.write(`[temporal] ${line}\n`);
+};
+
+export default async function globalSetup(): Promise<void> {
+  if (process.env[ADDRESS_ENV]) {
+    log(`using the Temporal server at ${process.env[ADDRESS_ENV]} (${ADDRESS_ENV})`);
+    return;
+  }
+  const cli = await ensureTemporalCli({ log });
+  const handle = cli.route === 'sdk' ? await startWithSdkDownload() : await startDevServer({ cliPath: cli.path, uiPort: null, log: quietLog });
+  process.env[ADDRESS_ENV] = handle.address;
+  (globalThis as Record<string, unknown>)[HANDLE_KEY] = handle;
+}
+
+/** Server output is only shown with FERRY_TEST_TEMPORAL_LOG=1; it is part of any startup error anyway. */
+function quietLog(line: string): void {
+  if (process.env.FERRY_TEST_TEMPORAL_LOG) log(line);
+}
+
+async function startWithSdkDownload(): Promise<TestServerHandle> {
+  const env = await TestWorkflowEnvironment.createLocal({
+    server: {
+      searchAttributes: Object.entries(FERRY_SEARCH_ATTRIBUTES).map(([name, type]) => defineSearchAttributeKey(name, sdkType(type))),
+    },
+  });
+  return { address: env.address, stop: () => env.teardown() };
+}
+
+function sdkType(type: SearchAttributeTypeName): SearchAttributeType {
+  const map: Record<SearchAttributeTypeName, SearchAttributeType> = {
+    Keyword: SearchAttributeType.KEYWORD,
+    Text: SearchAttributeType.TEXT,
+    Int: SearchAttributeType.INT,
+    Double: SearchAttributeType.DOUBLE,
+    Bool: SearchAttributeType.BOOL,
+    Datetime: SearchAttributeType.DATETIME,
+    KeywordList: SearchAttributeType.KEYWORD_LIST,
+  };
+  return map[type];
+}

@@ -1,0 +1,218 @@
+// Host-side activities. Every agent registers all of them on its own task queue (`host-<name>`);
+// the workflow chooses the host by choosing the queue. Built by a factory that receives the host's
+// dependencies, as in the Temporal samples.
+import { ApplicationFailure, Context } from '@temporalio/activity';
+import type { HypervisorDriver, VmSpec, VmStatus } from '../hypervisor/driver';
+import { vmId as asVmId, type Workload } from '../common/types';
+import type { Logger } from '../common/log';
+import { OwnershipConflict, type OwnershipRecord, type OwnershipStore } from '../migration/ownership';
+import type { Destination } from '../migration/destination';
+import { DestinationUnreachable, type MigrationRef, type Progress, type Source } from '../migration/source';
+
+export interface HostDeps {
+  host: string;
+  dataAddress: string;
+  driver: HypervisorDriver;
+  ownership: OwnershipStore;
+  source: Source;
+  destination: Destination;
+  log: Logger;
+}
+
+export interface VmSummary extends VmStatus {
+  host: string;
+  ownership: OwnershipRecord | null;
+}
+
+export interface PrepareInput {
+  migrationId: string;
+  vmId: string;
+  epoch: number;
+  sourceHost: string;
+  blockBytes: number;
+  spec: VmSpec;
+}
+
+export function createActivities(deps: HostDeps) {
+  const { driver, ownership, source, destination, log } = deps;
+
+  async function summary(vmId: string): Promise<VmSummary> {
+    const id = asVmId(vmId);
+    if (!(await driver.exists(id))) {
+      throw ApplicationFailure.nonRetryable(`VM ${vmId} does not exist on host ${deps.host}: check the VM id and the source host (ferry vm list)`, 'VmNotFound');
+    }
+    return { ...(await driver.inspect(id)), host: deps.host, ownership: await ownership.get(vmId) };
+  }
+
+  return {
+    async vmCreate(input: { vmId: string; diskBytes: number; memoryBytes: number; workload: Workload; seed?: number; opsPerSecond?: number; fill?: boolean; start?: boolean }): Promise<VmSummary> {
+      const id = asVmId(input.vmId);
+      if (await driver.exists(id)) throw ApplicationFailure.nonRetryable(`VM ${input.vmId} already exists on host ${deps.host}`, 'VmExists');
+      const spec: VmSpec = {
+        vmId: id,
+        diskBytes: input.diskBytes,
+        memoryBytes: input.memoryBytes,
+        workload: input.workload,
+        seed: input.seed ?? 1,
+        opsPerSecond: input.opsPerSecond ?? 0,
+        fill: input.fill,
+      };
+      await guard(() => driver.create(spec));
+      await guard(() => ownership.claimNew(input.vmId));
+      if (input.start !== false) (await driver.start(id)).close();
+      return summary(input.vmId);
+    },
+
+    async vmList(): Promise<VmSummary[]> {
+      const all = await driver.list();
+      return Promise.all(all.map(async (s) => ({ ...s, host: deps.host, ownership: await ownership.get(s.vmId) })));
+    },
+
+    async vmInspect(input: { vmId: string }): Promise<VmSummary> {
+      return summary(input.vmId);
+    },
+
+    async vmDestroy(input: { vmId: string }): Promise<void> {
+      await summary(input.vmId);
+      await driver.destroy(asVmId(input.vmId));
+      await ownership.remove(input.vmId);
+    },
+
+    async vmRunUntil(input: { vmId: string; ops: number }): Promise<VmSummary> {
+      const vm = await driver.attach(asVmId(input.vmId));
+      try {
+        await vm.runUntil(input.ops);
+        for (;;) {
+          const s = await vm.status();
+          if (s.state === 'halted' || s.ops >= input.ops) break;
+          Context.current().heartbeat({ ops: s.ops });
+          await Context.current().sleep(100);
+        }
+      } finally {
+        vm.close();
+      }
+      return summary(input.vmId);
+    },
+
+    async vmHashes(input: { vmId: string }): Promise<{ disk: string; memory: string }> {
+      const vm = await driver.attach(asVmId(input.vmId));
+      try {
+        return await vm.hashes();
+      } finally {
+        vm.close();
+      }
+    },
+
+    // ----- source side -----
+
+    async inspectSource(input: { vmId: string; migrationId: string }): Promise<VmSummary> {
+      const s = await summary(input.vmId);
+      const own = s.ownership;
+      if (own?.state === 'released' && own.migrationId === input.migrationId) return s; // retry after the commit
+      if (s.state !== 'running' || own?.state !== 'running') {
+        throw ApplicationFailure.nonRetryable(
+          `VM ${input.vmId} is not running on host ${deps.host} (process ${s.state}, ownership ${own ? `${own.state} at epoch ${own.epoch}` : 'none'}): start it, or name the host it runs on as the source`,
+          'VmNotRunning',
+        );
+      }
+      return s;
+    },
+
+    async startTracking(ref: MigrationRef): Promise<void> {
+      await source.startTracking(ref);
+    },
+
+    async copyDiskFull(ref: MigrationRef) {
+      return withHeartbeat((from, report, signal) => source.copyDiskFull(ref, from, report, signal));
+    },
+
+    async copyDiskDirty(ref: MigrationRef) {
+      return withHeartbeat((_from, report, signal) => source.copyDiskDirty(ref, signal, report));
+    },
+
+    async copyMemory(input: { ref: MigrationRef; full: boolean }) {
+      return withHeartbeat((from, report, signal) => source.copyMemory(input.ref, input.full, from, report, signal));
+    },
+
+    async setThrottle(input: { vmId: string; fraction: number }): Promise<void> {
+      await source.setThrottle(input.vmId, input.fraction);
+    },
+
+    async switchover(input: { ref: MigrationRef; mode: 'tpm' | 'precopy' }) {
+      return withHeartbeat(() => source.switchover(input.ref, input.mode));
+    },
+
+    async postcopy(ref: MigrationRef) {
+      return withHeartbeat((_from, report, signal) => source.postcopy(ref, report, signal));
+    },
+
+    async rollbackSource(input: { ref: MigrationRef | null; vmId: string; migrationId: string }) {
+      return guard(() => source.rollback(input.ref, input.vmId, input.migrationId));
+    },
+
+    async finalizeSource(input: { vmId: string }): Promise<void> {
+      await source.finalize(input.vmId);
+    },
+
+    async setBandwidth(input: { migrationId: string; bytesPerSecond: number | null }): Promise<void> {
+      source.setBandwidth(input.migrationId, input.bytesPerSecond);
+    },
+
+    // ----- destination side -----
+
+    async prepareDestination(input: PrepareInput): Promise<{ dataAddress: string }> {
+      await guard(() =>
+        destination.prepare({
+          migrationId: input.migrationId,
+          vmId: input.vmId,
+          epoch: input.epoch,
+          sourceHost: input.sourceHost,
+          blockBytes: input.blockBytes,
+          spec: input.spec,
+        }),
+      );
+      log.info({ migrationId: input.migrationId, vmId: input.vmId, epoch: input.epoch }, 'incoming VM prepared');
+      return { dataAddress: deps.dataAddress };
+    },
+
+    async abortDestination(input: { migrationId: string; vmId: string; epoch: number }): Promise<void> {
+      await guard(() => destination.abort(input.migrationId, input.vmId, input.epoch));
+    },
+
+    async finishDestination(input: { migrationId: string; vmId: string }): Promise<{ downtimeMs: number | null; fetches: number; staleWaits: number }> {
+      const { fetches } = await destination.finish(input.migrationId);
+      const s = await driver.inspect(asVmId(input.vmId));
+      return { downtimeMs: s.resumeGapMs, fetches, staleWaits: s.staleWaits };
+    },
+  };
+}
+
+export type Activities = ReturnType<typeof createActivities>;
+
+/** Errors a retry cannot fix become non-retryable failures with their own type. */
+async function guard<T>(fn: () => Promise<T>): Promise<T> {
+  try {
+    return await fn();
+  } catch (err) {
+    if (err instanceof OwnershipConflict) throw ApplicationFailure.nonRetryable(err.message, 'OwnershipConflict');
+    if (err instanceof DestinationUnreachable) throw ApplicationFailure.retryable(err.message, 'DestinationUnreachable');
+    throw err;
+  }
+}
+
+/**
+ * Run a long step with a heartbeat every second carrying its latest progress; a retry starts from
+ * the details of the last heartbeat. Cancellation (abort) reaches the step through the signal.
+ */
+async function withHeartbeat<T>(fn: (from: Progress, report: (p: Progress) => void, signal: AbortSignal) => Promise<T>): Promise<T> {
+  const ctx = Context.current();
+  const from: Progress = (ctx.info.heartbeatDetails as Progress | undefined) ?? { cursor: 0, bytes: 0, items: 0 };
+  let latest = from;
+  ctx.heartbeat(latest);
+  const timer = setInterval(() => ctx.heartbeat(latest), 1000);
+  try {
+    return await guard(() => fn(from, (p) => (latest = p), ctx.cancellationSignal));
+  } finally {
+    clearInterval(timer);
+  }
+}

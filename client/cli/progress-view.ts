@@ -1,0 +1,93 @@
+// Live progress of a migration on a terminal (a cli-progress bar), ending with the report.
+import cliProgress from 'cli-progress';
+import type { MigrationHandle } from '../ferry-client';
+import type { MigrationProgress, MigrationReport } from '../../common/migration';
+
+export function formatBytes(n: number): string {
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) {
+    n /= 1024;
+    i++;
+  }
+  return `${n.toFixed(i === 0 ? 0 : 1)} ${units[i]}`;
+}
+
+function fields(p: MigrationProgress) {
+  return {
+    phase: p.phase.padEnd(17),
+    disk: `${formatBytes(p.disk.sentBytes)}/${formatBytes(p.disk.totalBytes)}`,
+    mem: `${formatBytes(p.memory.sentBytes)}/${formatBytes(p.memory.totalBytes)}`,
+    rate: `${formatBytes(p.transferBytesPerSecond)}/s`,
+    dirty: `${p.disk.dirtyBlocks} blk ${p.memory.dirtyPages} pg`,
+    etaText: p.etaSeconds === null ? '-' : `${p.etaSeconds}s`,
+  };
+}
+
+/** Follow a migration until it ends; draws a bar on a TTY and plain lines elsewhere. */
+export async function followMigration(handle: MigrationHandle, opts: { stream?: NodeJS.WriteStream; intervalMs?: number } = {}): Promise<MigrationReport> {
+  const stream = opts.stream ?? process.stderr;
+  const bar = new cliProgress.SingleBar(
+    {
+      stream,
+      format: '{phase} |{bar}| {percent}% | disk {disk} | mem {mem} | {rate} | dirty {dirty} | ETA {etaText}',
+      hideCursor: true,
+      noTTYOutput: true,
+      notTTYSchedule: 2000,
+      barsize: 24,
+    },
+    cliProgress.Presets.shades_classic,
+  );
+  bar.start(100, 0, fields(emptyProgress(handle.vmId)));
+  let done = false;
+  const result = handle.result().finally(() => (done = true));
+  let last = 0;
+  while (!done) {
+    try {
+      const p = await handle.progress();
+      last = Math.max(last, p.percent);
+      bar.update(last, fields(p));
+    } catch {
+      // the workflow may be between tasks; the next poll catches up
+    }
+    await Promise.race([result.catch(() => undefined), new Promise((r) => setTimeout(r, opts.intervalMs ?? 500))]);
+  }
+  try {
+    const report = await result;
+    bar.update(100, { ...fields(emptyProgress(handle.vmId)), phase: report.outcome.padEnd(17) });
+    return report;
+  } finally {
+    bar.stop();
+  }
+}
+
+function emptyProgress(vmId: string): MigrationProgress {
+  return {
+    vmId,
+    phase: 'validating',
+    sourceHost: '',
+    destinationHost: null,
+    mode: 'tpm',
+    round: 0,
+    disk: { totalBytes: 0, sentBytes: 0, remainingBytes: 0, dirtyBlocks: 0 },
+    memory: { totalBytes: 0, sentBytes: 0, remainingBytes: 0, dirtyPages: 0 },
+    transferBytesPerSecond: 0,
+    dirtyBytesPerSecond: 0,
+    etaSeconds: null,
+    percent: 0,
+    message: '',
+    epoch: null,
+  };
+}
+
+export function formatReport(r: MigrationReport): string {
+  const lines = [
+    `${r.vmId}: ${r.outcome}${r.reason ? ` (${r.reason})` : ''}`,
+    `  ${r.sourceHost} → ${r.destinationHost ?? '-'}  mode ${r.mode}${r.incremental ? ', incremental' : ''}  epoch ${r.epoch}`,
+    `  total ${(r.totalMs / 1000).toFixed(2)} s   downtime ${r.downtimeMs ?? '-'} ms   postcopy ${r.postcopyMs} ms (${r.onDemandFetches} on-demand fetches)`,
+    `  sent disk ${formatBytes(r.diskBytesSent)}, memory ${formatBytes(r.memoryBytesSent)}   rounds disk ${r.diskRounds}, memory ${r.memoryRounds}${r.throttled ? '   guest throttled' : ''}`,
+  ];
+  if (r.skippedBlocks) lines.push(`  incremental: ${r.skippedBlocks} blocks skipped`);
+  for (const f of r.failedDestinations) lines.push(`  destination ${f.host} failed: ${f.reason}`);
+  return lines.join('\n');
+}

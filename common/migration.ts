@@ -1,0 +1,106 @@
+// What a migration is, as the workflow, the client and the CLI see it. Small metadata only:
+// block data, bitmaps and secrets never appear in these types (DESIGN invariant 6).
+
+export type MigrationMode = 'tpm' | 'precopy';
+export type IncrementalPolicy = 'auto' | 'off' | 'require';
+export type CutoverPolicy = 'auto' | 'manual';
+export type StallAction = 'throttle' | 'switchover';
+export type TimeoutAction = 'abort' | 'switchover';
+
+export interface ConvergencePolicy {
+  /** Go to the freeze once a dirty round leaves at most this many blocks. */
+  dirtyBlockThreshold: number;
+  maxRounds: number;
+  /** What to do when rounds stop shrinking. */
+  onStall: StallAction;
+}
+
+export interface MigrateVmInput {
+  vmId: string;
+  sourceHost: string;
+  /** Candidate destinations, tried in order. */
+  destinationHosts: string[];
+  mode?: MigrationMode;
+  incremental?: IncrementalPolicy;
+  blockBytes?: number;
+  convergence?: Partial<ConvergencePolicy>;
+  /** Target for the freeze (ms); memory rounds go on until the last dirty pages fit it. */
+  downtimeTargetMs?: number;
+  /** Data-plane limit in bytes per second; null = unlimited. */
+  bandwidthBytesPerSecond?: number | null;
+  cutover?: CutoverPolicy;
+  /** Completion timeout, per GiB of disk+memory (s), and what to do when it expires. */
+  completionTimeoutSecondsPerGiB?: number;
+  onCompletionTimeout?: TimeoutAction;
+  /** How long to keep retrying an unreachable destination before rolling back (s). */
+  destinationDeadlineSeconds?: number;
+}
+
+export type MigrationPhase =
+  | 'validating'
+  | 'preparing'
+  | 'disk-precopy'
+  | 'disk-dirty-rounds'
+  | 'memory-precopy'
+  | 'awaiting-cutover'
+  | 'switchover'
+  | 'postcopy'
+  | 'finalizing'
+  | 'rolling-back'
+  | 'completed'
+  | 'rolled-back'
+  | 'failed';
+
+export interface MigrationProgress {
+  vmId: string;
+  phase: MigrationPhase;
+  sourceHost: string;
+  destinationHost: string | null;
+  mode: MigrationMode;
+  round: number;
+  disk: { totalBytes: number; sentBytes: number; remainingBytes: number; dirtyBlocks: number };
+  memory: { totalBytes: number; sentBytes: number; remainingBytes: number; dirtyPages: number };
+  transferBytesPerSecond: number;
+  dirtyBytesPerSecond: number;
+  etaSeconds: number | null;
+  /** Never goes backwards. */
+  percent: number;
+  message: string;
+  epoch: number | null;
+}
+
+export interface MigrationReport {
+  vmId: string;
+  outcome: 'completed' | 'rolled-back';
+  reason?: string;
+  sourceHost: string;
+  destinationHost: string | null;
+  /** Destinations tried before the one that worked (or all of them, when rolled back). */
+  failedDestinations: { host: string; reason: string }[];
+  mode: MigrationMode;
+  incremental: boolean;
+  incrementalFallbackReason?: string;
+  skippedBlocks: number;
+  epoch: number;
+  totalMs: number;
+  downtimeMs: number | null;
+  diskBytesSent: number;
+  memoryBytesSent: number;
+  diskRounds: number;
+  memoryRounds: number;
+  postcopyMs: number;
+  onDemandFetches: number;
+  throttled: boolean;
+}
+
+export const DEFAULTS = {
+  mode: 'tpm' as MigrationMode,
+  incremental: 'auto' as IncrementalPolicy,
+  blockBytes: 64 * 1024,
+  convergence: { dirtyBlockThreshold: 64, maxRounds: 12, onStall: 'throttle' as StallAction },
+  downtimeTargetMs: 50,
+  cutover: 'auto' as CutoverPolicy,
+  completionTimeoutSecondsPerGiB: 600,
+  onCompletionTimeout: 'abort' as TimeoutAction,
+  destinationDeadlineSeconds: 120,
+};

@@ -1,0 +1,144 @@
+// `npm start`: the whole product on one machine. A local Temporal server with its UI, two simulated
+// hosts, a VM under load, a live migration there and an incremental one back, verified against a
+// reference run of the same guest.
+import os from 'node:os';
+import path from 'node:path';
+import { promises as fs } from 'node:fs';
+import { Command } from 'commander';
+import { ensureTemporalCli, startDevServer, type DevServer } from '../scripts/temporal-cli';
+import { LocalCluster } from '../harness/cluster';
+import { FerryClient } from '../client/ferry-client';
+import { followMigration, formatBytes, formatReport } from '../client/cli/progress-view';
+import { referenceRun } from '../hypervisor';
+import { vmId as asVmId, type Workload } from '../common/types';
+import type { MigrationReport } from '../common/migration';
+
+interface DemoOptions {
+  keep: boolean;
+  json: boolean;
+  diskMib: string;
+  memoryMib: string;
+  workload: Workload;
+}
+
+const MiB = 1024 * 1024;
+
+async function main(opts: DemoOptions): Promise<number> {
+  const say = (line: string) => {
+    if (!opts.json) process.stderr.write(`${line}\n`);
+  };
+  const root = await fs.mkdtemp(path.join(os.tmpdir(), 'ferry-demo-'));
+  let server: DevServer | null = null;
+  let cluster: LocalCluster | null = null;
+  const cleanup = async () => {
+    await cluster?.stop().catch(() => undefined);
+    await server?.stop().catch(() => undefined);
+    await fs.rm(root, { recursive: true, force: true }).catch(() => undefined);
+  };
+  process.once('SIGINT', () => {
+    say('\ninterrupted: stopping every process the demo started');
+    void cleanup().then(() => process.exit(130));
+  });
+
+  try {
+    say('1/6 provisioning the Temporal CLI (dev server with SQLite and the Web UI)');
+    const cli = await ensureTemporalCli({ log: (l) => say(`    ${l}`) });
+    server = await startDevServer({ cliPath: cli.path, dbFile: path.join(root, 'temporal.db') });
+    say(`    Temporal ${server.address}, Web UI ${server.uiUrl}`);
+
+    say('2/6 starting two host agents (alpha, beta)');
+    cluster = await LocalCluster.start({ temporalAddress: server.address, hosts: ['alpha', 'beta'], root });
+    const ferry = new FerryClient(cluster.client);
+
+    const vm = {
+      vmId: 'demo-vm',
+      diskBytes: Number(opts.diskMib) * MiB,
+      memoryBytes: Number(opts.memoryMib) * MiB,
+      workload: opts.workload,
+      seed: 42,
+      opsPerSecond: 2000,
+      fill: true,
+    };
+    say(`3/6 creating ${vm.vmId} on alpha: ${formatBytes(vm.diskBytes)} disk filled with data, ${formatBytes(vm.memoryBytes)} memory, ${vm.workload} guest at ${vm.opsPerSecond} ops/s`);
+    await ferry.hostCommand('alpha', 'vmCreate', vm);
+    await new Promise((r) => setTimeout(r, 1000));
+
+    const reports: MigrationReport[] = [];
+    say('4/6 live migration alpha → beta (three-phase: precopy, freeze-and-copy, postcopy)');
+    reports.push(await follow(ferry, { vmId: vm.vmId, sourceHost: 'alpha', destinationHosts: ['beta'] }, opts.json));
+    if (!opts.json) say(formatReport(reports[0]));
+    await new Promise((r) => setTimeout(r, 1000));
+
+    say('5/6 migration back beta → alpha');
+    reports.push(await follow(ferry, { vmId: vm.vmId, sourceHost: 'beta', destinationHosts: ['alpha'] }, opts.json));
+    if (!opts.json) say(formatReport(reports[1]));
+
+    say('6/6 verifying the guest against a reference run without migration');
+    const now = await ferry.hostCommand('alpha', 'vmInspect', { vmId: vm.vmId });
+    const ops = now.ops + 1000;
+    const final = await ferry.hostCommand('alpha', 'vmRunUntil', { vmId: vm.vmId, ops });
+    const hashes = await ferry.hostCommand('alpha', 'vmHashes', { vmId: vm.vmId });
+    const refDir = path.join(root, 'reference');
+    await fs.mkdir(refDir, { recursive: true });
+    const reference = await referenceRun({ ...vm, vmId: asVmId(vm.vmId) }, ops, refDir);
+    const equal = hashes.disk === reference.disk && hashes.memory === reference.memory;
+
+    const summary = {
+      temporal: server.address,
+      ui: server.uiUrl,
+      migrations: reports.map((r) => ({
+        from: r.sourceHost,
+        to: r.destinationHost,
+        outcome: r.outcome,
+        mode: r.mode,
+        incremental: r.incremental,
+        downtime_ms: r.downtimeMs,
+        total_ms: r.totalMs,
+        disk_bytes: r.diskBytesSent,
+        memory_bytes: r.memoryBytesSent,
+        skipped_blocks: r.skippedBlocks,
+      })),
+      guest: { ops: final.ops, violations: final.violations, hashes_equal_reference: equal },
+    };
+    if (opts.json) {
+      process.stdout.write(`${JSON.stringify(summary, null, 2)}\n`);
+    } else {
+      const [there, back] = reports;
+      say('');
+      say('Report');
+      say(`  alpha → beta: downtime ${there.downtimeMs} ms, total ${(there.totalMs / 1000).toFixed(2)} s, sent ${formatBytes(there.diskBytesSent + there.memoryBytesSent)}`);
+      say(`  beta → alpha: downtime ${back.downtimeMs} ms, total ${(back.totalMs / 1000).toFixed(2)} s, sent ${formatBytes(back.diskBytesSent + back.memoryBytesSent)}${back.incremental ? ' (incremental)' : ''}`);
+      say(`  guest: ${final.ops} operations, ${final.violations} read-check violations, disk and memory ${equal ? 'EQUAL to' : 'DIFFER from'} the reference run`);
+      say(`  Temporal Web UI: ${server.uiUrl}/namespaces/default/workflows`);
+    }
+    const ok = equal && final.violations === 0 && reports.every((r) => r.outcome === 'completed');
+    if (opts.keep) {
+      say('--keep: everything stays up; press Ctrl-C to stop it');
+      await new Promise(() => undefined);
+    }
+    return ok ? 0 : 1;
+  } finally {
+    if (!opts.keep) await cleanup();
+  }
+}
+
+async function follow(ferry: FerryClient, input: { vmId: string; sourceHost: string; destinationHosts: string[] }, quiet: boolean): Promise<MigrationReport> {
+  const handle = await ferry.migrate(input);
+  return quiet ? handle.result() : followMigration(handle);
+}
+
+const program = new Command('ferry-demo')
+  .description('Run Ferry end to end on this machine: Temporal server and UI, two hosts, a VM under load, a migration there and back')
+  .option('--keep', 'leave the server, agents and VM running to explore the UI (Ctrl-C stops them)', false)
+  .option('--json', 'print the report as JSON on stdout', false)
+  .option('--disk-mib <n>', 'VM disk size in MiB', '256')
+  .option('--memory-mib <n>', 'VM memory size in MiB', '64')
+  .option('--workload <name>', 'guest workload: idle, seqwrite, randwrite, mixed, readmostly', 'randwrite')
+  .action(async (opts: DemoOptions) => {
+    process.exitCode = await main(opts);
+  });
+
+program.parseAsync(process.argv).catch((err: Error) => {
+  process.stderr.write(`ferry demo failed: ${err.stack ?? err.message}\n`);
+  process.exit(1);
+});

@@ -1,0 +1,204 @@
+// Simulated hosts on one machine: each host is a state directory plus a real agent process.
+// Used by the integration tests, the demo, the chaos harness and the benchmarks.
+import { spawn, type ChildProcess } from 'node:child_process';
+import { createWriteStream, promises as fs } from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { randomBytes } from 'node:crypto';
+import { Client, Connection } from '@temporalio/client';
+import { bundleWorkflowCode } from '@temporalio/worker';
+import { nodeEntryArgs } from '../common/node-entry';
+
+const REPO = path.resolve(__dirname, '..');
+
+export async function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const srv = net.createServer();
+    srv.unref();
+    srv.on('error', reject);
+    srv.listen(0, '127.0.0.1', () => {
+      const port = (srv.address() as net.AddressInfo).port;
+      srv.close(() => resolve(port));
+    });
+  });
+}
+
+let bundlePromise: Promise<string> | null = null;
+
+/** Bundle the workflow code once per process, so every agent starts fast. */
+export function workflowBundle(dir: string = os.tmpdir()): Promise<string> {
+  if (process.env.FERRY_WORKFLOW_BUNDLE) return Promise.resolve(process.env.FERRY_WORKFLOW_BUNDLE);
+  bundlePromise ??= (async () => {
+    const { code } = await bundleWorkflowCode({ workflowsPath: path.join(REPO, 'workflows'), logger: quietLogger });
+    const file = path.join(dir, `ferry-workflows-${process.pid}-${Date.now()}.js`);
+    await fs.writeFile(file, code);
+    return file;
+  })();
+  return bundlePromise;
+}
+
+const noop = () => undefined;
+const quietLogger = { trace: noop, debug: noop, info: noop, warn: noop, error: noop, log: noop };
+
+export interface AgentProcess {
+  host: string;
+  home: string;
+  dataPort: number;
+  process: ChildProcess;
+  dataAddress: string;
+}
+
+export interface ClusterOptions {
+  temporalAddress: string;
+  hosts: string[];
+  root?: string;
+  namespace?: string;
+  secret?: string;
+  /** Extra environment for the agents. */
+  env?: Record<string, string>;
+}
+
+export class LocalCluster {
+  readonly agents = new Map<string, AgentProcess>();
+  private readonly ports = new Map<string, number>();
+
+  private constructor(
+    readonly root: string,
+    readonly opts: ClusterOptions,
+    readonly secret: string,
+    readonly client: Client,
+    private readonly connection: Connection,
+    private readonly bundle: string,
+  ) {}
+
+  static async start(opts: ClusterOptions): Promise<LocalCluster> {
+    const root = opts.root ?? (await fs.mkdtemp(path.join(os.tmpdir(), 'ferry-cluster-')));
+    const bundle = await workflowBundle(root);
+    const connection = await Connection.connect({ address: opts.temporalAddress });
+    const client = new Client({ connection, namespace: opts.namespace ?? 'default' });
+    const cluster = new LocalCluster(root, opts, opts.secret ?? randomBytes(24).toString('hex'), client, connection, bundle);
+    try {
+      await Promise.all(opts.hosts.map((h) => cluster.startAgent(h)));
+    } catch (err) {
+      await cluster.stop();
+      throw err;
+    }
+    return cluster;
+  }
+
+  home(host: string): string {
+    return path.join(this.root, host);
+  }
+
+  /** Start (or restart) the agent of a host, on the same data port as before. */
+  async startAgent(host: string, extraEnv: Record<string, string> = {}): Promise<AgentProcess> {
+    const home = this.home(host);
+    await fs.mkdir(home, { recursive: true });
+    let port = this.ports.get(host);
+    if (port === undefined) {
+      port = await freePort();
+      this.ports.set(host, port);
+    }
+    const log = createWriteStream(path.join(home, 'agent.log'), { flags: 'a' });
+    const child = spawn(
+      process.execPath,
+      [
+        ...nodeEntryArgs(path.join(REPO, 'client', 'cli', 'main')),
+        'worker',
+        '--host', host,
+        '--home', home,
+        '--data-listen', `127.0.0.1:${port}`,
+        '--temporal-address', this.opts.temporalAddress,
+        '--namespace', this.opts.namespace ?? 'default',
+      ],
+      {
+        cwd: REPO,
+        env: {
+          ...process.env,
+          FERRY_DATA_SECRET: this.secret,
+          FERRY_WORKFLOW_BUNDLE: this.bundle,
+          FERRY_LOG_PRETTY: '0',
+          ...this.opts.env,
+          ...extraEnv,
+        },
+        stdio: ['ignore', 'pipe', 'pipe'],
+      },
+    );
+    child.stderr!.pipe(log);
+    const ready = await new Promise<{ dataAddress: string }>((resolve, reject) => {
+      let buf = '';
+      const timer = setTimeout(() => reject(new Error(`agent ${host} did not become ready in 60 s; see ${home}/agent.log`)), 60_000);
+      child.stdout!.on('data', (chunk: Buffer) => {
+        log.write(chunk);
+        buf += chunk.toString();
+        let nl: number;
+        while ((nl = buf.indexOf('\n')) >= 0) {
+          const line = buf.slice(0, nl);
+          buf = buf.slice(nl + 1);
+          if (line.includes('"agent ready"')) {
+            clearTimeout(timer);
+            resolve(JSON.parse(line) as { dataAddress: string });
+          }
+        }
+      });
+      child.once('exit', (code, signal) => {
+        clearTimeout(timer);
+        reject(new Error(`agent ${host} exited (${code ?? signal}) before it was ready; see ${home}/agent.log`));
+      });
+    });
+    const agent: AgentProcess = { host, home, dataPort: port, process: child, dataAddress: ready.dataAddress };
+    this.agents.set(host, agent);
+    return agent;
+  }
+
+  /** kill -9 of a host's agent (its VM processes live on). */
+  async killAgent(host: string, signal: NodeJS.Signals = 'SIGKILL'): Promise<void> {
+    const agent = this.agents.get(host);
+    if (!agent || agent.process.exitCode !== null || agent.process.signalCode !== null) return;
+    const exited = new Promise((r) => agent.process.once('exit', r));
+    agent.process.kill(signal);
+    await exited;
+    this.agents.delete(host);
+  }
+
+  /** PIDs of the VM processes of a host that are alive. */
+  async vmProcesses(host: string): Promise<{ vmId: string; pid: number }[]> {
+    const dir = path.join(this.home(host), 'vms');
+    const out: { vmId: string; pid: number }[] = [];
+    let names: string[] = [];
+    try {
+      names = await fs.readdir(dir);
+    } catch {
+      return out;
+    }
+    for (const vmId of names) {
+      const pid = Number(await fs.readFile(path.join(dir, vmId, 'pid'), 'utf8').catch(() => 'NaN'));
+      if (Number.isInteger(pid) && isAlive(pid)) out.push({ vmId, pid });
+    }
+    return out;
+  }
+
+  async stop(): Promise<void> {
+    await Promise.all([...this.agents.keys()].map((h) => this.killAgent(h, 'SIGTERM')));
+    for (const host of this.opts.hosts) {
+      for (const { pid } of await this.vmProcesses(host)) {
+        try {
+          process.kill(pid, 'SIGKILL');
+        } catch {
+          // already gone
+        }
+      }
+    }
+    await this.connection.close();
+  }
+}
+
+export function isAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}

@@ -1,0 +1,290 @@
+// The simulated hypervisor: every VM is a detached OS process (vm-main) driven over its control socket.
+import { spawn } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as fsp from 'node:fs/promises';
+import * as path from 'node:path';
+import type { Logger } from 'pino';
+import { nodeEntryArgs } from '../../common/node-entry';
+import { vmId as checkVmId, type VmId } from '../../common/types';
+import type { HypervisorDriver, VmSpec, VmStatus } from '../driver';
+import { ControlClient } from './control-client';
+import { HypervisorError } from './errors';
+import { fillDisk, parseCpuState, validateSpec } from './guest';
+import { SimVmHandle, toVmStatus } from './vm-handle';
+import { VmPaths, controlSocketPath, isVmProcessAlive, readJson, readPid, writeFileAtomic, type SavedRun, type VmConfig } from './vm-files';
+
+export type SimLogger = Pick<Logger, 'info' | 'warn' | 'debug'>;
+
+export interface SimDriverOptions {
+  /** State directory of this simulated host; VMs live in <home>/vms/<vmId>/. */
+  home: string;
+  log?: SimLogger;
+  /** How long start() waits for the VM's control socket (default 20 s). */
+  startTimeoutMs?: number;
+  /** How long stop() waits for a clean exit (default 60 s: memory.bin of a large VM takes a while). */
+  stopTimeoutMs?: number;
+}
+
+export interface SimCreateOptions {
+  incoming?: boolean;
+  /**
+   * Build the VM on the disk.img that `destroy(vm, { keepDisk: true })` left behind (the base of an
+   * incremental migration) instead of a fresh sparse image. Its size must match the spec.
+   */
+  reuseDisk?: boolean;
+}
+
+export interface SimStartOptions {
+  /** Start with the guest paused (ops stay at their value until resume/runUntil). Ignored for incoming VMs. */
+  paused?: boolean;
+}
+
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+const VM_MAIN = path.join(__dirname, 'vm-main');
+
+export class SimDriver implements HypervisorDriver {
+  readonly kind = 'sim';
+  readonly home: string;
+  private readonly log: SimLogger | undefined;
+  private readonly startTimeoutMs: number;
+  private readonly stopTimeoutMs: number;
+
+  constructor(opts: SimDriverOptions) {
+    this.home = path.resolve(opts.home);
+    this.log = opts.log;
+    this.startTimeoutMs = opts.startTimeoutMs ?? 20_000;
+    this.stopTimeoutMs = opts.stopTimeoutMs ?? 60_000;
+  }
+
+  private paths(vm: VmId | string): VmPaths {
+    try {
+      checkVmId(vm);
+    } catch (e) {
+      throw new HypervisorError('InvalidArgument', (e as Error).message);
+    }
+    return new VmPaths(path.join(this.home, 'vms', vm));
+  }
+
+  private config(p: VmPaths, vm: string): VmConfig {
+    const c = readJson<VmConfig>(p.config);
+    if (!c) throw new HypervisorError('VmNotFound', `no VM ${vm} under ${this.home}: create it first`);
+    return c;
+  }
+
+  /** The pid of the VM's live process, or null. */
+  livePid(vm: VmId | string): number | null {
+    const p = this.paths(vm);
+    const pid = readPid(p);
+    return pid !== null && isVmProcessAlive(pid, p.dir) ? pid : null;
+  }
+
+  diskPath(vm: VmId): string {
+    return this.paths(vm).disk;
+  }
+
+  async exists(vm: VmId): Promise<boolean> {
+    return fs.existsSync(this.paths(vm).config);
+  }
+
+  async create(spec: VmSpec, opts: SimCreateOptions = {}): Promise<VmStatus> {
+    validateSpec(spec);
+    const p = this.paths(spec.vmId);
+    if (fs.existsSync(p.config)) {
+      throw new HypervisorError('VmExists', `VM ${spec.vmId} already exists under ${this.home}: destroy it first or pick another id`);
+    }
+    await fsp.mkdir(p.bitmaps, { recursive: true });
+    const hasDisk = fs.existsSync(p.disk);
+    if (opts.reuseDisk) {
+      if (!hasDisk) throw new HypervisorError('InvalidArgument', `reuseDisk: no kept disk at ${p.disk}: create without reuseDisk`);
+      const { size } = await fsp.stat(p.disk);
+      if (size !== spec.diskBytes) {
+        throw new HypervisorError('InvalidArgument', `reuseDisk: the kept disk is ${size} bytes, the spec says ${spec.diskBytes}: destroy it and create afresh`);
+      }
+    } else {
+      if (hasDisk) {
+        throw new HypervisorError(
+          'VmExists',
+          `a kept disk of VM ${spec.vmId} exists at ${p.disk}: pass reuseDisk: true to build on it, or destroy(${spec.vmId}) to delete it`,
+        );
+      }
+      const file = await fsp.open(p.disk, 'wx');
+      try {
+        await file.truncate(spec.diskBytes);
+        if (spec.fill && !opts.incoming) await fillDisk(file, spec);
+        await file.sync();
+      } finally {
+        await file.close();
+      }
+    }
+    const config: VmConfig = { spec: { ...spec }, incoming: opts.incoming ?? false, createdAt: new Date().toISOString() };
+    writeFileAtomic(p.config, JSON.stringify(config, null, 2));
+    this.log?.info({ vmId: spec.vmId, incoming: config.incoming, diskBytes: spec.diskBytes }, 'VM created');
+    return this.stoppedStatus(p, config);
+  }
+
+  async start(vm: VmId, opts: SimStartOptions = {}): Promise<SimVmHandle> {
+    const p = this.paths(vm);
+    this.config(p, vm);
+    if (this.livePid(vm) !== null) return this.attach(vm);
+    const logFd = fs.openSync(p.log, 'a');
+    let exited: number | null = null;
+    let child;
+    try {
+      child = spawn(process.execPath, [...nodeEntryArgs(VM_MAIN), p.dir, ...(opts.paused ? ['--paused'] : [])], {
+        detached: true,
+        stdio: ['ignore', logFd, logFd],
+        cwd: p.dir,
+      });
+    } finally {
+      fs.closeSync(logFd);
+    }
+    child.on('exit', (code, signal) => (exited = code ?? (signal ? 128 : -1)));
+    child.on('error', () => (exited = -1));
+    child.unref();
+    const deadline = Date.now() + this.startTimeoutMs;
+    const socket = controlSocketPath(p);
+    while (Date.now() < deadline) {
+      if (exited !== null) {
+        if (exited === 3 && this.livePid(vm) !== null) return this.attach(vm); // lost a race with another start
+        throw new HypervisorError('GenericError', `VM ${vm} process exited with code ${exited} while starting; ${p.log} says:\n${tail(p.log)}`);
+      }
+      if (fs.existsSync(socket)) {
+        try {
+          const client = await ControlClient.connect(socket, { expectVmId: vm, timeoutMs: 2_000 });
+          this.log?.info({ vmId: vm, pid: client.greeting.pid }, 'VM process started');
+          return new SimVmHandle(vm, client, p.disk);
+        } catch {
+          // not listening yet, or the socket of a dead predecessor
+        }
+      }
+      await sleep(25);
+    }
+    if (child.pid) process.kill(child.pid, 'SIGKILL');
+    throw new HypervisorError('Timeout', `VM ${vm} did not answer on ${socket} within ${this.startTimeoutMs} ms; ${p.log} says:\n${tail(p.log)}`);
+  }
+
+  async attach(vm: VmId): Promise<SimVmHandle> {
+    const p = this.paths(vm);
+    this.config(p, vm);
+    const pid = this.livePid(vm);
+    if (pid === null) throw new HypervisorError('VmNotRunning', `VM ${vm} has no running process: start it`);
+    let lastError: unknown;
+    for (let i = 0; i < 40; i++) {
+      try {
+        const client = await ControlClient.connect(controlSocketPath(p), { expectVmId: vm, timeoutMs: 2_000 });
+        return new SimVmHandle(vm, client, p.disk);
+      } catch (e) {
+        lastError = e; // a process that is still starting has not opened its socket yet
+        if (this.livePid(vm) === null) throw new HypervisorError('VmNotRunning', `VM ${vm} process ${pid} exited: start it`);
+        await sleep(50);
+      }
+    }
+    throw lastError;
+  }
+
+  async stop(vm: VmId): Promise<void> {
+    const p = this.paths(vm);
+    this.config(p, vm);
+    const pid = this.livePid(vm);
+    if (pid === null) return;
+    try {
+      const client = await ControlClient.connect(controlSocketPath(p), { expectVmId: vm, timeoutMs: 2_000 });
+      try {
+        await client.request('quit', {}, undefined, 10_000);
+      } finally {
+        client.close();
+      }
+    } catch (e) {
+      this.log?.warn({ vmId: vm, err: String(e) }, 'quit over the control socket failed; sending SIGTERM (also a clean stop)');
+      process.kill(pid, 'SIGTERM');
+    }
+    if (!(await waitForExit(pid, p.dir, this.stopTimeoutMs))) {
+      throw new HypervisorError('Timeout', `VM ${vm} (pid ${pid}) did not stop within ${this.stopTimeoutMs} ms: see ${p.log}, or destroy it`);
+    }
+    this.log?.info({ vmId: vm, pid }, 'VM stopped cleanly');
+  }
+
+  /** Kills the process at once (SIGKILL: nothing of it is kept anyway) and removes the VM's files. */
+  async destroy(vm: VmId, opts: { keepDisk?: boolean } = {}): Promise<void> {
+    const p = this.paths(vm);
+    const pid = readPid(p);
+    if (pid !== null && isVmProcessAlive(pid, p.dir)) {
+      try {
+        process.kill(pid, 'SIGKILL');
+      } catch {
+        // already gone
+      }
+      if (!(await waitForExit(pid, p.dir, 10_000))) throw new HypervisorError('Timeout', `VM ${vm} (pid ${pid}) survived SIGKILL`);
+    }
+    const socket = controlSocketPath(p);
+    if (socket !== p.socket) fs.rmSync(path.dirname(socket), { force: true });
+    if (!fs.existsSync(p.dir)) return;
+    if (opts.keepDisk) {
+      for (const f of await fsp.readdir(p.dir)) if (f !== 'disk.img') await fsp.rm(path.join(p.dir, f), { recursive: true, force: true });
+    } else {
+      await fsp.rm(p.dir, { recursive: true, force: true });
+    }
+    this.log?.info({ vmId: vm, pid, keepDisk: !!opts.keepDisk }, 'VM destroyed');
+  }
+
+  async list(): Promise<VmStatus[]> {
+    let names: string[];
+    try {
+      names = await fsp.readdir(path.join(this.home, 'vms'));
+    } catch {
+      return [];
+    }
+    const out: VmStatus[] = [];
+    for (const name of names.sort()) {
+      if (fs.existsSync(path.join(this.home, 'vms', name, 'vm.json'))) out.push(await this.inspect(name as VmId));
+    }
+    return out;
+  }
+
+  async inspect(vm: VmId): Promise<VmStatus> {
+    const p = this.paths(vm);
+    const config = this.config(p, vm);
+    if (this.livePid(vm) === null) return this.stoppedStatus(p, config);
+    const handle = await this.attach(vm);
+    try {
+      return await handle.status();
+    } finally {
+      handle.close();
+    }
+  }
+
+  private stoppedStatus(p: VmPaths, config: VmConfig): VmStatus {
+    const { spec } = config;
+    const saved = readJson<SavedRun>(p.saved);
+    let ops = 0;
+    let violations = 0;
+    let opsPerSecond = spec.opsPerSecond;
+    if (saved?.cpu) {
+      try {
+        const cpu = parseCpuState(Buffer.from(saved.cpu, 'base64'));
+        ({ ops, violations, opsPerSecond } = cpu);
+      } catch {
+        // an unreadable saved state reads as a fresh guest
+      }
+    }
+    return toVmStatus({ ...spec, state: 'stopped', pid: null, opsPerSecond, ops, violations, maxGapMs: 0, resumeGapMs: null, staleWaits: 0, staleBlocks: 0, throttle: 0 });
+  }
+}
+
+async function waitForExit(pid: number, dir: string, timeoutMs: number): Promise<boolean> {
+  const deadline = Date.now() + timeoutMs;
+  while (isVmProcessAlive(pid, dir)) {
+    if (Date.now() > deadline) return false;
+    await sleep(20);
+  }
+  return true;
+}
+
+function tail(file: string, bytes = 2000): string {
+  try {
+    const data = fs.readFileSync(file);
+    return data.subarray(Math.max(0, data.length - bytes)).toString('utf8');
+  } catch {
+    return '(no log)';
+  }
+}

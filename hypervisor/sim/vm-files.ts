@@ -1,0 +1,133 @@
+// The files of one simulated VM under <home>/vms/<vmId>/ and the helpers both the driver and the VM
+// process use on them.
+import { createHash } from 'node:crypto';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import type { VmSpec } from '../driver';
+
+export interface VmConfig {
+  spec: VmSpec;
+  /** A destination shell: the process starts in state 'incoming'. Cleared once it resumes. */
+  incoming: boolean;
+  createdAt: string;
+}
+
+/** What a clean stop leaves besides memory.bin, so the VM can be started again where it was. */
+export interface SavedRun {
+  incoming: boolean;
+  /** Base64 of the guest CPU state, or null when no guest was loaded (incoming shell). */
+  cpu: string | null;
+  stoppedAt: string;
+}
+
+export class VmPaths {
+  constructor(readonly dir: string) {}
+  get config(): string {
+    return path.join(this.dir, 'vm.json');
+  }
+  get disk(): string {
+    return path.join(this.dir, 'disk.img');
+  }
+  get socket(): string {
+    return path.join(this.dir, 'control.sock');
+  }
+  get pid(): string {
+    return path.join(this.dir, 'pid');
+  }
+  get log(): string {
+    return path.join(this.dir, 'vm.log');
+  }
+  get bitmaps(): string {
+    return path.join(this.dir, 'bitmaps');
+  }
+  get memory(): string {
+    return path.join(this.dir, 'memory.bin');
+  }
+  get saved(): string {
+    return path.join(this.dir, 'saved.json');
+  }
+}
+
+/** Write-to-temp, fsync, rename, fsync the directory: the file is either old or new after a crash. */
+export function writeFileAtomic(file: string, data: string | Buffer): void {
+  const tmp = `${file}.tmp-${process.pid}`;
+  const fd = fs.openSync(tmp, 'w');
+  try {
+    fs.writeFileSync(fd, data);
+    fs.fsyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+  fs.renameSync(tmp, file);
+  const dfd = fs.openSync(path.dirname(file), 'r');
+  try {
+    fs.fsyncSync(dfd);
+  } finally {
+    fs.closeSync(dfd);
+  }
+}
+
+export function readJson<T>(file: string): T | null {
+  try {
+    return JSON.parse(fs.readFileSync(file, 'utf8')) as T;
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return null;
+    throw e;
+  }
+}
+
+export function readPid(paths: VmPaths): number | null {
+  try {
+    const pid = Number(fs.readFileSync(paths.pid, 'utf8').trim());
+    return Number.isSafeInteger(pid) && pid > 0 ? pid : null;
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * Whether `pid` is a live VM process of this directory. A zombie (killed, not yet reaped: the VM's
+ * parent may be gone and init may not reap) counts as dead; on Linux the command line must name the
+ * directory, so a recycled pid is not mistaken for the VM.
+ */
+export function isVmProcessAlive(pid: number, dir: string): boolean {
+  try {
+    process.kill(pid, 0);
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== 'EPERM') return false;
+  }
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const state = stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
+    if (state === 'Z' || state === 'X') return false;
+    const cmdline = fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
+    return cmdline.includes(dir);
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    if (code === 'ENOENT' && fs.existsSync('/proc/self/stat')) return false; // exited meanwhile
+    return true; // no procfs: trust kill(0)
+  }
+}
+
+/**
+ * A Unix socket path must fit in ~107 bytes. For long VM directories, address the socket through a
+ * short symlink to the directory in the temp dir (both ends compute the same name).
+ */
+export function controlSocketPath(paths: VmPaths): string {
+  const direct = paths.socket;
+  if (Buffer.byteLength(direct) <= 100) return direct;
+  const hash = createHash('sha256').update(path.resolve(paths.dir)).digest('hex').slice(0, 16);
+  const link = path.join(os.tmpdir(), `ferry-vm-${hash}`);
+  try {
+    if (fs.readlinkSync(link) !== path.resolve(paths.dir)) fs.rmSync(link, { force: true });
+  } catch {
+    // absent
+  }
+  try {
+    fs.symlinkSync(path.resolve(paths.dir), link);
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
+  }
+  return path.join(link, 'control.sock');
+}

@@ -1,0 +1,261 @@
+// The destination role: an incoming VM shell that the source fills over the data plane, the
+// commit point, and the postcopy service (stale blocks, on-demand fetches).
+import path from 'node:path';
+import { promises as fs } from 'node:fs';
+import type { DiskAccess, HypervisorDriver, VmHandle, VmSpec } from '../hypervisor/driver';
+import type { Message, ServerSession, SessionHandler, SessionIdentity } from '../dataplane/api';
+import { DataPlaneError } from '../dataplane/api';
+import { readJsonIfExists, writeFileDurable } from '../common/durable-file';
+import { vmId as asVmId } from '../common/types';
+import { OwnershipStore } from './ownership';
+import { Msg, bitmapIndices, indicesToBitmap, type QueryReply } from './messages';
+import type { Logger } from '../common/log';
+
+export interface IncomingRecord {
+  migrationId: string;
+  vmId: string;
+  epoch: number;
+  sourceHost: string;
+  blockBytes: number;
+  spec: VmSpec;
+}
+
+interface Incoming {
+  record: IncomingRecord;
+  vm: VmHandle | null;
+  disk: DiskAccess | null;
+  postcopy: ServerSession | null;
+  /** Blocks the guest waits for that have not yet been asked of the source. */
+  needed: Set<number>;
+  fetches: number;
+  unsubscribe: (() => void) | null;
+}
+
+export class Destination {
+  private readonly incoming = new Map<string, Incoming>();
+  private readonly dir: string;
+
+  constructor(
+    private readonly deps: { driver: HypervisorDriver; ownership: OwnershipStore; home: string; log: Logger },
+  ) {
+    this.dir = path.join(deps.home, 'incoming');
+  }
+
+  /** Create (or find again, on a retry) the incoming shell for a migration. Idempotent. */
+  async prepare(record: IncomingRecord): Promise<void> {
+    await this.deps.ownership.recordIncoming(record.vmId, record.epoch, record.migrationId);
+    await writeFileDurable(this.recordFile(record.migrationId), JSON.stringify(record, null, 2));
+    const id = asVmId(record.vmId);
+    if (!(await this.deps.driver.exists(id))) {
+      await this.deps.driver.create(record.spec, { incoming: true });
+    }
+    const status = await this.deps.driver.inspect(id);
+    if (status.state === 'stopped') await this.deps.driver.start(id);
+    await this.open(record.migrationId);
+  }
+
+  /** Fence the epoch (never resumed here) and remove the shell. Refused after the commit. */
+  async abort(migrationId: string, vmId: string, epoch: number): Promise<void> {
+    await this.deps.ownership.abortIncoming(vmId, epoch, migrationId);
+    const inc = this.incoming.get(migrationId);
+    await this.close(migrationId);
+    const record = inc?.record ?? (await readJsonIfExists<IncomingRecord>(this.recordFile(migrationId)));
+    if (record) {
+      await this.deps.driver.destroy(asVmId(record.vmId)).catch((err) =>
+        this.deps.log.warn({ err: String(err), migrationId }, 'could not destroy aborted incoming VM'),
+      );
+    }
+    await fs.rm(this.recordFile(migrationId), { force: true });
+  }
+
+  /** After postcopy: the VM runs here with no stale block; drop the migration's bookkeeping. */
+  async finish(migrationId: string): Promise<{ staleBlocks: number; fetches: number }> {
+    const inc = await this.open(migrationId);
+    const stale = (await inc.vm!.staleBlocks()).length;
+    if (stale > 0) throw new Error(`${stale} blocks are still stale on the destination`);
+    const fetches = inc.fetches;
+    await this.close(migrationId);
+    await fs.rm(this.recordFile(migrationId), { force: true });
+    return { staleBlocks: 0, fetches };
+  }
+
+  async query(migrationId: string, vmId: string): Promise<QueryReply> {
+    const own = await this.deps.ownership.get(vmId);
+    let staleBlocks = 0;
+    const inc = this.incoming.get(migrationId);
+    if (inc?.vm && own?.state === 'running') staleBlocks = (await inc.vm.staleBlocks()).length;
+    return { state: own && own.migrationId === migrationId ? own.state : own?.state ?? null, epoch: own?.epoch ?? null, staleBlocks };
+  }
+
+  /** Re-open the migrations a previous agent process left behind (agent restart). */
+  async recover(): Promise<void> {
+    let names: string[] = [];
+    try {
+      names = await fs.readdir(this.dir);
+    } catch {
+      return;
+    }
+    for (const name of names.filter((n) => n.endsWith('.json'))) {
+      const id = name.slice(0, -'.json'.length);
+      try {
+        await this.open(id);
+      } catch (err) {
+        this.deps.log.warn({ migrationId: id, err: String(err) }, 'could not reopen incoming migration');
+      }
+    }
+  }
+
+  /** Data-plane admission: only a known migration at its exact epoch, and not a fenced one. */
+  async accept(identity: SessionIdentity): Promise<SessionHandler> {
+    const record = await readJsonIfExists<IncomingRecord>(this.recordFile(identity.migrationId));
+    if (!record) {
+      const own = await this.deps.ownership.get(identity.vmId);
+      if (own && own.migrationId === identity.migrationId && own.epoch === identity.epoch) {
+        // Finished or aborted migration: the source may still ask what happened.
+        return this.statusOnlyHandler(identity);
+      }
+      throw new DataPlaneError('refused', `no incoming migration ${identity.migrationId} on this host`);
+    }
+    if (record.epoch !== identity.epoch || record.vmId !== identity.vmId) {
+      throw new DataPlaneError(
+        'refused',
+        `migration ${identity.migrationId} expects VM ${record.vmId} epoch ${record.epoch}, not ${identity.vmId} epoch ${identity.epoch}`,
+      );
+    }
+    return { onMessage: (session, msg) => this.onMessage(identity.migrationId, session, msg), onClose: (s) => this.onClose(identity.migrationId, s) };
+  }
+
+  private statusOnlyHandler(identity: SessionIdentity): SessionHandler {
+    return {
+      onMessage: async (_session, msg) => {
+        if (msg.type === Msg.Query || msg.type === Msg.Final || msg.type === Msg.Abort) {
+          return reply(await this.query(identity.migrationId, identity.vmId));
+        }
+        if (msg.type === Msg.StaleList) return { type: Msg.StaleList, meta: { count: 0, needed: [] }, data: Buffer.alloc(0) };
+        throw new Error(`migration ${identity.migrationId} is no longer active on this host`);
+      },
+    };
+  }
+
+  private async onMessage(migrationId: string, session: ServerSession, msg: Message): Promise<Message | void> {
+    const inc = await this.open(migrationId);
+    const { record } = inc;
+    switch (msg.type) {
+      case Msg.Block: {
+        const b = Number(msg.meta.b);
+        const own = await this.deps.ownership.get(record.vmId);
+        if (own?.state === 'running') {
+          await inc.vm!.deliverBlocks(record.blockBytes, [{ block: b, data: msg.data }]);
+        } else {
+          await this.expectIncoming(record, own?.state);
+          await inc.disk!.write(b * record.blockBytes, msg.data);
+        }
+        return;
+      }
+      case Msg.Pages: {
+        await this.expectIncoming(record, (await this.deps.ownership.get(record.vmId))?.state);
+        await inc.vm!.writePages(Number(msg.meta.p), msg.data);
+        return;
+      }
+      case Msg.Sync:
+        await inc.disk?.flush();
+        return;
+      case Msg.Final:
+        return this.commit(inc, msg);
+      case Msg.Query:
+        return reply(await this.query(migrationId, record.vmId));
+      case Msg.Abort:
+        await this.abort(migrationId, record.vmId, record.epoch);
+        return reply(await this.query(migrationId, record.vmId));
+      case Msg.StaleList: {
+        inc.postcopy = session;
+        const stale = await inc.vm!.staleBlocks();
+        const blocks = Math.ceil(record.spec.diskBytes / record.blockBytes);
+        const needed = [...inc.needed];
+        inc.needed.clear();
+        return { type: Msg.StaleList, meta: { count: stale.length, needed }, data: indicesToBitmap(stale, blocks) };
+      }
+      default:
+        throw new Error(`unknown message type ${msg.type}`);
+    }
+  }
+
+  /** The freeze-and-copy handoff: load the state, mark the stale blocks, commit, resume. */
+  private async commit(inc: Incoming, msg: Message): Promise<Message> {
+    const { record } = inc;
+    const { vmId, epoch, migrationId } = record;
+    const own = await this.deps.ownership.get(vmId);
+    if (own?.state === 'running' && own.epoch === epoch) return reply({ state: 'running', epoch }); // retried Final
+    const stateBytes = Number(msg.meta.stateBytes);
+    const state = msg.data.subarray(0, stateBytes);
+    const bits = msg.data.subarray(stateBytes);
+    const count = Number(msg.meta.staleCount);
+    const vm = inc.vm!;
+    await vm.loadState(state);
+    await vm.setStale({ generation: 0, blockBytes: record.blockBytes, bits: Buffer.from(bits), count });
+    await this.deps.ownership.recordPrepared(vmId, epoch, migrationId);
+    await this.deps.ownership.commit(vmId, epoch, migrationId);
+    await vm.resume();
+    this.deps.log.info({ migrationId, vmId, epoch, staleBlocks: count }, 'committed: VM resumed on this host');
+    return reply({ state: 'running', epoch });
+  }
+
+  private async expectIncoming(record: IncomingRecord, state: string | undefined): Promise<void> {
+    if (state !== 'incoming' && state !== 'prepared') {
+      throw new Error(`VM ${record.vmId} epoch ${record.epoch} is ${state ?? 'unknown'} here; refusing data for migration ${record.migrationId}`);
+    }
+  }
+
+  private async open(migrationId: string): Promise<Incoming> {
+    const existing = this.incoming.get(migrationId);
+    if (existing) return existing;
+    const record = await readJsonIfExists<IncomingRecord>(this.recordFile(migrationId));
+    if (!record) throw new Error(`no incoming migration ${migrationId} on this host`);
+    const id = asVmId(record.vmId);
+    const inc: Incoming = { record, vm: null, disk: null, postcopy: null, needed: new Set(), fetches: 0, unsubscribe: null };
+    this.incoming.set(migrationId, inc);
+    try {
+      inc.vm = await this.deps.driver.attach(id);
+      inc.disk = await inc.vm.openDisk();
+      inc.unsubscribe = inc.vm.onBlockNeeded((block) => this.onBlockNeeded(inc, block));
+    } catch (err) {
+      this.incoming.delete(migrationId);
+      inc.vm?.close();
+      throw err;
+    }
+    return inc;
+  }
+
+  private onBlockNeeded(inc: Incoming, block: number): void {
+    inc.fetches++;
+    if (inc.postcopy) {
+      inc.postcopy.push({ type: Msg.Fetch, meta: { blocks: [block] }, data: Buffer.alloc(0) });
+    } else {
+      inc.needed.add(block);
+    }
+  }
+
+  private onClose(migrationId: string, session: ServerSession): void {
+    const inc = this.incoming.get(migrationId);
+    if (inc && inc.postcopy === session) inc.postcopy = null;
+  }
+
+  private async close(migrationId: string): Promise<void> {
+    const inc = this.incoming.get(migrationId);
+    if (!inc) return;
+    this.incoming.delete(migrationId);
+    inc.unsubscribe?.();
+    await inc.disk?.close().catch(() => undefined);
+    inc.vm?.close();
+  }
+
+  private recordFile(migrationId: string): string {
+    return path.join(this.dir, `${migrationId}.json`);
+  }
+}
+
+function reply(meta: object): Message {
+  return { type: Msg.Query, meta: meta as Record<string, unknown>, data: Buffer.alloc(0) };
+}
+
+export { bitmapIndices };

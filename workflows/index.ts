@@ -1,0 +1,2 @@
+export { migrateVm } from './migrate-vm';
+export { hostCommand } from './host-command';

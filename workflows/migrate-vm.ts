@@ -1,0 +1,358 @@
+// migrateVm: the three-phase migration (precopy, freeze-and-copy, postcopy) of one VM, as a
+// deterministic orchestration. Every step that touches a host is an activity on that host's queue.
+import {
+  ApplicationFailure,
+  CancellationScope,
+  condition,
+  isCancellation,
+  log,
+  proxyActivities,
+  setCurrentDetails,
+  setHandler,
+  sleep,
+  upsertMemo,
+  upsertSearchAttributes,
+  workflowInfo,
+  type ActivityOptions,
+} from '@temporalio/workflow';
+import type { Activities } from '../activities';
+import type { MigrationRef } from '../migration/source';
+import type { MigrateVmInput, MigrationPhase, MigrationProgress, MigrationReport } from '../common/migration';
+import { PAGE_BYTES, hostTaskQueue } from '../common/types';
+import { SearchAttributes, abortUpdate, approveCutoverSignal, progressQuery, setBandwidthSignal } from './definitions';
+import { validateInput, type MigrationConfig } from './validate';
+
+const GiB = 1024 ** 3;
+const PRE_COMMIT: MigrationPhase[] = ['validating', 'preparing', 'disk-precopy', 'disk-dirty-rounds', 'memory-precopy', 'awaiting-cutover'];
+
+function hostActivities(host: string, deadlineSeconds: number) {
+  const base: ActivityOptions = { taskQueue: hostTaskQueue(host) };
+  const quick: ActivityOptions = {
+    ...base,
+    startToCloseTimeout: '1 minute',
+    scheduleToCloseTimeout: `${deadlineSeconds} seconds`,
+    retry: { initialInterval: '500ms', maximumInterval: '5 seconds' },
+  };
+  const transfer: ActivityOptions = {
+    ...base,
+    startToCloseTimeout: '12 hours',
+    heartbeatTimeout: '10 seconds',
+    scheduleToCloseTimeout: '24 hours',
+    retry: { initialInterval: '500ms', maximumInterval: '5 seconds' },
+  };
+  // After the commit there is no way back: keep trying until the hosts return.
+  const rollForward: ActivityOptions = {
+    ...base,
+    startToCloseTimeout: '12 hours',
+    heartbeatTimeout: '10 seconds',
+    retry: { initialInterval: '500ms', maximumInterval: '30 seconds' },
+  };
+  return {
+    quick: proxyActivities<Activities>(quick),
+    transfer: proxyActivities<Activities>(transfer),
+    rollForward: proxyActivities<Activities>(rollForward),
+    options: { quick, transfer, rollForward },
+  };
+}
+
+export async function migrateVm(input: MigrateVmInput): Promise<MigrationReport> {
+  const cfg = validateInput(input);
+  const info = workflowInfo();
+  const migrationId = `${info.workflowId}-${info.runId.slice(0, 8)}`;
+  const startedAt = Date.now();
+  const src = hostActivities(cfg.sourceHost, cfg.destinationDeadlineSeconds);
+
+  let phase: MigrationPhase = 'validating';
+  let committed = false;
+  let approved = cfg.cutover === 'auto';
+  let forceSwitchover = false;
+  let abortReason: string | null = null;
+  let bandwidth = cfg.bandwidthBytesPerSecond;
+  let destination: string | null = null;
+  let ref: MigrationRef | null = null;
+  let maxPercent = 0;
+  const progress: MigrationProgress = {
+    vmId: cfg.vmId,
+    phase,
+    sourceHost: cfg.sourceHost,
+    destinationHost: null,
+    mode: cfg.mode,
+    round: 0,
+    disk: { totalBytes: 0, sentBytes: 0, remainingBytes: 0, dirtyBlocks: 0 },
+    memory: { totalBytes: 0, sentBytes: 0, remainingBytes: 0, dirtyPages: 0 },
+    transferBytesPerSecond: 0,
+    dirtyBytesPerSecond: 0,
+    etaSeconds: null,
+    percent: 0,
+    message: 'validating',
+    epoch: null,
+  };
+  const report: MigrationReport = {
+    vmId: cfg.vmId,
+    outcome: 'completed',
+    sourceHost: cfg.sourceHost,
+    destinationHost: null,
+    failedDestinations: [],
+    mode: cfg.mode,
+    incremental: false,
+    skippedBlocks: 0,
+    epoch: 0,
+    totalMs: 0,
+    downtimeMs: null,
+    diskBytesSent: 0,
+    memoryBytesSent: 0,
+    diskRounds: 0,
+    memoryRounds: 0,
+    postcopyMs: 0,
+    onDemandFetches: 0,
+    throttled: false,
+  };
+
+  let preCommitScope: CancellationScope | null = null;
+
+  setHandler(progressQuery, () => ({ ...progress, percent: maxPercent }));
+  setHandler(approveCutoverSignal, () => void (approved = true));
+  setHandler(setBandwidthSignal, (bps) => {
+    bandwidth = bps;
+    void src.quick.setBandwidth({ migrationId, bytesPerSecond: bps }).catch(() => undefined);
+  });
+  setHandler(
+    abortUpdate,
+    (reason) => {
+      abortReason = reason || 'aborted by operator';
+      preCommitScope?.cancel();
+      return { accepted: true, phase };
+    },
+    {
+      validator: (_reason: string) => {
+        if (committed || !PRE_COMMIT.includes(phase)) {
+          throw new Error(
+            committed
+              ? `migration of ${cfg.vmId} is past the commit point (phase ${phase}): it can only complete`
+              : `migration of ${cfg.vmId} is in phase ${phase}: abort is possible only before the switchover`,
+          );
+        }
+      },
+    },
+  );
+
+  function setPhase(next: MigrationPhase, message: string): void {
+    phase = next;
+    progress.phase = next;
+    progress.message = message;
+    upsertSearchAttributes([{ key: SearchAttributes.phase, value: next }]);
+    setCurrentDetails(`**${next}**: ${message}`);
+    log.info(message, { phase: next, vmId: cfg.vmId, migrationId });
+  }
+
+  function updatePercent(): void {
+    const total = progress.disk.totalBytes + progress.memory.totalBytes;
+    const done = progress.disk.sentBytes + progress.memory.sentBytes;
+    const byBytes = total > 0 ? Math.min(0.9, done / (total * 1.1)) : 0;
+    const byPhase: Partial<Record<MigrationPhase, number>> = { switchover: 0.9, postcopy: 0.92, finalizing: 0.98, completed: 1 };
+    maxPercent = Math.max(maxPercent, Math.round(100 * Math.max(byBytes, byPhase[phase] ?? 0)));
+    const rate = progress.transferBytesPerSecond;
+    progress.etaSeconds = rate > 0 ? Math.round((progress.disk.remainingBytes + progress.memory.remainingBytes) / rate) : null;
+  }
+
+  upsertSearchAttributes([
+    { key: SearchAttributes.vmId, value: cfg.vmId },
+    { key: SearchAttributes.sourceHost, value: cfg.sourceHost },
+    { key: SearchAttributes.mode, value: cfg.mode },
+    { key: SearchAttributes.phase, value: phase },
+  ]);
+  setPhase('validating', `checking that VM ${cfg.vmId} runs on ${cfg.sourceHost}`);
+  const vm = await src.quick.inspectSource({ vmId: cfg.vmId, migrationId });
+  const sourceEpoch = vm.ownership!.epoch;
+  const epoch = sourceEpoch + 1;
+  progress.epoch = epoch;
+  report.epoch = epoch;
+  progress.disk.totalBytes = vm.diskBytes;
+  progress.memory.totalBytes = vm.memoryBytes;
+  upsertMemo({ vm: cfg.vmId, source: cfg.sourceHost, candidates: cfg.destinationHosts.join(','), diskBytes: vm.diskBytes, memoryBytes: vm.memoryBytes, mode: cfg.mode });
+
+  // Completion timeout: measured from the start, per GiB of disk and memory.
+  const timeoutMs = Math.max(60_000, ((vm.diskBytes + vm.memoryBytes) / GiB) * cfg.completionTimeoutSecondsPerGiB * 1000);
+  const deadline = CancellationScope.nonCancellable(() => sleep(timeoutMs));
+  void deadline.then(() => {
+    if (committed || !PRE_COMMIT.includes(phase)) return;
+    if (cfg.onCompletionTimeout === 'switchover') {
+      forceSwitchover = true;
+    } else {
+      abortReason = `completion timeout of ${Math.round(timeoutMs / 1000)} s expired before the switchover`;
+      preCommitScope?.cancel();
+    }
+  });
+
+  /** Everything before the commit point, against one destination. Throws to roll back. */
+  async function precopy(dest: string): Promise<void> {
+    const dst = hostActivities(dest, cfg.destinationDeadlineSeconds);
+    setPhase('preparing', `preparing an incoming VM on ${dest}`);
+    const prepared = await dst.quick.prepareDestination({
+      migrationId,
+      vmId: cfg.vmId,
+      epoch,
+      sourceHost: cfg.sourceHost,
+      blockBytes: cfg.blockBytes,
+      spec: { vmId: vm.vmId, diskBytes: vm.diskBytes, memoryBytes: vm.memoryBytes, workload: vm.workload, seed: vm.seed, opsPerSecond: vm.opsPerSecond },
+    });
+    ref = { migrationId, vmId: cfg.vmId, epoch, destinationAddress: prepared.dataAddress, blockBytes: cfg.blockBytes, bandwidthBytesPerSecond: bandwidth };
+    await src.quick.startTracking(ref);
+
+    setPhase('disk-precopy', `copying the disk of ${cfg.vmId} to ${dest}`);
+    const full = await src.transfer.copyDiskFull.executeWithOptions({ ...src.options.transfer, summary: 'disk precopy: full pass' }, [ref]);
+    report.diskBytesSent += full.bytes;
+    progress.disk.sentBytes = full.bytes;
+    progress.transferBytesPerSecond = full.durationMs > 0 ? Math.round((full.bytes / full.durationMs) * 1000) : 0;
+    updatePercent();
+
+    setPhase('disk-dirty-rounds', 'copying the blocks written during the full pass');
+    let throttle = 0;
+    let previous = Infinity;
+    let stalls = 0;
+    for (let round = 1; round <= cfg.convergence.maxRounds && !forceSwitchover; round++) {
+      progress.round = round;
+      const r = await src.transfer.copyDiskDirty.executeWithOptions({ ...src.options.transfer, summary: `disk precopy round ${round}` }, [ref]);
+      report.diskRounds = round;
+      report.diskBytesSent += r.bytes;
+      progress.disk.sentBytes += r.bytes;
+      progress.disk.dirtyBlocks = r.items;
+      progress.disk.remainingBytes = r.items * cfg.blockBytes;
+      progress.dirtyBytesPerSecond = r.durationMs > 0 ? Math.round((r.bytes / r.durationMs) * 1000) : 0;
+      progress.message = `disk precopy round ${round}: ${r.items} blocks`;
+      updatePercent();
+      if (r.items <= cfg.convergence.dirtyBlockThreshold) break;
+      stalls = r.items >= previous * 0.9 ? stalls + 1 : 0;
+      previous = r.items;
+      if (stalls >= 2) {
+        if (cfg.convergence.onStall === 'switchover' || throttle >= 0.8) break;
+        throttle = Math.min(0.8, throttle + 0.2);
+        report.throttled = true;
+        stalls = 0;
+        await src.quick.setThrottle({ vmId: cfg.vmId, fraction: throttle });
+      }
+    }
+
+    setPhase('memory-precopy', `copying the memory of ${cfg.vmId}`);
+    const memFull = await src.transfer.copyMemory.executeWithOptions({ ...src.options.transfer, summary: 'memory precopy: full pass' }, [{ ref, full: true }]);
+    report.memoryBytesSent += memFull.bytes;
+    progress.memory.sentBytes = memFull.bytes;
+    const memRate = memFull.durationMs > 0 ? memFull.bytes / memFull.durationMs : Infinity; // bytes per ms
+    for (let round = 1; round <= 10 && !forceSwitchover; round++) {
+      const r = await src.transfer.copyMemory.executeWithOptions({ ...src.options.transfer, summary: `memory precopy round ${round}` }, [{ ref, full: false }]);
+      report.memoryRounds = round;
+      report.memoryBytesSent += r.bytes;
+      progress.memory.sentBytes += r.bytes;
+      progress.memory.dirtyPages = r.items;
+      progress.memory.remainingBytes = r.items * PAGE_BYTES;
+      updatePercent();
+      // The next round's dirty set is about this one's: stop once it fits in half the downtime target.
+      if ((r.items * PAGE_BYTES) / memRate <= cfg.downtimeTargetMs / 2) break;
+    }
+
+    while (!approved && !forceSwitchover) {
+      setPhase('awaiting-cutover', `converged; waiting for approval to switch over to ${dest} (ferry approve ${cfg.vmId})`);
+      await condition(() => approved || forceSwitchover, '5 seconds');
+      if (!approved && !forceSwitchover) {
+        const r = await src.transfer.copyDiskDirty.executeWithOptions({ ...src.options.transfer, summary: 'disk round while awaiting cutover' }, [ref]);
+        report.diskBytesSent += r.bytes;
+        const m = await src.transfer.copyMemory.executeWithOptions({ ...src.options.transfer, summary: 'memory round while awaiting cutover' }, [{ ref, full: false }]);
+        report.memoryBytesSent += m.bytes;
+      }
+    }
+    // One last short round each, so the freeze carries as little as possible.
+    const lastDisk = await src.transfer.copyDiskDirty.executeWithOptions({ ...src.options.transfer, summary: 'disk: last round before the freeze' }, [ref]);
+    report.diskBytesSent += lastDisk.bytes;
+    const lastMem = await src.transfer.copyMemory.executeWithOptions({ ...src.options.transfer, summary: 'memory: last round before the freeze' }, [{ ref, full: false }]);
+    report.memoryBytesSent += lastMem.bytes;
+  }
+
+  async function rollBack(dest: string | null, reason: string): Promise<void> {
+    setPhase('rolling-back', `rolling back: ${reason}`);
+    await CancellationScope.nonCancellable(async () => {
+      if (dest) {
+        const dst = hostActivities(dest, cfg.destinationDeadlineSeconds);
+        // Fence first: the source resumes only once the destination can never run this epoch.
+        await dst.quick.abortDestination({ migrationId, vmId: cfg.vmId, epoch }).catch((err) => {
+          log.warn('could not reach the destination to fence it', { dest, err: String(err) });
+        });
+      }
+      for (;;) {
+        try {
+          await src.quick.rollbackSource({ ref, vmId: cfg.vmId, migrationId });
+          return;
+        } catch (err) {
+          // A paused source with an unreachable destination must wait: resuming could make two copies.
+          progress.message = `VM ${cfg.vmId} is paused on ${cfg.sourceHost}; waiting for destination ${dest} to confirm the abort: ${String(err)}`;
+          setCurrentDetails(progress.message);
+          await sleep('10 seconds');
+        }
+      }
+    });
+  }
+
+  for (const dest of cfg.destinationHosts) {
+    destination = dest;
+    progress.destinationHost = dest;
+    report.destinationHost = dest;
+    upsertSearchAttributes([{ key: SearchAttributes.destinationHost, value: dest }]);
+    preCommitScope = new CancellationScope();
+    try {
+      await preCommitScope.run(() => precopy(dest));
+    } catch (err) {
+      const reason = abortReason ?? failureMessage(err);
+      await rollBack(dest, reason);
+      if (abortReason !== null || isCancellation(err)) return finish('rolled-back', reason);
+      report.failedDestinations.push({ host: dest, reason });
+      continue;
+    }
+    preCommitScope = null;
+
+    setPhase('switchover', `freeze-and-copy to ${dest}`);
+    const sw = await CancellationScope.nonCancellable(() =>
+      src.rollForward.switchover.executeWithOptions({ ...src.options.rollForward, summary: `switchover to ${dest}` }, [{ ref: ref!, mode: cfg.mode }]),
+    );
+    if (sw.outcome === 'aborted') {
+      await rollBack(dest, sw.reason);
+      report.failedDestinations.push({ host: dest, reason: sw.reason });
+      continue;
+    }
+    committed = true;
+    report.memoryBytesSent += sw.memoryBytes;
+    report.diskBytesSent += sw.diskBytes;
+    const dst = hostActivities(dest, cfg.destinationDeadlineSeconds);
+
+    if (cfg.mode === 'tpm') {
+      setPhase('postcopy', `VM runs on ${dest}; pushing ${sw.staleBlocks} stale blocks from ${cfg.sourceHost}`);
+      const pc = await src.rollForward.postcopy.executeWithOptions({ ...src.options.rollForward, summary: `postcopy: ${sw.staleBlocks} stale blocks` }, [ref!]);
+      report.postcopyMs = pc.durationMs;
+      report.diskBytesSent += pc.bytes;
+    }
+    setPhase('finalizing', `releasing ${cfg.vmId} on ${cfg.sourceHost}`);
+    const done = await dst.rollForward.finishDestination({ migrationId, vmId: cfg.vmId });
+    report.downtimeMs = done.downtimeMs;
+    report.onDemandFetches = done.fetches;
+    await src.rollForward.finalizeSource({ vmId: cfg.vmId });
+    return finish('completed');
+  }
+  await rollBack(null, 'no destination left');
+  return finish('rolled-back', `every destination failed: ${report.failedDestinations.map((f) => `${f.host}: ${f.reason}`).join('; ')}`);
+
+  function finish(outcome: 'completed' | 'rolled-back', reason?: string): MigrationReport {
+    report.outcome = outcome;
+    report.reason = reason;
+    report.totalMs = Date.now() - startedAt;
+    if (outcome === 'rolled-back') report.destinationHost = null;
+    setPhase(outcome, outcome === 'completed' ? `VM ${cfg.vmId} runs on ${destination} (epoch ${epoch})` : `rolled back: ${reason}`);
+    updatePercent();
+    upsertSearchAttributes([{ key: SearchAttributes.outcome, value: outcome }]);
+    upsertMemo({ outcome, reason: reason ?? null, downtimeMs: report.downtimeMs, totalMs: report.totalMs, destination: report.destinationHost });
+    return report;
+  }
+}
+
+function failureMessage(err: unknown): string {
+  if (err instanceof ApplicationFailure) return err.message;
+  const e = err as { cause?: { message?: string }; message?: string };
+  return e?.cause?.message ?? e?.message ?? String(err);
+}
