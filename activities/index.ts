@@ -8,6 +8,10 @@ import type { Logger } from '../common/log';
 import { OwnershipConflict, type OwnershipRecord, type OwnershipStore } from '../migration/ownership';
 import type { Destination } from '../migration/destination';
 import { DestinationUnreachable, type MigrationRef, type Progress, type Source } from '../migration/source';
+import { isHypervisorError } from '../hypervisor';
+
+/** Hypervisor refusals that no retry can change. */
+const PERMANENT_HYPERVISOR_ERRORS = ['VmNotFound', 'VmExists', 'InvalidArgument', 'CommandNotFound'];
 
 export interface HostDeps {
   host: string;
@@ -143,7 +147,7 @@ export function createActivities(deps: HostDeps) {
     },
 
     async postcopy(ref: MigrationRef) {
-      return withHeartbeat((_from, report, signal) => source.postcopy(ref, report, signal));
+      return withHeartbeat((_from, report) => source.postcopy(ref, report));
     },
 
     async rollbackSource(input: { ref: MigrationRef | null; vmId: string; migrationId: string }) {
@@ -182,7 +186,7 @@ export function createActivities(deps: HostDeps) {
     async finishDestination(input: { migrationId: string; vmId: string }): Promise<{ downtimeMs: number | null; fetches: number; staleWaits: number }> {
       const { fetches } = await destination.finish(input.migrationId);
       const s = await driver.inspect(asVmId(input.vmId));
-      return { downtimeMs: s.resumeGapMs, fetches, staleWaits: s.staleWaits };
+      return { downtimeMs: s.resumeGapMs === null ? null : Math.round(s.resumeGapMs * 10) / 10, fetches, staleWaits: s.staleWaits };
     },
   };
 }
@@ -196,6 +200,7 @@ async function guard<T>(fn: () => Promise<T>): Promise<T> {
   } catch (err) {
     if (err instanceof OwnershipConflict) throw ApplicationFailure.nonRetryable(err.message, 'OwnershipConflict');
     if (err instanceof DestinationUnreachable) throw ApplicationFailure.retryable(err.message, 'DestinationUnreachable');
+    if (isHypervisorError(err) && PERMANENT_HYPERVISOR_ERRORS.includes(err.code)) throw ApplicationFailure.nonRetryable(err.message, err.code);
     throw err;
   }
 }

@@ -39,6 +39,7 @@ export interface DataPlaneStats {
   messagesAcked: number;
   zeroMessages: number;
   reconnects: number;
+  /** Window bytes in flight: header + meta + logical data length of every unacknowledged message. */
   inFlight: number;
 }
 

@@ -77,6 +77,10 @@ export interface Hello {
   clientNonce: string;
   sessionId: string;
   lastAckedSeq: number;
+  /** The client's in-flight window, a hint for how often to acknowledge. */
+  windowBytes?: number;
+  /** The client's keepalive interval: it sends something at least this often. */
+  keepaliveMs?: number;
 }
 
 function nonce(v: unknown, field: string): string {
@@ -93,6 +97,8 @@ export function parseHello(meta: Record<string, unknown>): Hello {
     clientNonce: nonce(meta.clientNonce, 'clientNonce'),
     sessionId,
     lastAckedSeq: count(meta.lastAckedSeq, 'lastAckedSeq'),
+    windowBytes: meta.windowBytes === undefined ? undefined : count(meta.windowBytes, 'windowBytes'),
+    keepaliveMs: meta.keepaliveMs === undefined ? undefined : count(meta.keepaliveMs, 'keepaliveMs'),
   };
 }
 

@@ -1,7 +1,9 @@
 // Loopback throughput of the data plane against a raw TCP copy of the same bytes.
-//   npx tsx dataplane/bench-throughput.ts --mb 1024 --block 65536 [--window 8388608] [--tls]
+//   npx tsx dataplane/bench-throughput.ts --mb 1024 --block 65536 [--runs 3] [--window 8388608] [--tls]
 // The receiving side runs in a child process (as it would on another host): a raw TCP sink that
 // counts bytes, and a data-plane server whose handler only counts (no disk I/O in either path).
+// Raw and data-plane runs alternate; the best and median wall times are reported, and the CPU time
+// of each side (steadier than wall time on a busy machine).
 import { execFileSync, fork, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import * as fs from 'node:fs';
@@ -19,7 +21,7 @@ function arg(name: string, fallback: number): number {
   return i >= 0 ? Number(process.argv[i + 1]) : fallback;
 }
 
-type ToParent = { ports: { raw: number; dp: number } } | { rawDone: number };
+type ToParent = { ports: { raw: number; dp: number } } | { rawDone: number } | { cpuMs: number };
 
 async function serve(tlsOpts: TlsOptions | undefined): Promise<void> {
   const send = (m: ToParent): void => void process.send?.(m);
@@ -34,6 +36,10 @@ async function serve(tlsOpts: TlsOptions | undefined): Promise<void> {
   await new Promise<void>((resolve) => raw.listen(0, '127.0.0.1', resolve));
   const dp = await listen({ host: '127.0.0.1', port: 0, secret: SECRET, tls: tlsOpts, accept: async () => ({ onMessage: async () => undefined }) });
   send({ ports: { raw: (raw.address() as net.AddressInfo).port, dp: dp.port } });
+  process.on('message', () => {
+    const u = process.cpuUsage();
+    send({ cpuMs: (u.user + u.system) / 1000 });
+  });
   process.on('disconnect', () => process.exit(0));
 }
 
@@ -110,13 +116,41 @@ async function main(): Promise<void> {
     // Random data (not zeros, so no block is skipped), cycled from a pool to keep memory small.
     const pool = randomBytes(Math.min(total, 64 * 1024 * 1024) - (Math.min(total, 64 * 1024 * 1024) % block) || block);
     const mib = total / (1024 * 1024);
-    console.log(`loopback, ${mib} MiB in blocks of ${block} bytes, window ${windowBytes} bytes${useTls ? ', data plane over TLS' : ''}, ${os.cpus().length} CPUs, node ${process.version}`);
+    const runs = arg('runs', 3);
+    console.log(`loopback, ${mib} MiB in blocks of ${block} bytes, window ${windowBytes} bytes${useTls ? ', data plane over TLS' : ''}, ${runs} runs each, ${os.cpus().length} CPUs, node ${process.version}`);
     await dataPlaneCopy(ports.dp, pool, Math.min(total, 64 * 1024 * 1024), block, windowBytes, clientTls); // warm-up
-    const rawMs = await rawCopy(ports.raw, pool, total, block, child);
-    const dpMs = await dataPlaneCopy(ports.dp, pool, total, block, windowBytes, clientTls);
+    const childCpu = async (): Promise<number> => {
+      const reply = nextMessage(child, (m) => ('cpuMs' in m ? m.cpuMs : undefined));
+      child.send('cpu');
+      return reply;
+    };
+    const measure = async (run: () => Promise<number>): Promise<{ ms: number; senderCpu: number; receiverCpu: number }> => {
+      const c0 = process.cpuUsage();
+      const r0 = await childCpu();
+      const ms = await run();
+      const c1 = process.cpuUsage(c0);
+      return { ms, senderCpu: (c1.user + c1.system) / 1000, receiverCpu: (await childCpu()) - r0 };
+    };
+    const results = { raw: [] as Awaited<ReturnType<typeof measure>>[], dp: [] as Awaited<ReturnType<typeof measure>>[] };
+    for (let i = 0; i < runs; i++) {
+      results.raw.push(await measure(() => rawCopy(ports.raw, pool, total, block, child)));
+      results.dp.push(await measure(() => dataPlaneCopy(ports.dp, pool, total, block, windowBytes, clientTls)));
+    }
     const rate = (ms: number): number => mib / (ms / 1000);
-    console.log(`raw TCP    : ${rawMs.toFixed(0).padStart(6)} ms  ${rate(rawMs).toFixed(0).padStart(6)} MiB/s`);
-    console.log(`data plane : ${dpMs.toFixed(0).padStart(6)} ms  ${rate(dpMs).toFixed(0).padStart(6)} MiB/s  (${((rawMs / dpMs) * 100).toFixed(0)}% of raw TCP)`);
+    const median = (xs: number[]): number => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
+    const summary = {} as Record<'raw' | 'dp', { best: number; median: number }>;
+    for (const [key, label] of [['raw', 'raw TCP   '], ['dp', 'data plane']] as const) {
+      const r = results[key];
+      const best = Math.min(...r.map((x) => x.ms));
+      const med = median(r.map((x) => x.ms));
+      summary[key] = { best, median: med };
+      const perGiB = (cpuMs: number): string => ((cpuMs / 1000) * (1024 / mib)).toFixed(2);
+      console.log(
+        `${label}: best ${rate(best).toFixed(0).padStart(5)} MiB/s, median ${rate(med).toFixed(0).padStart(5)} MiB/s;` +
+          ` CPU per GiB: sender ${perGiB(median(r.map((x) => x.senderCpu)))} s, receiver ${perGiB(median(r.map((x) => x.receiverCpu)))} s`,
+      );
+    }
+    console.log(`data plane / raw TCP: ${((summary.raw.best / summary.dp.best) * 100).toFixed(0)}% (best), ${((summary.raw.median / summary.dp.median) * 100).toFixed(0)}% (median)`);
   } finally {
     child.disconnect();
     if (tlsDir) fs.rmSync(tlsDir, { recursive: true, force: true });

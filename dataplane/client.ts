@@ -12,7 +12,7 @@ import {
 } from './api';
 import { checkIdentity, checkSecret, computeProof, newNonce, newSessionId, parseChallenge, parseError, parseWelcome, proofMatches, sessionTag } from './auth';
 import { TokenBucket } from './bandwidth';
-import { decodeMeta, encodeFrame, encodeMeta, FrameDecoder, FrameKind, MAX_DATA_BYTES, MAX_META_BYTES, PROTOCOL_VERSION, wireLength, type Frame } from './frame';
+import { decodeMeta, encodeFrame, encodeMeta, FrameDecoder, FrameKind, HEADER_BYTES, MAX_DATA_BYTES, MAX_META_BYTES, PROTOCOL_VERSION, wireLength, type Frame } from './frame';
 import { frameToMessage, payloadOf, prepareMessage, type PreparedMessage } from './message';
 import { dial, parseAddress, tuneSocket, writeParts } from './transport';
 
@@ -44,8 +44,8 @@ interface Waiter {
 
 class Conn {
   lastRx = performance.now();
+  lastTx = performance.now();
   keepalive: NodeJS.Timeout | null = null;
-  waitingDrain = false;
   constructor(
     readonly socket: net.Socket,
     readonly decoder: FrameDecoder,
@@ -215,8 +215,9 @@ class ClientSession implements DataPlaneSession {
     return { ...prepareMessage(msg), kind, seq: 0, written: false };
   }
 
+  /** Window accounting: the header counts too, so that a flood of empty messages is bounded as well. */
   private cost(e: Entry): number {
-    return e.meta.length + e.dataLength;
+    return HEADER_BYTES + e.meta.length + e.dataLength;
   }
 
   /** Moves waiting sends into the window, in call order. A message larger than the window goes alone. */
@@ -234,20 +235,14 @@ class ClientSession implements DataPlaneSession {
     this.pump();
   }
 
+  /**
+   * Writes admitted messages. No 'drain' wait: the window already bounds what can sit in the socket's
+   * buffer, and handing the socket many frames at once lets it batch them into large writes.
+   */
   private pump(): void {
     const conn = this.conn;
     if (!conn || this.state !== 'ready' || this.pumpTimer) return;
     while (this.writeIdx < this.unacked.length) {
-      if (false && conn.socket.writableNeedDrain) {
-        if (!conn.waitingDrain) {
-          conn.waitingDrain = true;
-          conn.socket.once('drain', () => {
-            conn.waitingDrain = false;
-            this.pump();
-          });
-        }
-        return;
-      }
       const e = this.unacked[this.writeIdx];
       const parts = encodeFrame({ kind: e.kind, tag: this.tag, seq: e.seq, type: e.type, meta: e.meta, data: payloadOf(e), zero: e.zero });
       const wait = this.bucket.take(wireLength(parts));
@@ -259,6 +254,7 @@ class ClientSession implements DataPlaneSession {
         return;
       }
       writeParts(conn.socket, parts);
+      conn.lastTx = performance.now();
       this.writeIdx++;
       this.counters.bytesSent += e.data.length;
       if (!e.written) {
@@ -364,6 +360,7 @@ class ClientSession implements DataPlaneSession {
 
   private writeControl(conn: Conn, kind: FrameKind, seq: number, meta?: Record<string, unknown>): void {
     writeParts(conn.socket, encodeFrame({ kind, tag: this.tag, seq, meta: encodeMeta(meta) }));
+    conn.lastTx = performance.now();
   }
 
   // ---- connection lifecycle ----
@@ -430,6 +427,8 @@ class ClientSession implements DataPlaneSession {
           clientNonce,
           sessionId: this.sessionId,
           lastAckedSeq: this.completedThrough(),
+          windowBytes: this.window,
+          keepaliveMs: this.keepaliveMs,
         });
       });
       socket.on('data', (chunk: Buffer) => {
@@ -489,7 +488,7 @@ class ClientSession implements DataPlaneSession {
     this.writeIdx = 0; // everything unacknowledged goes out again, in order
     this.ackUpTo(resumeSeq);
     if (this.unacked.length === 0) this.downSince = null;
-    conn.keepalive = setInterval(() => this.keepalive(conn), this.keepaliveMs);
+    conn.keepalive = setInterval(() => this.keepalive(conn), this.keepaliveMs / 2);
     conn.keepalive.unref();
     this.pump();
   }
@@ -539,10 +538,12 @@ class ClientSession implements DataPlaneSession {
 
   private keepalive(conn: Conn): void {
     if (this.conn !== conn) return;
-    const silent = performance.now() - conn.lastRx;
+    const now = performance.now();
+    const silent = now - conn.lastRx;
     if (silent > 3 * this.keepaliveMs) {
       this.connectionLost(conn, new DataPlaneError('timeout', `no data from ${this.opts.address} for ${Math.round(silent)} ms`));
-    } else if (silent >= this.keepaliveMs) {
+    } else if (silent >= this.keepaliveMs || now - conn.lastTx >= this.keepaliveMs) {
+      // Also when only we are quiet: the server drops connections it has not heard from for a while.
       this.writeControl(conn, FrameKind.PING, 0);
     }
   }

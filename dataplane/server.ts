@@ -14,13 +14,21 @@ import {
   type SessionIdentity,
 } from './api';
 import { checkSecret, computeProof, newNonce, parseHello, proofMatches, sameIdentity, sessionTag, type Hello } from './auth';
-import { decodeMeta, encodeFrame, encodeMeta, FrameDecoder, FrameKind, MAX_DATA_BYTES, MAX_META_BYTES, PROTOCOL_VERSION, type Frame } from './frame';
+import { decodeMeta, encodeFrame, encodeMeta, FrameDecoder, FrameKind, HEADER_BYTES, MAX_DATA_BYTES, MAX_META_BYTES, PROTOCOL_VERSION, type Frame } from './frame';
 import { frameToMessage, payloadOf, prepareMessage, type PreparedMessage } from './message';
 import { tuneSocket, writeParts } from './transport';
 
 const DEFAULT_HANDSHAKE_TIMEOUT = 10_000;
 const DEFAULT_SESSION_IDLE = 10 * 60_000;
+const DEFAULT_CLIENT_KEEPALIVE = 5_000;
+/** A connection that has been silent for this many client keepalive intervals is dropped (half-open). */
+const SILENT_INTERVALS = 4;
+const MIN_SILENCE_MS = 2_000;
 const HANDSHAKE_META_LIMIT = 4096;
+/** Acknowledge at least every this many applied bytes (or a quarter of the client's window)... */
+const MAX_ACK_EVERY = 1024 * 1024;
+/** ...and at the latest this long after an apply, so that small or final messages are not held back. */
+const ACK_DELAY_MS = 1;
 /** Responses kept for resent requests; the client's ACK frames normally prune them long before this. */
 const MAX_CACHED_RESPONSES = 1024;
 
@@ -37,6 +45,8 @@ class ServerConn {
   serverNonce = '';
   tag = 0;
   session: SessionState | null = null;
+  lastRx = Date.now();
+  silenceCheck: NodeJS.Timeout | null = null;
   constructor(
     readonly socket: net.Socket,
     readonly remote: string,
@@ -52,7 +62,9 @@ class SessionState {
   idleTimer: NodeJS.Timeout | null = null;
   pendingAck = 0;
   ackSent = 0;
-  ackScheduled = false;
+  unackedBytes = 0;
+  ackEvery = MAX_ACK_EVERY;
+  ackTimer: NodeJS.Timeout | null = null;
   pushSeq = 0;
   readonly responses = new Map<number, Result>();
   /** What the handler sees; remoteAddress follows the current connection. */
@@ -70,10 +82,7 @@ class SessionState {
   }
 
   pruneResponses(upTo: number): void {
-    for (const seq of this.responses.keys()) {
-      if (seq > upTo) break;
-      this.responses.delete(seq);
-    }
+    for (const seq of this.responses.keys()) if (seq <= upTo) this.responses.delete(seq);
   }
 }
 
@@ -159,10 +168,14 @@ class Server {
       this.kill(conn, 'timeout', 'handshake timed out');
     }, this.handshakeTimeout);
     timer.unref();
-    socket.on('data', (chunk: Buffer) => this.onData(conn, chunk));
+    socket.on('data', (chunk: Buffer) => {
+      conn.lastRx = Date.now();
+      this.onData(conn, chunk);
+    });
     socket.on('error', (err) => this.log('info', 'data-plane connection error', { remote, error: err.message }));
     socket.on('close', () => {
       clearTimeout(timer);
+      if (conn.silenceCheck) clearInterval(conn.silenceCheck);
       this.sockets.delete(socket);
       conn.phase = 'dead';
       const s = conn.session;
@@ -288,13 +301,28 @@ class Server {
     if (s.idleTimer) clearTimeout(s.idleTimer);
     s.idleTimer = null;
     s.pruneResponses(hello.lastAckedSeq);
+    s.ackEvery = Math.max(1, Math.min(MAX_ACK_EVERY, Math.floor((hello.windowBytes ?? Infinity) / 4)));
     s.view.remoteAddress = conn.remote;
     conn.session = s;
     conn.phase = 'ready';
     conn.decoder.setLimits(MAX_META_BYTES, MAX_DATA_BYTES);
     this.write(conn, FrameKind.WELCOME, 0, { meta: { resumeSeq: s.lastApplied } });
     s.conn = conn; // only now: ACKs and responses must not overtake the WELCOME
+    this.watchSilence(conn, hello);
     if (s.lastApplied > hello.lastAckedSeq) this.log('info', 'data-plane session resumed', { ...this.fields(conn), resumeSeq: s.lastApplied });
+  }
+
+  /** Drops a connection whose client went silent (its host died: a half-open connection); the session stays. */
+  private watchSilence(conn: ServerConn, hello: Hello): void {
+    const silence = Math.max(MIN_SILENCE_MS, SILENT_INTERVALS * (hello.keepaliveMs ?? DEFAULT_CLIENT_KEEPALIVE));
+    conn.silenceCheck = setInterval(() => {
+      const silent = Date.now() - conn.lastRx;
+      if (silent <= silence) return;
+      this.log('warn', 'data-plane client went silent; dropping the connection', { ...this.fields(conn), silentMs: silent });
+      conn.phase = 'dead';
+      conn.socket.destroy();
+    }, silence / 2);
+    conn.silenceCheck.unref();
   }
 
   // ---- an established session ----
@@ -347,7 +375,7 @@ class Server {
   private async apply(s: SessionState, w: Exclude<Work, { kind: typeof FrameKind.BYE }>): Promise<void> {
     if (w.seq <= s.lastApplied) {
       // A resend of something already applied: never apply twice, but answer again.
-      if (w.kind === FrameKind.MSG) return this.queueAck(s, w.seq);
+      if (w.kind === FrameKind.MSG) return this.queueAck(s, w.seq, 0);
       const cached = s.responses.get(w.seq);
       if (cached) return this.sendResult(s, w.seq, cached);
       this.log('warn', 'response of a resent request was forgotten; running the request again', { seq: w.seq, sessionId: s.id });
@@ -365,7 +393,7 @@ class Server {
       result.error = errorMessage(err);
     }
     if (w.seq > s.lastApplied) s.lastApplied = w.seq;
-    if (w.kind === FrameKind.MSG && result.error === null) return this.queueAck(s, w.seq);
+    if (w.kind === FrameKind.MSG && result.error === null) return this.queueAck(s, w.seq, HEADER_BYTES + w.msg.data.length);
     if (w.kind === FrameKind.REQUEST) {
       s.responses.set(w.seq, result);
       if (s.responses.size > MAX_CACHED_RESPONSES) s.responses.delete(s.responses.keys().next().value as number);
@@ -380,19 +408,21 @@ class Server {
     else if (r.reply) this.write(s.conn, FrameKind.RESPONSE, seq, { msg: r.reply });
   }
 
-  /** ACKs are cumulative; coalesce those of a burst of quickly applied messages into one frame. */
-  private queueAck(s: SessionState, seq: number): void {
-    s.pendingAck = seq;
-    if (s.ackScheduled) return;
-    s.ackScheduled = true;
-    setImmediate(() => this.flushAck(s));
+  /** ACKs are cumulative: one frame per ackEvery bytes (or after ACK_DELAY_MS) acknowledges a whole burst. */
+  private queueAck(s: SessionState, seq: number, bytes: number): void {
+    s.pendingAck = Math.max(s.pendingAck, seq);
+    s.unackedBytes += bytes;
+    if (s.unackedBytes >= s.ackEvery) this.flushAck(s);
+    else s.ackTimer ??= setTimeout(() => this.flushAck(s), ACK_DELAY_MS);
   }
 
   private flushAck(s: SessionState): void {
-    s.ackScheduled = false;
+    if (s.ackTimer) clearTimeout(s.ackTimer);
+    s.ackTimer = null;
     if (!s.conn || s.pendingAck <= s.ackSent) return;
     this.write(s.conn, FrameKind.ACK, s.pendingAck);
     s.ackSent = s.pendingAck;
+    s.unackedBytes = 0;
   }
 
   private push(s: SessionState, msg: Message): void {
@@ -414,6 +444,7 @@ class Server {
     s.queue = [];
     this.sessionsById.delete(s.id);
     if (s.idleTimer) clearTimeout(s.idleTimer);
+    if (s.ackTimer) clearTimeout(s.ackTimer);
     if (s.conn) this.kill(s.conn, null, '');
     s.conn = null;
     this.log('info', 'data-plane session ended', { sessionId: s.id, reason, migrationId: s.identity.migrationId, stream: s.identity.stream });

@@ -56,7 +56,7 @@ async function main(opts: DemoOptions): Promise<number> {
       memoryBytes: Number(opts.memoryMib) * MiB,
       workload: opts.workload,
       seed: 42,
-      opsPerSecond: 2000,
+      opsPerSecond: 300,
       fill: true,
     };
     say(`3/6 creating ${vm.vmId} on alpha: ${formatBytes(vm.diskBytes)} disk filled with data, ${formatBytes(vm.memoryBytes)} memory, ${vm.workload} guest at ${vm.opsPerSecond} ops/s`);

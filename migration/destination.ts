@@ -47,6 +47,8 @@ export class Destination {
     await writeFileDurable(this.recordFile(record.migrationId), JSON.stringify(record, null, 2));
     const id = asVmId(record.vmId);
     if (!(await this.deps.driver.exists(id))) {
+      // A disk kept from an earlier stay of this VM is not trusted as a base here: start from an empty image.
+      await fs.rm(this.deps.driver.diskPath(id), { force: true });
       await this.deps.driver.create(record.spec, { incoming: true });
     }
     const status = await this.deps.driver.inspect(id);

@@ -38,6 +38,11 @@ export type SwitchoverResult =
 
 export class DestinationUnreachable extends Error {}
 
+interface Pusher {
+  progress: Progress;
+  done: Promise<TransferResult & { fetched: number }>;
+}
+
 const PAGES_PER_MESSAGE = 256; // 1 MiB
 const trackingName = (migrationId: string): string => `migration-${migrationId}`;
 
@@ -45,6 +50,7 @@ export class Source {
   /** Live sessions per migration, so a bandwidth change reaches a transfer that is running. */
   private readonly sessions = new Map<string, Set<DataPlaneSession>>();
   private readonly bandwidth = new Map<string, number | null>();
+  private readonly pushers = new Map<string, Pusher>();
 
   constructor(
     private readonly deps: {
@@ -193,21 +199,50 @@ export class Source {
       } catch (err) {
         return await this.resolveAfterFailure(ref, vm, session, err as Error);
       }
-      return await this.committed(ref, stale.count, memoryBytes, diskBytes, Date.now() - frozenAt);
+      const result = await this.committed(ref, stale.count, memoryBytes, diskBytes, Date.now() - frozenAt);
+      if (mode === 'tpm') this.startPostcopy(ref);
+      return result;
     } finally {
       await this.release(ref, session);
       vm.close();
     }
   }
 
-  /** Push every block the destination still marks stale, on-demand fetches first. */
-  async postcopy(ref: MigrationRef, onProgress: (p: Progress) => void, signal: AbortSignal): Promise<TransferResult & { fetched: number }> {
+  /**
+   * Postcopy: push every block the destination still marks stale, on-demand fetches first. The push
+   * starts inside the switchover, right after the commit, so a guest read of a stale block never waits
+   * for a Temporal round trip; the postcopy activity joins it (or starts it again after a restart).
+   */
+  async postcopy(ref: MigrationRef, onProgress: (p: Progress) => void): Promise<TransferResult & { fetched: number }> {
+    const pusher = this.startPostcopy(ref);
+    const timer = setInterval(() => onProgress(pusher.progress), 500);
+    try {
+      return await pusher.done;
+    } finally {
+      clearInterval(timer);
+    }
+  }
+
+  private startPostcopy(ref: MigrationRef): Pusher {
+    const running = this.pushers.get(ref.migrationId);
+    if (running) return running;
+    const pusher: Pusher = { progress: { cursor: 0, bytes: 0, items: 0 }, done: Promise.resolve() as never };
+    pusher.done = this.push(ref, pusher).finally(() => this.pushers.delete(ref.migrationId));
+    pusher.done.catch((err) => this.deps.log.warn({ migrationId: ref.migrationId, err: String(err) }, 'postcopy push stopped; the activity retries it'));
+    this.pushers.set(ref.migrationId, pusher);
+    return pusher;
+  }
+
+  private async push(ref: MigrationRef, pusher: Pusher): Promise<TransferResult & { fetched: number }> {
     const started = Date.now();
     const disk = await this.openBaseDisk(ref.vmId);
     const session = await this.session(ref, 'postcopy');
     const urgent: number[] = [];
+    let wake: (() => void) | null = null;
     session.onPush((msg) => {
-      if (msg.type === Msg.Fetch) urgent.push(...(msg.meta.blocks as number[]));
+      if (msg.type !== Msg.Fetch) return;
+      urgent.push(...(msg.meta.blocks as number[]));
+      wake?.();
     });
     let items = 0;
     let bytes = 0;
@@ -222,7 +257,6 @@ export class Source {
         const order = [...pending];
         let next = 0;
         while (pending.size > 0) {
-          if (signal.aborted) throw new Error('postcopy cancelled');
           let b: number | undefined;
           while (urgent.length > 0 && b === undefined) {
             const u = urgent.shift()!;
@@ -241,13 +275,13 @@ export class Source {
           await session.send({ type: Msg.Block, meta: { b }, data });
           items++;
           bytes += data.length;
-          if (items % 64 === 0) onProgress({ cursor: items, bytes, items });
+          pusher.progress = { cursor: items, bytes, items };
         }
         await session.flush();
-        onProgress({ cursor: items, bytes, items });
       }
       return { items, bytes, zeroItems: 0, durationMs: Date.now() - started, fetched };
     } finally {
+      wake = null;
       await this.release(ref, session);
       await disk.close();
     }

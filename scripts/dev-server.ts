@@ -28,7 +28,12 @@ export function defaultDbFile(): string {
 
 /** Starts the server, prints where it is, and resolves once it has stopped. */
 export async function runDevServer(options: RunDevServerOptions = {}): Promise<void> {
-  const log = options.log ?? ((line: string) => process.stderr.write(`${line}\n`));
+  const output = options.log ?? ((line: string) => process.stderr.write(`${line}\n`));
+  let stopping = false;
+  // The server's own warnings while shutting down (pollers losing their connection) are noise.
+  const log: LogFn = (line) => {
+    if (!stopping) output(line);
+  };
   const dbFile = path.resolve(options.dbFile ?? defaultDbFile());
   await fsp.mkdir(path.dirname(dbFile), { recursive: true });
 
@@ -54,11 +59,16 @@ export async function runDevServer(options: RunDevServerOptions = {}): Promise<v
       process.once('SIGTERM', () => resolve());
     }
   });
-  const code = await Promise.race([stopRequested.then(() => 'stop' as const), server.exited]);
-  if (code !== 'stop') throw new Error(`temporal server exited unexpectedly (code ${code})`);
-  console.log('stopping Temporal dev server...');
-  await server.stop();
-  console.log('stopped');
+  const outcome = await Promise.race([stopRequested.then(() => 'stop' as const), server.exited]);
+  stopping = true;
+  if (outcome === 'stop') {
+    console.log('stopping Temporal dev server...');
+    await server.stop();
+  } else if (outcome !== 0 && outcome !== null) {
+    // 0 or a signal: Ctrl-C in a terminal reaches the server too and may stop it before us.
+    throw new Error(`temporal server exited unexpectedly (code ${outcome})`);
+  }
+  console.log('Temporal dev server stopped');
 }
 
 async function provisionCli(log: LogFn): Promise<string> {

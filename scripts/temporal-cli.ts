@@ -385,6 +385,12 @@ export interface DevServer {
 const STOP_GRACE_MS = 5_000;
 
 export async function startDevServer(opts: DevServerOptions): Promise<DevServer> {
+  if (!opts.cliPath) {
+    throw new Error(
+      "startDevServer needs a Temporal CLI binary, and ensureTemporalCli found none (route 'sdk'): " +
+        'run `npm run setup:temporal` to see why, set FERRY_TEMPORAL_CLI, or use TestWorkflowEnvironment.createLocal()',
+    );
+  }
   // Ports picked by us can be taken by someone else before the server binds them: retry then.
   const portsChosenHere = opts.port === undefined || opts.uiPort === undefined;
   const attempts = portsChosenHere ? 3 : 1;
@@ -455,26 +461,29 @@ function devServerArgs(o: DevServerOptions & { namespace: string; port: number; 
 
 /** Polls until the frontend answers a namespace describe, or the process dies, or time runs out. */
 async function waitUntilReady(address: string, namespace: string, timeoutMs: number, early: Promise<Error>): Promise<void> {
-  const state: { failed: Error | null } = { failed: null };
-  void early.then((err) => (state.failed = err));
   const deadline = Date.now() + timeoutMs;
   let lastError = '';
-  while (!state.failed && Date.now() < deadline) {
-    try {
-      const connection = await Connection.connect({ address, connectTimeout: '2s' });
-      try {
-        await connection.workflowService.describeNamespace({ namespace });
-        return;
-      } finally {
-        await connection.close();
-      }
-    } catch (err) {
-      lastError = errorMessage(err);
-    }
+  while (Date.now() < deadline) {
+    const probe = probeOnce(address, namespace).then(
+      () => null,
+      (err: unknown) => new Error(errorMessage(err)),
+    );
+    const outcome = await Promise.race([probe.then((err) => ({ err, exited: false })), early.then((err) => ({ err, exited: true }))]);
+    if (outcome.exited) throw outcome.err;
+    if (!outcome.err) return;
+    lastError = outcome.err.message;
     await Promise.race([sleep(200), early]);
   }
-  if (state.failed) throw state.failed;
   throw new Error(`temporal server at ${address} did not become ready within ${timeoutMs} ms (last error: ${lastError})`);
+}
+
+async function probeOnce(address: string, namespace: string): Promise<void> {
+  const connection = await Connection.connect({ address, connectTimeout: '2s' });
+  try {
+    await connection.workflowService.describeNamespace({ namespace });
+  } finally {
+    await connection.close();
+  }
 }
 
 async function checkSearchAttributes(address: string, namespace: string, wanted: Record<string, SearchAttributeTypeName>): Promise<void> {

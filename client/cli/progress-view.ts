@@ -30,7 +30,7 @@ export async function followMigration(handle: MigrationHandle, opts: { stream?: 
   const bar = new cliProgress.SingleBar(
     {
       stream,
-      format: '{phase} |{bar}| {percent}% | disk {disk} | mem {mem} | {rate} | dirty {dirty} | ETA {etaText}',
+      format: '{phase} |{bar}| {percentage}% | disk {disk} | mem {mem} | {rate} | dirty {dirty} | ETA {etaText}',
       hideCursor: true,
       noTTYOutput: true,
       notTTYSchedule: 2000,
@@ -42,11 +42,13 @@ export async function followMigration(handle: MigrationHandle, opts: { stream?: 
   let done = false;
   const result = handle.result().finally(() => (done = true));
   let last = 0;
+  let lastFields = fields(emptyProgress(handle.vmId));
   while (!done) {
     try {
       const p = await handle.progress();
       last = Math.max(last, p.percent);
-      bar.update(last, fields(p));
+      lastFields = fields(p);
+      bar.update(last, lastFields);
     } catch {
       // the workflow may be between tasks; the next poll catches up
     }
@@ -54,7 +56,7 @@ export async function followMigration(handle: MigrationHandle, opts: { stream?: 
   }
   try {
     const report = await result;
-    bar.update(100, { ...fields(emptyProgress(handle.vmId)), phase: report.outcome.padEnd(17) });
+    bar.update(100, { ...lastFields, phase: report.outcome.padEnd(17), etaText: '0s' });
     return report;
   } finally {
     bar.stop();

@@ -98,6 +98,7 @@ export class Machine {
       incoming = saved.incoming;
       this.cpuLoaded = saved.cpu !== null;
       if (saved.cpu !== null) this.guest.loadState(Buffer.from(saved.cpu, 'base64'));
+      if (saved.stale) this.stale = new BlockSet(spec.diskBytes, saved.stale.blockBytes, Buffer.from(saved.stale.bits, 'base64'));
       this.log('resumed from a clean stop', { ops: this.guest.ops, incoming });
     } else if (incoming) {
       this.cpuLoaded = false;
@@ -334,6 +335,7 @@ export class Machine {
     const saved: SavedRun = {
       incoming: this.state === 'incoming',
       cpu: this.cpuLoaded ? this.guest.saveState().toString('base64') : null,
+      stale: this.stale && this.stale.size > 0 ? { blockBytes: this.stale.blockBytes, bits: Buffer.from(this.stale.bits).toString('base64') } : null,
       stoppedAt: new Date().toISOString(),
     };
     writeFileAtomic(this.paths.memory, this.memory);
@@ -398,6 +400,10 @@ export class Machine {
     c.set('save-state', () => {
       this.requireState('save-state', ['paused', 'halted', 'incoming'], 'pause the VM first');
       if (!this.cpuLoaded) throw new HypervisorError('InvalidState', 'this incoming VM has no CPU state yet: load-state first');
+      if (this.stale && this.stale.size > 0) {
+        // Its disk still has holes only the previous source can fill: it cannot move on yet.
+        throw new HypervisorError('InvalidState', `${this.stale.size} blocks are still stale: finish the postcopy (deliver-blocks) first`);
+      }
       return { attachment: this.guest.saveState() };
     });
 

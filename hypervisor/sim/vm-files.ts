@@ -18,6 +18,8 @@ export interface SavedRun {
   incoming: boolean;
   /** Base64 of the guest CPU state, or null when no guest was loaded (incoming shell). */
   cpu: string | null;
+  /** Postcopy not finished: the stale blocks (base64 bits) must survive the restart. */
+  stale?: { blockBytes: number; bits: string } | null;
   stoppedAt: string;
 }
 

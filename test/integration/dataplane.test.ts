@@ -133,6 +133,8 @@ class FaultProxy {
   bytesDown = 0;
   cutAt: number | null = null;
   private readonly sockets = new Set<net.Socket>();
+  /** Connections that silently stop forwarding in both directions (a half-open link). */
+  private readonly silenced = new Set<net.Socket>();
   private server: net.Server | null = null;
 
   constructor(private readonly targetPort: number) {}
@@ -151,6 +153,7 @@ class FaultProxy {
         });
       }
       down.on('data', (chunk: Buffer) => {
+        if (this.silenced.has(down)) return;
         const start = this.bytesUp;
         this.bytesUp += chunk.length;
         if (this.flipAt !== null && this.flipAt >= start && this.flipAt < this.bytesUp) {
@@ -168,6 +171,7 @@ class FaultProxy {
         }
       });
       up.on('data', (chunk: Buffer) => {
+        if (this.silenced.has(down)) return;
         const start = this.bytesDown;
         this.bytesDown += chunk.length;
         if (this.flipDownAt !== null && this.flipDownAt >= start && this.flipDownAt < this.bytesDown) {
@@ -184,6 +188,11 @@ class FaultProxy {
     await new Promise<void>((resolve) => this.server!.listen(0, '127.0.0.1', resolve));
     this.port = (this.server.address() as net.AddressInfo).port;
     cleanups.push(() => this.stop());
+  }
+
+  /** Stop forwarding on every current connection, without closing anything. */
+  silence(): void {
+    for (const s of this.sockets) this.silenced.add(s);
   }
 
   cut(): void {
@@ -381,6 +390,37 @@ describe('data plane', () => {
     expect([...target.appliedOffsets.values()].every((n) => n === 1)).toBe(true);
   });
 
+  it('4c) keepalive: a slow handler keeps the connection; a silent (half-open) link is detected and resumed', async () => {
+    const image = sourceImage(200);
+    const { target, handler } = fileTarget('t4c.img', image);
+    let slowOnce = true;
+    const server = await startServer({
+      accept: async () => ({
+        onMessage: async (session, msg) => {
+          if (slowOnce && msg.meta.offset === 10 * BLOCK) {
+            slowOnce = false;
+            await new Promise((r) => setTimeout(r, 800)); // 8 keepalive intervals
+          }
+          return handler.onMessage(session, msg);
+        },
+      }),
+    });
+    const proxy = new FaultProxy(server.port);
+    await proxy.start();
+    const session = await startClient(proxy.port, { keepaliveMs: 100 });
+    await sendImage(session, image.subarray(0, 50 * BLOCK));
+    expect(session.stats.reconnects).toBe(0);
+
+    proxy.silence();
+    for (let off = 50 * BLOCK; off < image.length; off += BLOCK) {
+      await session.send({ type: MSG_BLOCK, meta: { offset: off }, data: image.subarray(off, off + BLOCK) });
+    }
+    await session.flush();
+    expect(session.stats.reconnects).toBeGreaterThanOrEqual(1);
+    expect(targetHash(target, image.length)).toBe(sha256(image));
+    expect([...target.appliedOffsets.values()].every((n) => n === 1)).toBe(true);
+  });
+
   it('5) resumes from the last acknowledged message after the connection is cut', async () => {
     const image = sourceImage(800);
     const { target, handler } = fileTarget('t5.img', image);
@@ -446,8 +486,10 @@ describe('data plane', () => {
   });
 
   it('8) request/response, push, and handler errors coming back as remote errors', async () => {
+    let closed = 0;
     const server = await startServer({
       accept: async () => ({
+        onClose: () => void closed++,
         onMessage: async (session, msg): Promise<Message | void> => {
           if (msg.type === 2) return { type: 3, meta: { echo: msg.meta.q }, data: Buffer.concat([msg.data, msg.data]) };
           if (msg.type === 4) return { type: 4, meta: {}, data: Buffer.alloc(8192) };
@@ -478,6 +520,13 @@ describe('data plane', () => {
     await session.flush(); // reported once; the session goes on
     expect((await session.request({ type: 2, meta: { q: 'again' }, data: Buffer.alloc(0) })).meta).toEqual({ echo: 'again' });
     await expectCode(session.send({ type: 0, meta: {}, data: Buffer.alloc(0) }), 'bad_message');
+
+    expect(server.sessions()).toBe(1);
+    await session.close();
+    await expectCode(session.send({ type: 1, meta: {}, data: Buffer.alloc(0) }), 'closed');
+    for (let i = 0; i < 50 && closed === 0; i++) await new Promise((r) => setTimeout(r, 10));
+    expect(closed).toBe(1);
+    expect(server.sessions()).toBe(0);
   });
 
   it('9) works over TLS with a self-signed certificate', async () => {
@@ -520,6 +569,23 @@ describe('data plane', () => {
     await session.flush();
     expect(session.stats.reconnects).toBeGreaterThanOrEqual(1);
     expect(targetHash(target, image.length)).toBe(sha256(image));
+  });
+
+  it('11b) the server forgets a session that stays disconnected for sessionIdleMs, and calls onClose', async () => {
+    let closed = 0;
+    const server = await startServer({ sessionIdleMs: 300, accept: async () => ({ onMessage: async () => undefined, onClose: () => void closed++ }) });
+    const proxy = new FaultProxy(server.port);
+    await proxy.start();
+    const session = await startClient(proxy.port, { reconnectTimeoutMs: 5000 });
+    await session.send({ type: MSG_BLOCK, meta: {}, data: randomBytes(100) });
+    await session.flush();
+    expect(server.sessions()).toBe(1);
+    await proxy.stop(); // the client cannot come back
+    await new Promise((r) => setTimeout(r, 150));
+    expect(server.sessions()).toBe(1);
+    await new Promise((r) => setTimeout(r, 400));
+    expect(server.sessions()).toBe(0);
+    expect(closed).toBe(1);
   });
 
   it('11) fails pending operations with "disconnected" when the server stays away', async () => {

@@ -53,6 +53,7 @@ interface Postcopy {
   dstDisk: DiskAccess;
   blockBytes: number;
   initialStale: BlockSet;
+  dstDriver: SimDriver;
   deliver(blocks: number[]): Promise<number>;
 }
 
@@ -85,7 +86,7 @@ async function setUp(name: string, workload: Workload, blockBytes: number, ops: 
     for (const block of blocks) items.push({ block, data: await srcDisk.read(block * blockBytes, stale.blockLength(block)) });
     return dst.deliverBlocks(blockBytes, items);
   };
-  return { spec, src, dst, srcDisk, dstDisk, blockBytes, initialStale: stale, deliver };
+  return { spec, src, dst, srcDisk, dstDisk, blockBytes, initialStale: stale, dstDriver: b, deliver };
 }
 
 describe('incoming VM with stale blocks', () => {
@@ -175,5 +176,23 @@ describe('incoming VM with stale blocks', () => {
     await p.dst.resume();
     await expect(p.dst.setStale({ generation: 1, blockBytes: 65536, bits: Buffer.alloc(8), count: 0 })).rejects.toThrow(/InvalidState/);
     expect((await p.dst.status()).violations).toBe(0);
+  });
+
+  it('stale marks survive a clean stop of the destination; it cannot be saved (moved on) while blocks are stale', async () => {
+    const p = await setUp('post-stop', 'readmostly', 64 * 1024, 500, 1024 * 1024);
+    await p.dst.resume();
+    await sleep(100);
+    await expect(p.dst.pause().then(() => p.dst.saveState())).rejects.toThrow(/16 blocks are still stale/);
+    await p.dstDriver.stop(p.spec.vmId);
+    const again = await p.dstDriver.start(p.spec.vmId, { paused: true });
+    handles.push(again);
+    expect(await again.status()).toMatchObject({ state: 'paused', ops: 500, staleBlocks: 16 });
+    const items = [];
+    for (let block = 0; block < 16; block++) items.push({ block, data: await p.srcDisk.read(block * 65536, 65536) });
+    expect(await again.deliverBlocks(65536, items)).toBe(16);
+    await again.runUntil(3_000);
+    expect((await again.status()).violations).toBe(0);
+    expect((await again.saveState()).length).toBeGreaterThan(0);
+    expect(await again.hashes()).toEqual(await referenceRun(p.spec, 3_000, homes[0]));
   });
 });

@@ -1,10 +1,11 @@
 import { promises as fsp } from 'node:fs';
+import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { Worker } from '@temporalio/worker';
 import { ensureTemporalCli, FERRY_SEARCH_ATTRIBUTES, startDevServer, type DevServer } from '../../scripts/temporal-cli';
 import type { echoWorkflow } from '../fixtures/workflows/echo';
-import { connectTestClient, connectTestWorkerConnection, testTemporalAddress, uniqueTaskQueue } from '../support/temporal';
+import { connectTestClient, connectTestWorkerConnection, uniqueTaskQueue } from '../support/temporal';
 
 describe('Temporal dev server from global setup', () => {
   test('a workflow runs an activity on a worker and returns its output', async () => {
@@ -98,7 +99,13 @@ describe('startDevServer', () => {
 
   test('a port already taken is refused before anything is started', async () => {
     if (!cliPath) return;
-    const port = Number(testTemporalAddress().split(':').pop());
-    await expectStartFailure(startDevServer({ cliPath, port, uiPort: null }), new RegExp(`port ${port} .*already in use`));
+    const holder = net.createServer();
+    await new Promise<void>((resolve) => holder.listen(0, '127.0.0.1', resolve));
+    const { port } = holder.address() as net.AddressInfo;
+    try {
+      await expectStartFailure(startDevServer({ cliPath, port, uiPort: null }), new RegExp(`port ${port} .*already in use`));
+    } finally {
+      await new Promise((resolve) => holder.close(resolve));
+    }
   });
 });

@@ -4,7 +4,6 @@
  * If FERRY_TEST_TEMPORAL_ADDRESS is already set, that server is used and nothing is started.
  */
 import { defineSearchAttributeKey, SearchAttributeType } from '@temporalio/common';
-import { TestWorkflowEnvironment } from '@temporalio/testing';
 import {
   ensureTemporalCli,
   FERRY_SEARCH_ATTRIBUTES,
@@ -41,6 +40,8 @@ function quietLog(line: string): void {
 }
 
 async function startWithSdkDownload(): Promise<TestServerHandle> {
+  // Loaded only here: it pulls in the SDK's native bridge, which the usual route does not need.
+  const { TestWorkflowEnvironment } = await import('@temporalio/testing');
   const env = await TestWorkflowEnvironment.createLocal({
     server: {
       searchAttributes: Object.entries(FERRY_SEARCH_ATTRIBUTES).map(([name, type]) => defineSearchAttributeKey(name, sdkType(type))),
