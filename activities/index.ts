@@ -6,7 +6,7 @@ import type { HypervisorDriver, VmSpec, VmStatus } from '../hypervisor/driver';
 import { vmId as asVmId, type Workload } from '../common/types';
 import type { Logger } from '../common/log';
 import { OwnershipConflict, type OwnershipRecord, type OwnershipStore } from '../migration/ownership';
-import type { Destination } from '../migration/destination';
+import { InsufficientSpace, type Destination } from '../migration/destination';
 import { DestinationUnreachable, type MigrationRef, type Progress, type Source } from '../migration/source';
 import { isHypervisorError } from '../hypervisor';
 
@@ -199,6 +199,7 @@ async function guard<T>(fn: () => Promise<T>): Promise<T> {
     return await fn();
   } catch (err) {
     if (err instanceof OwnershipConflict) throw ApplicationFailure.nonRetryable(err.message, 'OwnershipConflict');
+    if (err instanceof InsufficientSpace) throw ApplicationFailure.nonRetryable(err.message, 'InsufficientSpace');
     if (err instanceof DestinationUnreachable) throw ApplicationFailure.retryable(err.message, 'DestinationUnreachable');
     if (isHypervisorError(err) && PERMANENT_HYPERVISOR_ERRORS.includes(err.code)) throw ApplicationFailure.nonRetryable(err.message, err.code);
     throw err;

@@ -91,6 +91,8 @@ export interface MigrationReport {
   postcopyMs: number;
   onDemandFetches: number;
   throttled: boolean;
+  /** Block where the disk full pass resumed after a retry (0 = it ran in one go). */
+  diskPrecopyResumedFromBlock: number;
 }
 
 export const DEFAULTS = {

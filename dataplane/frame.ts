@@ -160,7 +160,7 @@ interface ParsedHeader {
   metaLength: number;
   dataLength: number;
   crc: number;
-  prefix: Buffer; // bytes 0..31, covered by the frame checksum
+  prefixCrc: number; // CRC-32 of bytes 0..31, the start of the frame checksum
 }
 
 export interface DecoderOptions {
@@ -226,7 +226,7 @@ export class FrameDecoder {
         if (this.buffered < bodyLength) break;
         const body = bodyLength > 0 ? this.take(bodyLength) : EMPTY;
         this.header = null;
-        let crc = crc32(h.prefix);
+        let crc = h.prefixCrc;
         if (body.length > 0) crc = crc32(body, crc);
         if (crc !== h.crc) throw new DataPlaneError('bad_checksum', `frame checksum mismatch (kind ${h.kind}, seq ${h.seq})`);
         if (this.expectedTag !== null && h.tag !== this.expectedTag && !(h.kind === FrameKind.ERROR && h.tag === 0)) {
@@ -279,7 +279,7 @@ export class FrameDecoder {
       metaLength,
       dataLength,
       crc: b.readUInt32BE(32),
-      prefix: Buffer.from(b.subarray(0, 32)),
+      prefixCrc: crc32(b.subarray(0, 32)),
     };
   }
 

@@ -11,6 +11,8 @@ import { OwnershipStore } from './ownership';
 import { Msg, bitmapIndices, indicesToBitmap, type QueryReply } from './messages';
 import type { Logger } from '../common/log';
 
+export class InsufficientSpace extends Error {}
+
 export interface IncomingRecord {
   migrationId: string;
   vmId: string;
@@ -43,6 +45,7 @@ export class Destination {
 
   /** Create (or find again, on a retry) the incoming shell for a migration. Idempotent. */
   async prepare(record: IncomingRecord): Promise<void> {
+    await this.checkSpace(record);
     await this.deps.ownership.recordIncoming(record.vmId, record.epoch, record.migrationId);
     await writeFileDurable(this.recordFile(record.migrationId), JSON.stringify(record, null, 2));
     const id = asVmId(record.vmId);
@@ -54,6 +57,20 @@ export class Destination {
     const status = await this.deps.driver.inspect(id);
     if (status.state === 'stopped') await this.deps.driver.start(id);
     await this.open(record.migrationId);
+  }
+
+  private async checkSpace(record: IncomingRecord): Promise<void> {
+    const id = asVmId(record.vmId);
+    if (await this.deps.driver.exists(id)) return; // a retry: the image is already there
+    await fs.mkdir(this.deps.home, { recursive: true });
+    const st = await fs.statfs(this.deps.home);
+    const free = st.bavail * st.bsize;
+    const need = record.spec.diskBytes + record.spec.memoryBytes;
+    if (free < need) {
+      throw new InsufficientSpace(
+        `destination ${this.deps.home} has ${free} bytes free but VM ${record.vmId} needs ${need} (disk + memory): free space there or choose another destination`,
+      );
+    }
   }
 
   /** Fence the epoch (never resumed here) and remove the shell. Refused after the commit. */

@@ -75,7 +75,7 @@ export class Source {
   }
 
   /** Full pass over the disk from `cursor` (a block index), skipping all-zero blocks. */
-  async copyDiskFull(ref: MigrationRef, from: Progress, onProgress: (p: Progress) => void, signal: AbortSignal): Promise<TransferResult> {
+  async copyDiskFull(ref: MigrationRef, from: Progress, onProgress: (p: Progress) => void, signal: AbortSignal): Promise<TransferResult & { resumedFromBlock: number }> {
     const started = Date.now();
     const vm = await this.attach(ref.vmId);
     const disk = await vm.openDisk();
@@ -85,8 +85,9 @@ export class Source {
       const indices = function* () {
         for (let b = from.cursor; b < blocks; b++) yield b;
       };
+      if (from.cursor > 0) this.deps.log.info({ migrationId: ref.migrationId, block: from.cursor }, 'disk precopy resumes from the last heartbeat');
       const r = await this.sendBlocks(session, disk, ref.blockBytes, indices(), from, onProgress, signal, { skipZero: true });
-      return { ...r, durationMs: Date.now() - started };
+      return { ...r, durationMs: Date.now() - started, resumedFromBlock: from.cursor };
     } finally {
       await this.release(ref, session);
       await disk.close();

@@ -3,6 +3,7 @@
 import {
   ApplicationFailure,
   CancellationScope,
+  TimeoutFailure,
   condition,
   isCancellation,
   log,
@@ -106,6 +107,7 @@ export async function migrateVm(input: MigrateVmInput): Promise<MigrationReport>
     postcopyMs: 0,
     onDemandFetches: 0,
     throttled: false,
+    diskPrecopyResumedFromBlock: 0,
   };
 
   let preCommitScope: CancellationScope | null = null;
@@ -202,6 +204,7 @@ export async function migrateVm(input: MigrateVmInput): Promise<MigrationReport>
     setPhase('disk-precopy', `copying the disk of ${cfg.vmId} to ${dest}`);
     const full = await src.transfer.copyDiskFull.executeWithOptions({ ...src.options.transfer, summary: 'disk precopy: full pass' }, [ref]);
     report.diskBytesSent += full.bytes;
+    report.diskPrecopyResumedFromBlock = full.resumedFromBlock;
     progress.disk.sentBytes = full.bytes;
     progress.transferBytesPerSecond = full.durationMs > 0 ? Math.round((full.bytes / full.durationMs) * 1000) : 0;
     updatePercent();
@@ -300,7 +303,7 @@ export async function migrateVm(input: MigrateVmInput): Promise<MigrationReport>
     try {
       await preCommitScope.run(() => precopy(dest));
     } catch (err) {
-      const reason = abortReason ?? failureMessage(err);
+      const reason = abortReason ?? failureMessage(err, dest, cfg.destinationDeadlineSeconds);
       await rollBack(dest, reason);
       if (abortReason !== null || isCancellation(err)) return finish('rolled-back', reason);
       report.failedDestinations.push({ host: dest, reason });
@@ -351,8 +354,12 @@ export async function migrateVm(input: MigrateVmInput): Promise<MigrationReport>
   }
 }
 
-function failureMessage(err: unknown): string {
+function failureMessage(err: unknown, host: string, deadlineSeconds: number): string {
   if (err instanceof ApplicationFailure) return err.message;
-  const e = err as { cause?: { message?: string }; message?: string };
-  return e?.cause?.message ?? e?.message ?? String(err);
+  const e = err as { cause?: unknown; message?: string };
+  if (e?.cause instanceof TimeoutFailure) {
+    return `host ${host} did not answer on task queue ${hostTaskQueue(host)} within ${deadlineSeconds} s: is its agent running (ferry worker --host ${host})?`;
+  }
+  const cause = e?.cause as { message?: string } | undefined;
+  return cause?.message ?? e?.message ?? String(err);
 }
