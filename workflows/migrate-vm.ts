@@ -24,6 +24,8 @@ import { SearchAttributes, abortUpdate, approveCutoverSignal, progressQuery, set
 import { validateInput, type MigrationConfig } from './validate';
 
 const GiB = 1024 ** 3;
+/** Small VMs still get time for the orchestration itself. */
+const MIN_COMPLETION_TIMEOUT_MS = 10 * 60_000;
 const PRE_COMMIT: MigrationPhase[] = ['validating', 'preparing', 'disk-precopy', 'disk-dirty-rounds', 'memory-precopy', 'awaiting-cutover'];
 
 function hostActivities(host: string, deadlineSeconds: number) {
@@ -174,7 +176,7 @@ export async function migrateVm(input: MigrateVmInput): Promise<MigrationReport>
   upsertMemo({ vm: cfg.vmId, source: cfg.sourceHost, candidates: cfg.destinationHosts.join(','), diskBytes: vm.diskBytes, memoryBytes: vm.memoryBytes, mode: cfg.mode });
 
   // Completion timeout: measured from the start, per GiB of disk and memory.
-  const timeoutMs = Math.max(60_000, ((vm.diskBytes + vm.memoryBytes) / GiB) * cfg.completionTimeoutSecondsPerGiB * 1000);
+  const timeoutMs = Math.max(MIN_COMPLETION_TIMEOUT_MS, ((vm.diskBytes + vm.memoryBytes) / GiB) * cfg.completionTimeoutSecondsPerGiB * 1000);
   const deadline = CancellationScope.nonCancellable(() => sleep(timeoutMs));
   void deadline.then(() => {
     if (committed || !PRE_COMMIT.includes(phase)) return;

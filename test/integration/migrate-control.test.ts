@@ -45,7 +45,7 @@ describe('abort', () => {
   it.each<[MigrationPhase]>([['disk-precopy'], ['memory-precopy'], ['awaiting-cutover']])(
     'in %s rolls back: the VM keeps running on the source with correct data, the destination is fenced',
     async (phase) => {
-      const vm = testVm('randwrite', { opsPerSecond: 500, memoryBytes: 16 * 1024 * 1024 });
+      const vm = testVm('randwrite', { opsPerSecond: 20, memoryBytes: 16 * 1024 * 1024 });
       await ferry.hostCommand('a', 'vmCreate', vm);
       const handle = await ferry.migrate({
         vmId: vm.vmId,
@@ -53,7 +53,7 @@ describe('abort', () => {
         destinationHosts: ['b'],
         cutover: 'manual',
         // slow enough that each phase lasts seconds
-        bandwidthBytesPerSecond: phase === 'awaiting-cutover' ? null : 6 * 1024 * 1024,
+        bandwidthBytesPerSecond: phase === 'awaiting-cutover' ? null : 4 * 1024 * 1024,
       });
       await waitForPhase(handle, [phase]);
       await handle.abort(`test abort in ${phase}`);
@@ -76,8 +76,10 @@ describe('abort', () => {
       sourceHost: 'a',
       destinationHosts: ['b'],
       convergence: { maxRounds: 1, dirtyBlockThreshold: 1_000_000 },
-      bandwidthBytesPerSecond: 2 * 1024 * 1024,
+      downtimeTargetMs: 10_000, // one memory round is enough: the slow part is the postcopy
     });
+    await waitForPhase(handle, ['memory-precopy']);
+    await handle.setBandwidth(2 * 1024 * 1024);
     await waitForPhase(handle, ['postcopy', 'finalizing', 'completed']);
     await expect(handle.abort('too late')).rejects.toThrow(/past the commit point|only before the switchover/);
     const report = await handle.result();
@@ -96,10 +98,13 @@ describe('postcopy', () => {
       sourceHost: 'a',
       destinationHosts: ['b'],
       convergence: { maxRounds: 1, dirtyBlockThreshold: 1_000_000 },
-      bandwidthBytesPerSecond: 1024 * 1024,
+      downtimeTargetMs: 10_000, // one memory round is enough: the slow part is the postcopy
     });
+    // Live bandwidth change: the postcopy push crawls, so the guest must fetch what it reads.
+    await waitForPhase(handle, ['memory-precopy']);
+    await handle.setBandwidth(2 * 1024 * 1024);
     const report = await handle.result();
-    expect(report.outcome).toBe('completed');
+    expect(report).toMatchObject({ outcome: 'completed' });
     expect(report.onDemandFetches).toBeGreaterThan(0);
     const dest = await ferry.hostCommand('b', 'vmInspect', { vmId: vm.vmId });
     expect(dest.staleWaits).toBeGreaterThan(0);
