@@ -39,7 +39,7 @@ function hostActivities(host: string, deadlineSeconds: number) {
   const transfer: ActivityOptions = {
     ...base,
     startToCloseTimeout: '12 hours',
-    heartbeatTimeout: '10 seconds',
+    heartbeatTimeout: '5 seconds',
     scheduleToCloseTimeout: '24 hours',
     retry: { initialInterval: '500ms', maximumInterval: '5 seconds' },
   };
@@ -47,7 +47,7 @@ function hostActivities(host: string, deadlineSeconds: number) {
   const rollForward: ActivityOptions = {
     ...base,
     startToCloseTimeout: '12 hours',
-    heartbeatTimeout: '10 seconds',
+    heartbeatTimeout: '5 seconds',
     retry: { initialInterval: '500ms', maximumInterval: '30 seconds' },
   };
   return {
