@@ -21,7 +21,7 @@ import type { MigrationRef } from '../migration/source';
 import type { MigrateVmInput, MigrationPhase, MigrationProgress, MigrationReport } from '../common/migration';
 import { PAGE_BYTES, hostTaskQueue } from '../common/types';
 import { SearchAttributes, abortUpdate, approveCutoverSignal, progressQuery, setBandwidthSignal } from './definitions';
-import { validateInput, type MigrationConfig } from './validate';
+import { validateInput } from './validate';
 
 const GiB = 1024 ** 3;
 /** Small VMs still get time for the orchestration itself. */
@@ -62,7 +62,7 @@ export async function migrateVm(input: MigrateVmInput): Promise<MigrationReport>
   const cfg = validateInput(input);
   const info = workflowInfo();
   const migrationId = `${info.workflowId}-${info.runId.slice(0, 8)}`;
-  const startedAt = Date.now();
+  const startedAt = workflowInfo().startTime.getTime();
   const src = hostActivities(cfg.sourceHost, cfg.destinationDeadlineSeconds);
 
   let phase: MigrationPhase = 'validating';
@@ -346,7 +346,7 @@ export async function migrateVm(input: MigrateVmInput): Promise<MigrationReport>
   function finish(outcome: 'completed' | 'rolled-back', reason?: string): MigrationReport {
     report.outcome = outcome;
     report.reason = reason;
-    report.totalMs = Date.now() - startedAt;
+    report.totalMs = workflowNow() - startedAt;
     if (outcome === 'rolled-back') report.destinationHost = null;
     setPhase(outcome, outcome === 'completed' ? `VM ${cfg.vmId} runs on ${destination} (epoch ${epoch})` : `rolled back: ${reason}`);
     updatePercent();
@@ -354,6 +354,12 @@ export async function migrateVm(input: MigrateVmInput): Promise<MigrationReport>
     upsertMemo({ outcome, reason: reason ?? null, downtimeMs: report.downtimeMs, totalMs: report.totalMs, destination: report.destinationHost });
     return report;
   }
+}
+
+/** The deterministic time of the current workflow task (Temporal replays it from history). */
+function workflowNow(): number {
+  // eslint-disable-next-line no-restricted-properties -- inside a workflow Date.now is the task time, replay-safe
+  return Date.now();
 }
 
 function failureMessage(err: unknown, host: string, deadlineSeconds: number): string {
