@@ -6,15 +6,23 @@ import type { HypervisorDriver, VmSpec, VmStatus } from '../hypervisor/driver';
 import { vmId as asVmId, type Workload } from '../common/types';
 import type { Logger } from '../common/log';
 import { OwnershipConflict, type OwnershipRecord, type OwnershipStore } from '../migration/ownership';
-import { InsufficientSpace, type Destination } from '../migration/destination';
+import {
+  InsufficientSpace,
+  IncrementalUnavailable,
+  type Destination,
+  type IncrementalDecision,
+  type IncrementalRequest,
+} from '../migration/destination';
 import { DestinationUnreachable, type MigrationRef, type Progress, type Source } from '../migration/source';
 import { isHypervisorError } from '../hypervisor';
+import { BaseInUse, BaseStore, type BaseRecord } from '../migration/bases';
 
 /** Hypervisor refusals that no retry can change. */
 const PERMANENT_HYPERVISOR_ERRORS = ['VmNotFound', 'VmExists', 'InvalidArgument', 'CommandNotFound'];
 
 export interface HostDeps {
   host: string;
+  home: string;
   dataAddress: string;
   driver: HypervisorDriver;
   ownership: OwnershipStore;
@@ -28,6 +36,10 @@ export interface VmSummary extends VmStatus {
   ownership: OwnershipRecord | null;
 }
 
+export interface SourceSummary extends VmSummary {
+  incremental: { lineage: string | null; bitmapValid: boolean; blockBytes: number };
+}
+
 export interface PrepareInput {
   migrationId: string;
   vmId: string;
@@ -35,10 +47,12 @@ export interface PrepareInput {
   sourceHost: string;
   blockBytes: number;
   spec: VmSpec;
+  incremental: IncrementalRequest;
 }
 
 export function createActivities(deps: HostDeps) {
   const { driver, ownership, source, destination, log } = deps;
+  const bases = new BaseStore(deps.home);
 
   async function summary(vmId: string): Promise<VmSummary> {
     const id = asVmId(vmId);
@@ -76,6 +90,13 @@ export function createActivities(deps: HostDeps) {
       return summary(input.vmId);
     },
 
+    /** Start a VM whose process is not running (after a crash of the VM process, say). */
+    async vmStart(input: { vmId: string }): Promise<VmSummary> {
+      await summary(input.vmId);
+      (await driver.start(asVmId(input.vmId))).close();
+      return summary(input.vmId);
+    },
+
     async vmDestroy(input: { vmId: string }): Promise<void> {
       await summary(input.vmId);
       await driver.destroy(asVmId(input.vmId));
@@ -107,27 +128,40 @@ export function createActivities(deps: HostDeps) {
       }
     },
 
+    async baseList(): Promise<BaseRecord[]> {
+      return bases.list();
+    },
+
+    async baseDelete(input: { vmId: string }): Promise<void> {
+      const base = await bases.get(input.vmId);
+      if (!base) throw ApplicationFailure.nonRetryable(`host ${deps.host} holds no base of VM ${input.vmId} (ferry bases list)`, 'BaseNotFound');
+      if (await driver.exists(asVmId(input.vmId))) {
+        throw ApplicationFailure.nonRetryable(`VM ${input.vmId} is defined on host ${deps.host}: its disk is not a base here`, 'BaseInUse');
+      }
+      await guard(() => bases.removeUnused(input.vmId));
+      await driver.destroy(asVmId(input.vmId));
+    },
+
     // ----- source side -----
 
-    async inspectSource(input: { vmId: string; migrationId: string }): Promise<VmSummary> {
+    async inspectSource(input: { vmId: string; migrationId: string }): Promise<SourceSummary> {
       const s = await summary(input.vmId);
       const own = s.ownership;
-      if (own?.state === 'released' && own.migrationId === input.migrationId) return s; // retry after the commit
-      if (s.state !== 'running' || own?.state !== 'running') {
+      if (!['running', 'paused', 'halted'].includes(s.state) || own?.state !== 'running') {
         throw ApplicationFailure.nonRetryable(
           `VM ${input.vmId} is not running on host ${deps.host} (process ${s.state}, ownership ${own ? `${own.state} at epoch ${own.epoch}` : 'none'}): start it, or name the host it runs on as the source`,
           'VmNotRunning',
         );
       }
-      return s;
+      return { ...s, incremental: await source.incrementalState(input.vmId) };
     },
 
     async startTracking(ref: MigrationRef): Promise<void> {
       await source.startTracking(ref);
     },
 
-    async copyDiskFull(ref: MigrationRef) {
-      return withHeartbeat((from, report, signal) => source.copyDiskFull(ref, from, report, signal));
+    async copyDiskFirstPass(input: { ref: MigrationRef; incremental: boolean }) {
+      return withHeartbeat((from, report, signal) => source.copyDiskFirstPass(input.ref, input.incremental, from, report, signal));
     },
 
     async copyDiskDirty(ref: MigrationRef) {
@@ -154,8 +188,8 @@ export function createActivities(deps: HostDeps) {
       return guard(() => source.rollback(input.ref, input.vmId, input.migrationId));
     },
 
-    async finalizeSource(input: { vmId: string }): Promise<void> {
-      await source.finalize(input.vmId);
+    async finalizeSource(input: { vmId: string; migrationId: string; blockBytes: number }): Promise<void> {
+      await source.finalize(input);
     },
 
     async setBandwidth(input: { migrationId: string; bytesPerSecond: number | null }): Promise<void> {
@@ -164,19 +198,11 @@ export function createActivities(deps: HostDeps) {
 
     // ----- destination side -----
 
-    async prepareDestination(input: PrepareInput): Promise<{ dataAddress: string }> {
-      await guard(() =>
-        destination.prepare({
-          migrationId: input.migrationId,
-          vmId: input.vmId,
-          epoch: input.epoch,
-          sourceHost: input.sourceHost,
-          blockBytes: input.blockBytes,
-          spec: input.spec,
-        }),
-      );
-      log.info({ migrationId: input.migrationId, vmId: input.vmId, epoch: input.epoch }, 'incoming VM prepared');
-      return { dataAddress: deps.dataAddress };
+    async prepareDestination(input: PrepareInput): Promise<{ dataAddress: string } & IncrementalDecision> {
+      const { incremental, ...request } = input;
+      const decision = await guard(() => destination.prepare(request, incremental));
+      log.info({ migrationId: input.migrationId, vmId: input.vmId, epoch: input.epoch, ...decision }, 'incoming VM prepared');
+      return { dataAddress: deps.dataAddress, ...decision };
     },
 
     async abortDestination(input: { migrationId: string; vmId: string; epoch: number }): Promise<void> {
@@ -200,6 +226,8 @@ async function guard<T>(fn: () => Promise<T>): Promise<T> {
   } catch (err) {
     if (err instanceof OwnershipConflict) throw ApplicationFailure.nonRetryable(err.message, 'OwnershipConflict');
     if (err instanceof InsufficientSpace) throw ApplicationFailure.nonRetryable(err.message, 'InsufficientSpace');
+    if (err instanceof BaseInUse) throw ApplicationFailure.nonRetryable(err.message, 'BaseInUse');
+    if (err instanceof IncrementalUnavailable) throw ApplicationFailure.nonRetryable(err.message, 'IncrementalUnavailable');
     if (err instanceof DestinationUnreachable) throw ApplicationFailure.retryable(err.message, 'DestinationUnreachable');
     if (isHypervisorError(err) && PERMANENT_HYPERVISOR_ERRORS.includes(err.code)) throw ApplicationFailure.nonRetryable(err.message, err.code);
     throw err;

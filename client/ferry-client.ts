@@ -1,28 +1,73 @@
 // FerryClient: the typed programmatic API over Temporal.
 import { randomUUID } from 'node:crypto';
-import { Client, WorkflowExecutionAlreadyStartedError, WorkflowFailedError, type WorkflowHandle } from '@temporalio/client';
-import { defaultPayloadConverter } from '@temporalio/common';
+import { Client, TimeoutFailure, WorkflowFailedError, type WorkflowExecutionStatusName, type WorkflowHandle } from '@temporalio/client';
+import { defaultPayloadConverter, TimeoutType } from '@temporalio/common';
 import type { Activities } from '../activities';
-import type { MigrateVmInput, MigrationProgress, MigrationReport } from '../common/migration';
-import { MIGRATION_TASK_QUEUE, migrationWorkflowId } from '../common/types';
+import type { MigrateVmInput, MigrationPhase, MigrationProgress, MigrationReport } from '../common/migration';
+import { MIGRATION_TASK_QUEUE, hostName, hostTaskQueue, migrationWorkflowId } from '../common/types';
 import type { HostCommand } from '../workflows/host-command';
 import { SearchAttributes, abortUpdate, approveCutoverSignal, progressQuery, setBandwidthSignal } from '../workflows/definitions';
+import { FerryRequestError, HostUnavailable, toFerryError } from './errors';
 
-export class MigrationAlreadyRunning extends Error {
-  constructor(readonly vmId: string) {
-    super(`VM ${vmId} is already migrating (workflow ${migrationWorkflowId(vmId)}): wait for it (ferry status ${vmId}) or abort it (ferry abort ${vmId})`);
-    this.name = 'MigrationAlreadyRunning';
-  }
+// Earlier code imported the errors from this module.
+export { FerryRequestError, HostUnavailable, MigrationAlreadyRunning, MigrationNotFound, ValidationFailed, VmNotFound } from './errors';
+
+/** temporal.api.enums.v1.TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY (not imported: @temporalio/proto is not a direct dependency). */
+const TASK_QUEUE_TYPE_ACTIVITY = 2;
+/** An agent that has just started may not have polled yet: look again for this long before refusing. */
+const HOST_CHECK_GRACE_MS = 3000;
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+export interface MigrateOptions {
+  /** Refuse with HostUnavailable when the source or a destination has no agent polling (default true). */
+  checkHosts?: boolean;
 }
 
-export class FerryRequestError extends Error {
-  constructor(
-    message: string,
-    readonly type: string | undefined,
-  ) {
-    super(message);
-    this.name = 'FerryRequestError';
-  }
+export interface MigrationFilter {
+  vmId?: string;
+  sourceHost?: string;
+  destinationHost?: string;
+  phase?: MigrationPhase;
+  outcome?: MigrationReport['outcome'];
+  /** true: only running migrations; false: only ended ones. */
+  running?: boolean;
+  /** At most this many, newest first (default 100). */
+  limit?: number;
+}
+
+/** One migration as Temporal visibility sees it (search attributes; eventually consistent). */
+export interface MigrationSummary {
+  vmId: string;
+  workflowId: string;
+  runId: string;
+  /** Temporal's execution status: RUNNING, COMPLETED, FAILED, TERMINATED, ... */
+  status: WorkflowExecutionStatusName;
+  phase: MigrationPhase | null;
+  mode: string | null;
+  outcome: MigrationReport['outcome'] | null;
+  sourceHost: string | null;
+  /** The destination being tried, or the last one tried. */
+  destinationHost: string | null;
+  startTime: Date;
+  closeTime: Date | null;
+}
+
+/** Where a migration stands: its progress while it runs, its report or its error once it has ended. */
+export interface MigrationState {
+  vmId: string;
+  workflowId: string;
+  runId: string;
+  status: WorkflowExecutionStatusName;
+  /** null when the workflow cannot answer the query (it failed before registering it). */
+  progress: MigrationProgress | null;
+  report: MigrationReport | null;
+  error: { type: string | null; message: string; refused: boolean } | null;
+}
+
+export interface HostAgent {
+  identity: string;
+  lastAccessTime: Date | null;
 }
 
 export class MigrationHandle {
@@ -31,53 +76,129 @@ export class MigrationHandle {
     readonly workflow: WorkflowHandle,
   ) {}
 
+  get workflowId(): string {
+    return this.workflow.workflowId;
+  }
+
   /**
    * The workflow's progress, with the bytes of the transfer running right now added from its last
    * heartbeat (the workflow itself learns them only when the activity ends).
    */
   async progress(): Promise<MigrationProgress> {
-    const [p, desc] = await Promise.all([this.workflow.query(progressQuery), this.workflow.describe()]);
-    for (const act of desc.raw.pendingActivities ?? []) {
-      const payload = act.heartbeatDetails?.payloads?.[0];
-      if (!payload) continue;
-      const details = defaultPayloadConverter.fromPayload(payload) as { bytes?: number } | undefined;
-      const bytes = details?.bytes ?? 0;
-      const kind = act.activityType?.name ?? '';
-      if (kind === 'copyDiskFull' || kind === 'copyDiskDirty' || kind === 'postcopy') p.disk.sentBytes += bytes;
-      if (kind === 'copyMemory') p.memory.sentBytes += bytes;
+    try {
+      const [p, desc] = await Promise.all([this.workflow.query(progressQuery), this.workflow.describe()]);
+      for (const act of desc.raw.pendingActivities ?? []) {
+        const payload = act.heartbeatDetails?.payloads?.[0];
+        if (!payload) continue;
+        const details = defaultPayloadConverter.fromPayload(payload) as { bytes?: number } | undefined;
+        const bytes = details?.bytes ?? 0;
+        const kind = act.activityType?.name ?? '';
+        if (kind === 'copyDiskFirstPass' || kind === 'copyDiskDirty' || kind === 'postcopy') p.disk.sentBytes += bytes;
+        if (kind === 'copyMemory') p.memory.sentBytes += bytes;
+      }
+      return p;
+    } catch (err) {
+      throw toFerryError(err, { vmId: this.vmId });
     }
-    return p;
   }
 
+  /** The report once the migration ends (completed or rolled back); rejects with a typed error if it failed. */
   async result(): Promise<MigrationReport> {
     try {
       return (await this.workflow.result()) as MigrationReport;
     } catch (err) {
-      throw unwrap(err);
+      throw toFerryError(err, { vmId: this.vmId });
     }
   }
 
-  async abort(reason = 'aborted by operator'): Promise<void> {
+  /**
+   * Resolves once the workflow has validated the input and found the VM running on the source (or
+   * after `timeoutMs` of validating); rejects with the refusal (ValidationFailed, VmNotFound...).
+   */
+  async accepted(timeoutMs = 30_000): Promise<void> {
+    const until = Date.now() + timeoutMs;
+    for (;;) {
+      const desc = await this.workflow.describe().catch((err: unknown) => {
+        throw toFerryError(err, { vmId: this.vmId });
+      });
+      if (desc.status.name !== 'RUNNING') {
+        await this.result();
+        return;
+      }
+      const p = await this.workflow.query(progressQuery).catch(() => null);
+      if ((p && p.phase !== 'validating') || Date.now() > until) return;
+      await sleep(200);
+    }
+  }
+
+  /** Progress, report or error, whichever applies now. */
+  async state(): Promise<MigrationState> {
+    const desc = await this.workflow.describe().catch((err: unknown) => {
+      throw toFerryError(err, { vmId: this.vmId });
+    });
+    const state: MigrationState = {
+      vmId: this.vmId,
+      workflowId: desc.workflowId,
+      runId: desc.runId,
+      status: desc.status.name,
+      progress: null,
+      report: null,
+      error: null,
+    };
+    if (desc.status.name === 'RUNNING') {
+      state.progress = await this.progress().catch(() => null);
+      return state;
+    }
+    state.progress = await this.workflow.query(progressQuery).catch(() => null);
     try {
-      await this.workflow.executeUpdate(abortUpdate, { args: [reason] });
+      state.report = await this.result();
     } catch (err) {
-      throw unwrap(err);
+      const e = err instanceof FerryRequestError ? err : null;
+      state.error = { type: e?.type ?? null, message: (err as Error).message, refused: e?.refused ?? false };
+    }
+    return state;
+  }
+
+  /** Roll the migration back; refused (FerryRequestError type AbortRefused) past the commit point. */
+  async abort(reason = 'aborted by operator'): Promise<{ accepted: true; phase: string }> {
+    try {
+      return await this.workflow.executeUpdate(abortUpdate, { args: [reason] });
+    } catch (err) {
+      throw toFerryError(err, { vmId: this.vmId, running: true });
     }
   }
 
-  approveCutover(): Promise<void> {
-    return this.workflow.signal(approveCutoverSignal);
+  /** Let a `cutover: 'manual'` migration go to the switchover. */
+  async approveCutover(): Promise<void> {
+    try {
+      await this.workflow.signal(approveCutoverSignal);
+    } catch (err) {
+      throw toFerryError(err, { vmId: this.vmId, running: true });
+    }
   }
 
-  setBandwidth(bytesPerSecond: number | null): Promise<void> {
-    return this.workflow.signal(setBandwidthSignal, bytesPerSecond);
+  /** Change the data-plane limit while the migration runs; null = unlimited. */
+  async setBandwidth(bytesPerSecond: number | null): Promise<void> {
+    try {
+      await this.workflow.signal(setBandwidthSignal, bytesPerSecond);
+    } catch (err) {
+      throw toFerryError(err, { vmId: this.vmId, running: true });
+    }
   }
 }
 
 export class FerryClient {
   constructor(readonly temporal: Client) {}
 
-  async migrate(input: MigrateVmInput): Promise<MigrationHandle> {
+  /**
+   * Start a migration. Refuses at once with MigrationAlreadyRunning or HostUnavailable; the
+   * workflow's own refusals (ValidationFailed, VmNotFound) come from the handle's accepted()/result().
+   */
+  async migrate(input: MigrateVmInput, options: MigrateOptions = {}): Promise<MigrationHandle> {
+    if (options.checkHosts !== false) {
+      const hosts = [input.sourceHost, ...(input.destinationHosts ?? [])].filter(isHostName);
+      await Promise.all(hosts.map((h) => this.checkHost(h)));
+    }
     try {
       const handle = await this.temporal.workflow.start('migrateVm', {
         taskQueue: MIGRATION_TASK_QUEUE,
@@ -92,17 +213,64 @@ export class FerryClient {
       });
       return new MigrationHandle(input.vmId, handle);
     } catch (err) {
-      if (err instanceof WorkflowExecutionAlreadyStartedError) throw new MigrationAlreadyRunning(input.vmId);
-      throw err;
+      throw toFerryError(err, { vmId: input.vmId });
     }
   }
 
+  /** The latest migration of a VM (running or ended); methods reject with MigrationNotFound if there is none. */
   getMigration(vmId: string): MigrationHandle {
     return new MigrationHandle(vmId, this.temporal.workflow.getHandle(migrationWorkflowId(vmId)));
   }
 
+  /** Migrations from Temporal visibility, newest first. */
+  async listMigrations(filter: MigrationFilter = {}): Promise<MigrationSummary[]> {
+    const limit = filter.limit ?? 100;
+    const out: MigrationSummary[] = [];
+    for await (const wf of this.temporal.workflow.list({ query: migrationQuery(filter), pageSize: Math.min(limit, 1000) })) {
+      const sa = wf.typedSearchAttributes;
+      out.push({
+        vmId: sa.get(SearchAttributes.vmId) ?? wf.workflowId.replace(/^migrate-/, ''),
+        workflowId: wf.workflowId,
+        runId: wf.runId,
+        status: wf.status.name,
+        phase: (sa.get(SearchAttributes.phase) as MigrationPhase | undefined) ?? null,
+        mode: sa.get(SearchAttributes.mode) ?? null,
+        outcome: (sa.get(SearchAttributes.outcome) as MigrationReport['outcome'] | undefined) ?? null,
+        sourceHost: sa.get(SearchAttributes.sourceHost) ?? null,
+        destinationHost: sa.get(SearchAttributes.destinationHost) ?? null,
+        startTime: wf.startTime,
+        closeTime: wf.closeTime ?? null,
+      });
+      if (out.length >= limit) break;
+    }
+    return out;
+  }
+
+  /** The agents polling a host's task queue (Temporal lists pollers seen in the last few minutes). */
+  async hostAgents(host: string): Promise<HostAgent[]> {
+    const res = await this.temporal.workflowService.describeTaskQueue({
+      namespace: this.temporal.options.namespace,
+      taskQueue: { name: hostTaskQueue(host) },
+      taskQueueType: TASK_QUEUE_TYPE_ACTIVITY,
+    });
+    return (res.pollers ?? []).map((p) => ({
+      identity: p.identity ?? '',
+      lastAccessTime: p.lastAccessTime?.seconds != null ? new Date(Number(p.lastAccessTime.seconds) * 1000) : null,
+    }));
+  }
+
+  /** Throws HostUnavailable unless an agent polls the host's task queue. */
+  async checkHost(host: string): Promise<void> {
+    const until = Date.now() + HOST_CHECK_GRACE_MS;
+    while ((await this.hostAgents(host)).length === 0) {
+      if (Date.now() > until) throw new HostUnavailable(host);
+      await sleep(250);
+    }
+  }
+
   /** Run one VM-administration command on a host through its agent. */
   async hostCommand<C extends HostCommand>(host: string, command: C, ...args: Parameters<Activities[C]>): Promise<Awaited<ReturnType<Activities[C]>>> {
+    if (isHostName(host)) await this.checkHost(host);
     try {
       return (await this.temporal.workflow.execute('hostCommand', {
         taskQueue: MIGRATION_TASK_QUEUE,
@@ -110,21 +278,53 @@ export class FerryClient {
         args: [{ host, command, args }],
       })) as Awaited<ReturnType<Activities[C]>>;
     } catch (err) {
-      throw unwrap(err);
+      if (err instanceof WorkflowFailedError && scheduleToStartTimeout(err)) throw new HostUnavailable(host);
+      throw toFerryError(err);
     }
+  }
+
+  /** Close the Temporal connection (for clients made by connectFerry; a shared connection is closed by its owner). */
+  async close(): Promise<void> {
+    await this.temporal.connection.close();
   }
 }
 
-/** Turn Temporal's nested failures into one error whose message is the root cause. */
-function unwrap(err: unknown): Error {
-  let cur = err as { cause?: unknown; message?: string; type?: string } | undefined;
-  if (!(err instanceof WorkflowFailedError) && !(cur && 'cause' in cur)) return err as Error;
-  let type: string | undefined;
-  let message = cur?.message ?? String(err);
-  while (cur?.cause) {
-    cur = cur.cause as typeof cur;
-    if (cur?.message) message = cur.message;
-    if (cur?.type) type = cur.type;
+function isHostName(h: string): boolean {
+  try {
+    hostName(h);
+    return true;
+  } catch {
+    return false;
   }
-  return new FerryRequestError(message, type);
+}
+
+function scheduleToStartTimeout(err: Error): boolean {
+  for (let cur: unknown = err; cur instanceof Error; cur = cur.cause) {
+    if (cur instanceof TimeoutFailure && cur.timeoutType === TimeoutType.SCHEDULE_TO_START) return true;
+  }
+  return false;
+}
+
+/**
+ * A visibility query for the filter. Values are quoted as string literals (quote and backslash
+ * escaped), so a VM id or host name can never change the query's structure.
+ */
+export function migrationQuery(filter: MigrationFilter): string {
+  const clauses = [`WorkflowType = 'migrateVm'`];
+  const eq = (attr: string, value: string | undefined) => {
+    if (value !== undefined) clauses.push(`${attr} = ${quote(value)}`);
+  };
+  eq(SearchAttributes.vmId.name, filter.vmId);
+  eq(SearchAttributes.sourceHost.name, filter.sourceHost);
+  eq(SearchAttributes.destinationHost.name, filter.destinationHost);
+  eq(SearchAttributes.phase.name, filter.phase);
+  eq(SearchAttributes.outcome.name, filter.outcome);
+  if (filter.running !== undefined) clauses.push(`ExecutionStatus ${filter.running ? '=' : '!='} 'Running'`);
+  return clauses.join(' AND ');
+}
+
+function quote(value: string): string {
+  // eslint-disable-next-line no-control-regex -- control characters are exactly what is refused
+  if (/[\0-\x1f]/.test(value)) throw new FerryRequestError(`invalid filter value ${JSON.stringify(value)}: control characters are not allowed`, 'InvalidArgument');
+  return `'${value.replace(/\\/g, '\\\\').replace(/'/g, "\\'")}'`;
 }

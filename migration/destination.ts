@@ -8,10 +8,23 @@ import { DataPlaneError } from '../dataplane/api';
 import { readJsonIfExists, writeFileDurable } from '../common/durable-file';
 import { vmId as asVmId } from '../common/types';
 import { OwnershipStore } from './ownership';
+import { BaseStore, IM_BITMAP, ImStore, digestFile } from './bases';
 import { Msg, bitmapIndices, indicesToBitmap, type QueryReply } from './messages';
 import type { Logger } from '../common/log';
 
 export class InsufficientSpace extends Error {}
+
+export class IncrementalUnavailable extends Error {}
+
+export interface IncrementalRequest {
+  policy: 'auto' | 'off' | 'require';
+  /** Lineage of the source's write-tracking bitmap, or null when it has none. */
+  lineage: string | null;
+  bitmapValid: boolean;
+  blockBytes: number;
+}
+
+export type IncrementalDecision = { incremental: true; reason?: undefined } | { incremental: false; reason: string };
 
 export interface IncomingRecord {
   migrationId: string;
@@ -20,6 +33,7 @@ export interface IncomingRecord {
   sourceHost: string;
   blockBytes: number;
   spec: VmSpec;
+  incremental: IncrementalDecision;
 }
 
 interface Incoming {
@@ -36,30 +50,73 @@ interface Incoming {
 export class Destination {
   private readonly incoming = new Map<string, Incoming>();
   private readonly dir: string;
+  private readonly bases: BaseStore;
+  private readonly ims: ImStore;
 
   constructor(
     private readonly deps: { driver: HypervisorDriver; ownership: OwnershipStore; home: string; log: Logger },
   ) {
     this.dir = path.join(deps.home, 'incoming');
+    this.bases = new BaseStore(deps.home);
+    this.ims = new ImStore(deps.home);
   }
 
-  /** Create (or find again, on a retry) the incoming shell for a migration. Idempotent. */
-  async prepare(record: IncomingRecord): Promise<void> {
-    await this.checkSpace(record);
-    await this.deps.ownership.recordIncoming(record.vmId, record.epoch, record.migrationId);
-    await writeFileDurable(this.recordFile(record.migrationId), JSON.stringify(record, null, 2));
-    const id = asVmId(record.vmId);
+  /**
+   * Create (or find again, on a retry) the incoming shell for a migration. Idempotent. With an
+   * incremental request, builds on this host's base of the VM when its lineage, sizes and digest
+   * allow it; otherwise starts from an empty image and says why.
+   */
+  async prepare(request: Omit<IncomingRecord, 'incremental'>, im: IncrementalRequest): Promise<IncrementalDecision> {
+    const existing = await readJsonIfExists<IncomingRecord>(this.recordFile(request.migrationId));
+    const id = asVmId(request.vmId);
+    let decision: IncrementalDecision;
+    if (existing) {
+      decision = existing.incremental;
+    } else {
+      await this.checkSpace(request);
+      decision = await this.decideIncremental(request, im);
+      if (!decision.incremental && im.policy === 'require') throw new IncrementalUnavailable(`incremental migration required but not possible: ${decision.reason}`);
+      await this.deps.ownership.recordIncoming(request.vmId, request.epoch, request.migrationId);
+      if (decision.incremental) {
+        await this.bases.put({ ...(await this.bases.get(request.vmId))!, inUseBy: request.migrationId });
+      } else {
+        await this.bases.remove(request.vmId);
+        await fs.rm(this.deps.driver.diskPath(id), { force: true });
+      }
+      await writeFileDurable(this.recordFile(request.migrationId), JSON.stringify({ ...request, incremental: decision }, null, 2));
+    }
     if (!(await this.deps.driver.exists(id))) {
-      // A disk kept from an earlier stay of this VM is not trusted as a base here: start from an empty image.
-      await fs.rm(this.deps.driver.diskPath(id), { force: true });
-      await this.deps.driver.create(record.spec, { incoming: true });
+      await this.deps.driver.create(request.spec, { incoming: true, reuseDisk: decision.incremental });
     }
     const status = await this.deps.driver.inspect(id);
     if (status.state === 'stopped') await this.deps.driver.start(id);
-    await this.open(record.migrationId);
+    const inc = await this.open(request.migrationId);
+    // Writes are tracked from the first guest instruction here: the next migration away can be incremental.
+    if (!(await inc.vm!.listBitmaps()).some((b) => b.name === IM_BITMAP)) {
+      await inc.vm!.addBitmap(IM_BITMAP, { blockBytes: request.blockBytes, persistent: true });
+    }
+    await this.ims.put({ vmId: request.vmId, lineage: request.migrationId, diskBytes: request.spec.diskBytes, blockBytes: request.blockBytes, startedAt: new Date().toISOString() });
+    return decision;
   }
 
-  private async checkSpace(record: IncomingRecord): Promise<void> {
+  private async decideIncremental(request: Omit<IncomingRecord, 'incremental'>, im: IncrementalRequest): Promise<IncrementalDecision> {
+    const full = (reason: string): IncrementalDecision => ({ incremental: false, reason });
+    if (im.policy === 'off') return full('incremental migration turned off for this migration');
+    if (!im.lineage) return full(`the source has no write-tracking bitmap for VM ${request.vmId} (its first migration from there)`);
+    if (!im.bitmapValid) return full('the source\'s write-tracking bitmap is invalid after an unclean stop of the VM: it may miss writes');
+    const base = await this.bases.get(request.vmId);
+    if (!base) return full(`this host holds no base of VM ${request.vmId}`);
+    if (base.lineage !== im.lineage) return full(`lineage mismatch: the base here comes from migration ${base.lineage}, the source's bitmap from ${im.lineage}`);
+    if (base.diskBytes !== request.spec.diskBytes) return full(`the disk size changed from ${base.diskBytes} to ${request.spec.diskBytes} bytes`);
+    if (base.blockBytes !== request.blockBytes || im.blockBytes !== request.blockBytes) {
+      return full(`the block size changed (base ${base.blockBytes}, bitmap ${im.blockBytes}, migration ${request.blockBytes})`);
+    }
+    const digest = await digestFile(this.deps.driver.diskPath(asVmId(request.vmId))).catch(() => 'missing');
+    if (digest !== base.digest) return full('the base image digest does not match: the base was changed or damaged since it was kept');
+    return { incremental: true };
+  }
+
+  private async checkSpace(record: Omit<IncomingRecord, 'incremental'>): Promise<void> {
     const id = asVmId(record.vmId);
     if (await this.deps.driver.exists(id)) return; // a retry: the image is already there
     await fs.mkdir(this.deps.home, { recursive: true });
@@ -83,6 +140,9 @@ export class Destination {
       await this.deps.driver.destroy(asVmId(record.vmId)).catch((err) =>
         this.deps.log.warn({ err: String(err), migrationId }, 'could not destroy aborted incoming VM'),
       );
+      // An incremental shell wrote over the base: it is no base any more.
+      if ((await this.bases.get(record.vmId))?.inUseBy === migrationId) await this.bases.remove(record.vmId);
+      if ((await this.ims.get(record.vmId))?.lineage === migrationId) await this.ims.remove(record.vmId);
     }
     await fs.rm(this.recordFile(migrationId), { force: true });
   }
@@ -94,6 +154,7 @@ export class Destination {
     if (stale > 0) throw new Error(`${stale} blocks are still stale on the destination`);
     const fetches = inc.fetches;
     await this.close(migrationId);
+    if ((await this.bases.get(inc.record.vmId))?.inUseBy === migrationId) await this.bases.remove(inc.record.vmId);
     await fs.rm(this.recordFile(migrationId), { force: true });
     return { staleBlocks: 0, fetches };
   }

@@ -7,6 +7,8 @@ import { connect } from '../dataplane';
 import { PAGE_BYTES, vmId as asVmId } from '../common/types';
 import type { Logger } from '../common/log';
 import { OwnershipStore } from './ownership';
+import { BaseStore, IM_BITMAP, ImStore, digestFile } from './bases';
+import { promises as fs } from 'node:fs';
 import { Msg, bitmapIndices, type QueryReply } from './messages';
 
 export interface MigrationRef {
@@ -51,6 +53,8 @@ export class Source {
   private readonly sessions = new Map<string, Set<DataPlaneSession>>();
   private readonly bandwidth = new Map<string, number | null>();
   private readonly pushers = new Map<string, Pusher>();
+  private readonly bases: BaseStore;
+  private readonly ims: ImStore;
 
   constructor(
     private readonly deps: {
@@ -59,8 +63,12 @@ export class Source {
       secret: Buffer;
       tls?: TlsOptions;
       log: Logger;
+      home: string;
     },
-  ) {}
+  ) {
+    this.bases = new BaseStore(deps.home);
+    this.ims = new ImStore(deps.home);
+  }
 
   async startTracking(ref: MigrationRef): Promise<void> {
     const vm = await this.attach(ref.vmId);
@@ -74,23 +82,51 @@ export class Source {
     }
   }
 
-  /** Full pass over the disk from `cursor` (a block index), skipping all-zero blocks. */
-  async copyDiskFull(ref: MigrationRef, from: Progress, onProgress: (p: Progress) => void, signal: AbortSignal): Promise<TransferResult & { resumedFromBlock: number }> {
+  /**
+   * The first pass over the disk, from `cursor` (a block index): every block, skipping all-zero ones,
+   * onto an empty image; or, when the destination builds on its base, only the blocks written since
+   * (the `im` bitmap), zero blocks included.
+   */
+  async copyDiskFirstPass(
+    ref: MigrationRef,
+    incremental: boolean,
+    from: Progress,
+    onProgress: (p: Progress) => void,
+    signal: AbortSignal,
+  ): Promise<TransferResult & { resumedFromBlock: number; skippedBlocks: number }> {
     const started = Date.now();
     const vm = await this.attach(ref.vmId);
     const disk = await vm.openDisk();
     const session = await this.session(ref, 'disk');
     try {
       const blocks = Math.ceil(disk.sizeBytes / ref.blockBytes);
-      const indices = function* () {
-        for (let b = from.cursor; b < blocks; b++) yield b;
-      };
+      // Blocks below the cursor written after a first attempt are caught by the migration's own bitmap.
+      const list = incremental
+        ? bitmapIndices((await vm.snapshotBitmap(IM_BITMAP)).bits, blocks).filter((b) => b >= from.cursor)
+        : range(from.cursor, blocks);
       if (from.cursor > 0) this.deps.log.info({ migrationId: ref.migrationId, block: from.cursor }, 'disk precopy resumes from the last heartbeat');
-      const r = await this.sendBlocks(session, disk, ref.blockBytes, indices(), from, onProgress, signal, { skipZero: true });
-      return { ...r, durationMs: Date.now() - started, resumedFromBlock: from.cursor };
+      const r = await this.sendBlocks(session, disk, ref.blockBytes, list, from, onProgress, signal, { skipZero: !incremental });
+      // The bulk of the image is on the destination: make it durable there outside the frozen window.
+      await session.send({ type: Msg.Sync, meta: {}, data: Buffer.alloc(0) });
+      await session.flush();
+      const skippedBlocks = incremental ? blocks - list.length : 0;
+      return { ...r, durationMs: Date.now() - started, resumedFromBlock: from.cursor, skippedBlocks };
     } finally {
       await this.release(ref, session);
       await disk.close();
+      vm.close();
+    }
+  }
+
+  /** What a destination needs to decide whether this VM can move incrementally. */
+  async incrementalState(vmId: string): Promise<{ lineage: string | null; bitmapValid: boolean; blockBytes: number }> {
+    const record = await this.ims.get(vmId);
+    if (!record) return { lineage: null, bitmapValid: false, blockBytes: 0 };
+    const vm = await this.attach(vmId);
+    try {
+      const bitmap = (await vm.listBitmaps()).find((b) => b.name === IM_BITMAP);
+      return { lineage: record.lineage, bitmapValid: bitmap?.valid === true, blockBytes: record.blockBytes };
+    } finally {
       vm.close();
     }
   }
@@ -318,11 +354,28 @@ export class Source {
     }
   }
 
-  /** After postcopy: the VM process here is gone for good; its disk stays as a base for incremental migration. */
-  async finalize(vmId: string): Promise<void> {
-    const own = await this.deps.ownership.get(vmId);
-    if (own?.state !== 'released') throw new Error(`VM ${vmId} is ${own?.state ?? 'unknown'} here; only a released VM is finalized`);
-    if (await this.deps.driver.exists(asVmId(vmId))) await this.deps.driver.destroy(asVmId(vmId), { keepDisk: true });
+  /**
+   * After postcopy: the VM process here is gone for good. Its disk, as it was at the freeze, stays as
+   * the base for moving the VM back incrementally (the latest base per VM is kept).
+   */
+  async finalize(ref: Pick<MigrationRef, 'vmId' | 'migrationId' | 'blockBytes'>): Promise<void> {
+    const own = await this.deps.ownership.get(ref.vmId);
+    if (own?.state !== 'released') throw new Error(`VM ${ref.vmId} is ${own?.state ?? 'unknown'} here; only a released VM is finalized`);
+    const id = asVmId(ref.vmId);
+    if (await this.deps.driver.exists(id)) await this.deps.driver.destroy(id, { keepDisk: true });
+    await this.ims.remove(ref.vmId);
+    if ((await this.bases.get(ref.vmId))?.lineage === ref.migrationId) return; // a retry
+    const file = this.deps.driver.diskPath(id);
+    const { size } = await fs.stat(file);
+    await this.bases.put({
+      vmId: ref.vmId,
+      lineage: ref.migrationId,
+      diskBytes: size,
+      blockBytes: ref.blockBytes,
+      digest: await digestFile(file),
+      createdAt: new Date().toISOString(),
+      inUseBy: null,
+    });
   }
 
   setBandwidth(migrationId: string, bytesPerSecond: number | null): void {
@@ -474,6 +527,12 @@ export class Source {
 }
 
 const ZEROS = Buffer.alloc(1 << 20);
+
+function range(from: number, to: number): number[] {
+  const out: number[] = [];
+  for (let i = from; i < to; i++) out.push(i);
+  return out;
+}
 
 function isZero(buf: Buffer): boolean {
   return buf.length <= ZEROS.length && buf.equals(ZEROS.subarray(0, buf.length));

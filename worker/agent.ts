@@ -27,7 +27,7 @@ export async function startAgent(config: AgentConfig, log: Logger = createLogger
   const ownership = new OwnershipStore(config.home);
   const destination = new Destination({ driver, ownership, home: config.home, log });
   await destination.recover();
-  const source = new Source({ driver, ownership, secret: config.dataSecret, tls: config.dataTls, log });
+  const source = new Source({ driver, ownership, secret: config.dataSecret, tls: config.dataTls, log, home: config.home });
 
   const server = await listen({
     host: config.dataListenHost,
@@ -40,7 +40,7 @@ export async function startAgent(config: AgentConfig, log: Logger = createLogger
   const dataAddress = config.dataAdvertise ?? `${config.dataListenHost}:${server.port}`;
 
   const connection = await NativeConnection.connect({ address: config.temporal.address, tls: config.temporal.tls, apiKey: config.temporal.apiKey });
-  const activities = createActivities({ host: config.host, dataAddress, driver, ownership, source, destination, log });
+  const activities = createActivities({ host: config.host, home: config.home, dataAddress, driver, ownership, source, destination, log });
   const hostWorker = await Worker.create({
     connection,
     namespace: config.temporal.namespace,

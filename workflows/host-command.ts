@@ -4,7 +4,7 @@ import { proxyActivities, ApplicationFailure } from '@temporalio/workflow';
 import type { Activities } from '../activities';
 import { hostTaskQueue } from '../common/types';
 
-export const HOST_COMMANDS = ['vmCreate', 'vmList', 'vmInspect', 'vmDestroy', 'vmRunUntil', 'vmHashes'] as const;
+export const HOST_COMMANDS = ['vmCreate', 'vmList', 'vmInspect', 'vmStart', 'vmDestroy', 'vmRunUntil', 'vmHashes', 'baseList', 'baseDelete'] as const;
 export type HostCommand = (typeof HOST_COMMANDS)[number];
 
 export interface HostCommandInput<C extends HostCommand = HostCommand> {

@@ -199,12 +199,22 @@ export async function migrateVm(input: MigrateVmInput): Promise<MigrationReport>
       sourceHost: cfg.sourceHost,
       blockBytes: cfg.blockBytes,
       spec: { vmId: vm.vmId, diskBytes: vm.diskBytes, memoryBytes: vm.memoryBytes, workload: vm.workload, seed: vm.seed, opsPerSecond: vm.opsPerSecond },
+      incremental: { policy: cfg.incremental, ...vm.incremental },
     });
+    report.incremental = prepared.incremental;
+    report.incrementalFallbackReason = prepared.reason;
+    upsertSearchAttributes([{ key: SearchAttributes.incremental, value: prepared.incremental }]);
+    upsertMemo({ incremental: prepared.incremental, incrementalFallbackReason: prepared.reason ?? null });
+    if (prepared.reason) log.info(`full copy: ${prepared.reason}`, { vmId: cfg.vmId, migrationId });
     ref = { migrationId, vmId: cfg.vmId, epoch, destinationAddress: prepared.dataAddress, blockBytes: cfg.blockBytes, bandwidthBytesPerSecond: bandwidth };
     await src.quick.startTracking(ref);
 
-    setPhase('disk-precopy', `copying the disk of ${cfg.vmId} to ${dest}`);
-    const full = await src.transfer.copyDiskFull.executeWithOptions({ ...src.options.transfer, summary: 'disk precopy: full pass' }, [ref]);
+    setPhase('disk-precopy', `copying the ${prepared.incremental ? 'blocks written since the last migration' : 'disk'} of ${cfg.vmId} to ${dest}`);
+    const full = await src.transfer.copyDiskFirstPass.executeWithOptions(
+      { ...src.options.transfer, summary: prepared.incremental ? 'disk precopy: incremental pass (blocks written since)' : 'disk precopy: full pass' },
+      [{ ref, incremental: prepared.incremental }],
+    );
+    report.skippedBlocks = full.skippedBlocks;
     report.diskBytesSent += full.bytes;
     report.diskPrecopyResumedFromBlock = full.resumedFromBlock;
     progress.disk.sentBytes = full.bytes;
@@ -337,7 +347,7 @@ export async function migrateVm(input: MigrateVmInput): Promise<MigrationReport>
     const done = await dst.rollForward.finishDestination({ migrationId, vmId: cfg.vmId });
     report.downtimeMs = done.downtimeMs;
     report.onDemandFetches = done.fetches;
-    await src.rollForward.finalizeSource({ vmId: cfg.vmId });
+    await src.rollForward.finalizeSource({ vmId: cfg.vmId, migrationId, blockBytes: cfg.blockBytes });
     return finish('completed');
   }
   await rollBack(null, 'no destination left');

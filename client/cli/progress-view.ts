@@ -16,16 +16,24 @@ export function formatBytes(n: number): string {
 function fields(p: MigrationProgress) {
   return {
     phase: p.phase.padEnd(17),
-    disk: `${formatBytes(p.disk.sentBytes)}/${formatBytes(p.disk.totalBytes)}`,
-    mem: `${formatBytes(p.memory.sentBytes)}/${formatBytes(p.memory.totalBytes)}`,
+    // Sizes with the bytes sent so far: dirty rounds resend blocks, so sent can exceed the size.
+    disk: `${formatBytes(p.disk.totalBytes)} (sent ${formatBytes(p.disk.sentBytes)})`,
+    mem: `${formatBytes(p.memory.totalBytes)} (sent ${formatBytes(p.memory.sentBytes)})`,
     rate: `${formatBytes(p.transferBytesPerSecond)}/s`,
     dirty: `${p.disk.dirtyBlocks} blk ${p.memory.dirtyPages} pg`,
     etaText: p.etaSeconds === null ? '-' : `${p.etaSeconds}s`,
   };
 }
 
-/** Follow a migration until it ends; draws a bar on a TTY and plain lines elsewhere. */
-export async function followMigration(handle: MigrationHandle, opts: { stream?: NodeJS.WriteStream; intervalMs?: number } = {}): Promise<MigrationReport> {
+/**
+ * Follow a migration until it ends; draws a bar on a TTY and plain lines elsewhere. An aborted
+ * `signal` stops following (the bar is cleared up) and rejects with the signal's reason; the
+ * migration itself goes on.
+ */
+export async function followMigration(
+  handle: MigrationHandle,
+  opts: { stream?: NodeJS.WriteStream; intervalMs?: number; signal?: AbortSignal } = {},
+): Promise<MigrationReport> {
   const stream = opts.stream ?? process.stderr;
   const bar = new cliProgress.SingleBar(
     {
@@ -41,9 +49,15 @@ export async function followMigration(handle: MigrationHandle, opts: { stream?: 
   bar.start(100, 0, fields(emptyProgress(handle.vmId)));
   let done = false;
   const result = handle.result().finally(() => (done = true));
+  const stopped = new Promise<void>((resolve) => opts.signal?.addEventListener('abort', () => resolve(), { once: true }));
   let last = 0;
   let lastFields = fields(emptyProgress(handle.vmId));
   while (!done) {
+    if (opts.signal?.aborted) {
+      result.catch(() => undefined);
+      bar.stop();
+      throw opts.signal.reason;
+    }
     try {
       const p = await handle.progress();
       last = Math.max(last, p.percent);
@@ -52,7 +66,7 @@ export async function followMigration(handle: MigrationHandle, opts: { stream?: 
     } catch {
       // the workflow may be between tasks; the next poll catches up
     }
-    await Promise.race([result.catch(() => undefined), new Promise((r) => setTimeout(r, opts.intervalMs ?? 500))]);
+    await Promise.race([result.catch(() => undefined), stopped, new Promise((r) => setTimeout(r, opts.intervalMs ?? 500))]);
   }
   try {
     const report = await result;

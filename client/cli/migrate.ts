@@ -1,0 +1,214 @@
+// `ferry migrate`, `ferry status` and `ferry list`: start, watch and find migrations.
+import { Command, InvalidArgumentError, Option } from 'commander';
+import type { MigrateVmInput, MigrationPhase, MigrationProgress, MigrationReport } from '../../common/migration';
+import { hostName } from '../../common/types';
+import type { FerryClient, MigrationHandle, MigrationState } from '../ferry-client';
+import { FerryRequestError } from '../errors';
+import { followMigration, formatBytes, formatReport } from './progress-view';
+import { EXIT, ferryAction, printJson, table, withConnectionFlags } from './common';
+import { parseRate, parseSize } from './units';
+
+const PHASES: MigrationPhase[] = [
+  'validating', 'preparing', 'disk-precopy', 'disk-dirty-rounds', 'memory-precopy', 'awaiting-cutover',
+  'switchover', 'postcopy', 'finalizing', 'rolling-back', 'completed', 'rolled-back', 'failed',
+];
+
+interface MigrateFlags {
+  to: string[];
+  from?: string;
+  mode?: 'tpm' | 'precopy';
+  incremental?: 'auto' | 'off' | 'require';
+  bandwidth?: number | null;
+  blockSize?: number;
+  cutover?: 'auto' | 'manual';
+  hostCheck: boolean;
+  wait?: boolean;
+  json?: boolean;
+}
+
+function hostList(text: string): string[] {
+  const hosts = text.split(',').map((h) => h.trim()).filter(Boolean);
+  if (hosts.length === 0) throw new InvalidArgumentError('name at least one destination host');
+  for (const h of hosts) {
+    try {
+      hostName(h);
+    } catch (err) {
+      throw new InvalidArgumentError((err as Error).message);
+    }
+  }
+  return hosts;
+}
+
+function outcomeExit(report: MigrationReport): number {
+  return report.outcome === 'completed' ? EXIT.ok : EXIT.rolledBack;
+}
+
+/** Ctrl-C while waiting stops watching, not the migration: it goes on in Temporal. */
+class Detached extends Error {}
+
+function onInterrupt(): { signal: AbortSignal; dispose(): void } {
+  const ac = new AbortController();
+  const handler = () => ac.abort(new Detached('interrupted'));
+  process.once('SIGINT', handler);
+  return { signal: ac.signal, dispose: () => process.off('SIGINT', handler) };
+}
+
+/**
+ * Wait for the end of a migration, with a progress bar on stderr unless `quiet`. Resolves with the
+ * report, or null when Ctrl-C stopped the watching (the migration goes on); rejects with the failure.
+ */
+async function waitForEnd(handle: MigrationHandle, quiet: boolean | undefined): Promise<MigrationReport | null> {
+  const interrupt = onInterrupt();
+  try {
+    const aborted = new Promise<never>((_, reject) => interrupt.signal.addEventListener('abort', () => reject(interrupt.signal.reason as Error), { once: true }));
+    return quiet ? await Promise.race([handle.result(), aborted]) : await followMigration(handle, { signal: interrupt.signal });
+  } catch (err) {
+    if (!(err instanceof Detached)) throw err;
+    process.stderr.write(`\nferry: stopped watching; the migration of ${handle.vmId} goes on (ferry status ${handle.vmId} --follow, ferry abort ${handle.vmId})\n`);
+    return null;
+  } finally {
+    interrupt.dispose();
+  }
+}
+
+/** Wait for the end, print the report (JSON or text) and return the exit code. */
+export async function waitAndReport(handle: MigrationHandle, json: boolean | undefined): Promise<number> {
+  const report = await waitForEnd(handle, json);
+  if (!report) return EXIT.interrupted;
+  if (json) printJson(report);
+  else process.stdout.write(`${formatReport(report)}\n`);
+  return outcomeExit(report);
+}
+
+/** Where the VM runs now, as far as Ferry knows: the destination of its last completed migration. */
+async function currentHost(ferry: FerryClient, vmId: string): Promise<string> {
+  const [last] = await ferry.listMigrations({ vmId, outcome: 'completed', limit: 1 });
+  if (!last?.destinationHost) {
+    throw new FerryRequestError(`VM ${vmId} has no completed migration that says where it runs: name its host with --from HOST`, 'InvalidArgument');
+  }
+  return last.destinationHost;
+}
+
+function describeProgress(p: MigrationProgress): string {
+  const route = `${p.sourceHost} → ${p.destinationHost ?? '?'}`;
+  return [
+    `${p.vmId}: ${p.phase}, ${p.percent}%  (${route}, ${p.mode}${p.epoch !== null ? `, epoch ${p.epoch}` : ''}${p.round ? `, round ${p.round}` : ''})`,
+    `  disk ${formatBytes(p.disk.totalBytes)} (sent ${formatBytes(p.disk.sentBytes)}), memory ${formatBytes(p.memory.totalBytes)} (sent ${formatBytes(p.memory.sentBytes)}), ` +
+      `${formatBytes(p.transferBytesPerSecond)}/s, dirty ${p.disk.dirtyBlocks} blocks ${p.memory.dirtyPages} pages, ETA ${p.etaSeconds === null ? '-' : `${p.etaSeconds}s`}`,
+    `  ${p.message}`,
+  ].join('\n');
+}
+
+function stateExit(s: MigrationState): number {
+  if (s.report) return outcomeExit(s.report);
+  if (s.error) return s.error.refused ? EXIT.refused : EXIT.error;
+  return EXIT.ok;
+}
+
+function printState(s: MigrationState): void {
+  if (s.report) {
+    process.stdout.write(`${formatReport(s.report)}\n`);
+  } else if (s.error) {
+    process.stdout.write(`${s.vmId}: ${s.error.refused ? 'refused' : s.status.toLowerCase()}: ${s.error.message}\n`);
+  } else if (s.progress) {
+    process.stdout.write(`${describeProgress(s.progress)}\n`);
+  } else {
+    process.stdout.write(`${s.vmId}: ${s.status.toLowerCase()} (workflow ${s.workflowId}, no progress yet)\n`);
+  }
+}
+
+export function migrateCommand(): Command {
+  return withConnectionFlags(
+    new Command('migrate')
+      .description('live-migrate a VM with its disk and memory to another host')
+      .argument('<vm>', 'VM id')
+      .requiredOption('--to <host[,host...]>', 'destination host, or candidates tried in order', hostList)
+      .option('--from <host>', 'host the VM runs on (default: the destination of its last completed migration)')
+      .addOption(new Option('--mode <mode>', 'tpm: resume at once, stale blocks follow (short downtime); precopy: copy them in the freeze').choices(['tpm', 'precopy']))
+      .addOption(new Option('--incremental <policy>', 'send only blocks written since the last migration between these hosts').choices(['auto', 'off', 'require']))
+      .option('--bandwidth <rate>', 'data-plane limit, e.g. 100MiB/s, 1Gbit/s, unlimited (change it later: ferry bandwidth)', parseRate)
+      .option('--block-size <size>', 'bitmap block size, a power of two from 4KiB to 1MiB (default 64KiB)', parseSize)
+      .addOption(new Option('--cutover <policy>', 'manual: wait in awaiting-cutover for `ferry approve`').choices(['auto', 'manual']))
+      .option('--no-host-check', 'start even if the source or a destination has no agent polling now')
+      .option('--wait', 'follow the migration (progress bar on stderr) and print its report')
+      .option('--json', 'print JSON on stdout (with --wait: the report), no progress bar'),
+  ).action(
+    ferryAction(async (ferry, vmId: string, f: MigrateFlags) => {
+      const input: MigrateVmInput = {
+        vmId,
+        sourceHost: f.from ?? (await currentHost(ferry, vmId)),
+        destinationHosts: f.to,
+        mode: f.mode,
+        incremental: f.incremental,
+        bandwidthBytesPerSecond: f.bandwidth,
+        blockBytes: f.blockSize,
+        cutover: f.cutover,
+      };
+      const handle = await ferry.migrate(input, { checkHosts: f.hostCheck });
+      if (f.wait) {
+        if (!f.json) process.stderr.write(`migrating ${vmId}: ${input.sourceHost} → ${f.to.join(' or ')} (workflow ${handle.workflowId})\n`);
+        return waitAndReport(handle, f.json);
+      }
+      // Without --wait, still surface the workflow's refusals (validation, unknown VM) as exit 4.
+      await handle.accepted();
+      if (f.json) {
+        printJson({ vmId, workflowId: handle.workflowId, sourceHost: input.sourceHost, destinationHosts: f.to, started: true });
+        return;
+      }
+      const lines = [`migrating ${vmId}: ${input.sourceHost} → ${f.to.join(' or ')} (workflow ${handle.workflowId})`, `  follow: ferry status ${vmId} --follow    abort: ferry abort ${vmId}`];
+      if (f.cutover === 'manual') lines.push(`  it waits in awaiting-cutover until: ferry approve ${vmId}`);
+      process.stdout.write(`${lines.join('\n')}\n`);
+    }),
+  );
+}
+
+export function statusCommand(): Command {
+  return withConnectionFlags(
+    new Command('status')
+      .description("show a VM's latest migration: its progress, or its report once it has ended (exit code: that of its outcome)")
+      .argument('<vm>', 'VM id')
+      .option('--follow', 'follow a running migration to its end (progress bar on stderr), then show it')
+      .option('--json', 'print JSON on stdout, no progress bar'),
+  ).action(
+    ferryAction(async (ferry, vmId: string, f: { follow?: boolean; json?: boolean }) => {
+      const handle = ferry.getMigration(vmId);
+      let state = await handle.state();
+      if (f.follow && state.status === 'RUNNING') {
+        // its failure, if any, is part of the state read below
+        const report = await waitForEnd(handle, f.json).catch(() => undefined);
+        if (report === null) return EXIT.interrupted;
+        state = await handle.state();
+      }
+      if (f.json) printJson(state);
+      else printState(state);
+      return stateExit(state);
+    }),
+  );
+}
+
+export function listCommand(): Command {
+  return withConnectionFlags(
+    new Command('list')
+      .description('list migrations, newest first (Temporal visibility: search attributes)')
+      .option('--vm <vm>', 'only this VM')
+      .option('--from <host>', 'only from this source host')
+      .option('--to <host>', 'only to this destination host')
+      .addOption(new Option('--phase <phase>', 'only in this phase').choices(PHASES))
+      .option('--running', 'only running migrations')
+      .option('--limit <n>', 'at most this many', (v) => {
+        const n = Number(v);
+        if (!Number.isInteger(n) || n < 1) throw new InvalidArgumentError('must be a whole number >= 1');
+        return n;
+      }, 50)
+      .option('--json', 'print JSON'),
+  ).action(
+    ferryAction(async (ferry, f: { vm?: string; from?: string; to?: string; phase?: MigrationPhase; running?: boolean; limit: number; json?: boolean }) => {
+      const list = await ferry.listMigrations({ vmId: f.vm, sourceHost: f.from, destinationHost: f.to, phase: f.phase, running: f.running ? true : undefined, limit: f.limit });
+      if (f.json) return printJson(list);
+      if (list.length === 0) return void process.stdout.write('no migrations found\n');
+      const time = (d: Date | null) => (d ? d.toISOString().replace(/\.\d+Z$/, 'Z') : '-');
+      const rows = list.map((m) => [m.vmId, m.status.toLowerCase(), m.phase ?? '-', m.sourceHost ?? '-', m.destinationHost ?? '-', m.mode ?? '-', time(m.startTime), time(m.closeTime)]);
+      process.stdout.write(`${table(['VM', 'STATUS', 'PHASE', 'FROM', 'TO', 'MODE', 'STARTED', 'ENDED'], rows)}\n`);
+    }),
+  );
+}

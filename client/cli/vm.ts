@@ -1,0 +1,107 @@
+// `ferry vm create|list|inspect|destroy`: VMs of the simulated hypervisor, through a host's agent.
+import { Command, Option } from 'commander';
+import type { VmSummary } from '../../activities';
+import { PAGE_BYTES, SECTOR_BYTES, WORKLOADS, type Workload } from '../../common/types';
+import { formatBytes } from './progress-view';
+import { ferryAction, printJson, table, withConnectionFlags } from './common';
+import { parseCount, sizeMultipleOf } from './units';
+
+interface CreateFlags {
+  host: string;
+  disk: number;
+  memory: number;
+  workload: Workload;
+  seed?: number;
+  opsPerSecond?: number;
+  fill?: boolean;
+  json?: boolean;
+}
+
+function ownership(s: VmSummary): string {
+  return s.ownership ? `${s.ownership.state}@${s.ownership.epoch}` : '-';
+}
+
+function describe(s: VmSummary): string {
+  return [
+    `${s.vmId} on ${s.host}: ${s.state}${s.pid ? ` (pid ${s.pid})` : ''}, ownership ${ownership(s)}`,
+    `  disk ${formatBytes(s.diskBytes)}, memory ${formatBytes(s.memoryBytes)}, workload ${s.workload} (seed ${s.seed}, ${s.opsPerSecond || 'unlimited'} ops/s)`,
+    `  ops ${s.ops}, violations ${s.violations}, stale blocks ${s.staleBlocks}, stale waits ${s.staleWaits}, max gap ${s.maxGapMs.toFixed(1)} ms${s.throttle ? `, throttle ${Math.round(s.throttle * 100)}%` : ''}`,
+  ].join('\n');
+}
+
+export function vmCommand(): Command {
+  const vm = new Command('vm').description('create, list, inspect and destroy VMs on a host (simulated hypervisor), through its agent');
+
+  vm.addCommand(
+    withConnectionFlags(
+      new Command('create')
+        .description('create a VM on a host and start its guest workload')
+        .argument('<vm>', 'VM id (a-z, 0-9, ".", "_", "-")')
+        .requiredOption('--host <host>', 'host whose agent creates the VM')
+        .requiredOption('--disk <size>', 'disk size, a whole number of 512-byte sectors (e.g. 1GiB)', sizeMultipleOf(SECTOR_BYTES, '512-byte sectors'))
+        .requiredOption('--memory <size>', 'memory size, a whole number of 4 KiB pages (e.g. 256MiB)', sizeMultipleOf(PAGE_BYTES, '4 KiB pages'))
+        .addOption(new Option('--workload <name>', 'guest workload').choices(WORKLOADS).makeOptionMandatory())
+        .option('--seed <n>', 'seed of the deterministic workload (default 1)', parseCount('--seed'))
+        .option('--ops-per-second <n>', 'guest operations per second, 0 = as fast as it can (default 0)', parseCount('--ops-per-second'))
+        .option('--fill', 'write every block once before the workload starts')
+        .option('--json', 'print the VM as JSON'),
+    ).action(
+      ferryAction(async (ferry, vmId: string, f: CreateFlags) => {
+        const s = await ferry.hostCommand(f.host, 'vmCreate', {
+          vmId,
+          diskBytes: f.disk,
+          memoryBytes: f.memory,
+          workload: f.workload,
+          seed: f.seed,
+          opsPerSecond: f.opsPerSecond,
+          fill: f.fill,
+        });
+        if (f.json) printJson(s);
+        else process.stdout.write(`created ${describe(s)}\n`);
+      }),
+    ),
+  );
+
+  vm.addCommand(
+    withConnectionFlags(
+      new Command('list').description('list the VMs of a host').requiredOption('--host <host>', 'host to ask').option('--json', 'print JSON'),
+    ).action(
+      ferryAction(async (ferry, f: { host: string; json?: boolean }) => {
+        const vms = await ferry.hostCommand(f.host, 'vmList');
+        if (f.json) return printJson(vms);
+        if (vms.length === 0) return void process.stdout.write(`no VMs on ${f.host}\n`);
+        const rows = vms.map((s) => [s.vmId, s.state, ownership(s), formatBytes(s.diskBytes), formatBytes(s.memoryBytes), s.workload, String(s.ops)]);
+        process.stdout.write(`${table(['VM', 'STATE', 'OWNERSHIP', 'DISK', 'MEMORY', 'WORKLOAD', 'OPS'], rows)}\n`);
+      }),
+    ),
+  );
+
+  vm.addCommand(
+    withConnectionFlags(
+      new Command('inspect')
+        .description('show the state of one VM: process, ownership epoch, guest counters')
+        .argument('<vm>', 'VM id')
+        .requiredOption('--host <host>', 'host the VM is on')
+        .option('--json', 'print JSON'),
+    ).action(
+      ferryAction(async (ferry, vmId: string, f: { host: string; json?: boolean }) => {
+        const s = await ferry.hostCommand(f.host, 'vmInspect', { vmId });
+        if (f.json) printJson(s);
+        else process.stdout.write(`${describe(s)}\n`);
+      }),
+    ),
+  );
+
+  vm.addCommand(
+    withConnectionFlags(
+      new Command('destroy').description('stop a VM and delete its disk, memory and ownership record').argument('<vm>', 'VM id').requiredOption('--host <host>', 'host the VM is on'),
+    ).action(
+      ferryAction(async (ferry, vmId: string, f: { host: string }) => {
+        await ferry.hostCommand(f.host, 'vmDestroy', { vmId });
+        process.stdout.write(`destroyed ${vmId} on ${f.host}\n`);
+      }),
+    ),
+  );
+
+  return vm;
+}

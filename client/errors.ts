@@ -1,0 +1,122 @@
+// Typed errors of the Ferry client. Every error is a FerryRequestError with a `type` code; the
+// subclasses are the ones a program is expected to handle. `refused` says that nothing happened:
+// the request was turned down as given (fix the request and try again).
+import {
+  ApplicationFailure,
+  WorkflowExecutionAlreadyStartedError,
+  WorkflowFailedError,
+  WorkflowNotFoundError,
+  WorkflowUpdateFailedError,
+} from '@temporalio/client';
+import { hostTaskQueue, migrationWorkflowId } from '../common/types';
+
+/** Failure types raised by the workflows and agents that mean "refused as asked", not "broke". */
+const REFUSAL_TYPES = new Set([
+  'ValidationError', 'VmNotFound', 'VmExists', 'VmNotRunning', 'InvalidArgument', 'OwnershipConflict', 'AbortRefused',
+  'IncrementalUnavailable', 'BaseNotFound', 'BaseInUse',
+]);
+
+export class FerryRequestError extends Error {
+  constructor(
+    message: string,
+    /** The failure type: an ApplicationFailure type from the workflow or an agent, or the error's own code. */
+    readonly type: string | undefined,
+  ) {
+    super(message);
+    this.name = 'FerryRequestError';
+  }
+
+  /** True when the request was refused as given and nothing changed. */
+  get refused(): boolean {
+    return this.type !== undefined && REFUSAL_TYPES.has(this.type);
+  }
+}
+
+export class MigrationAlreadyRunning extends FerryRequestError {
+  constructor(readonly vmId: string) {
+    super(
+      `VM ${vmId} is already migrating (workflow ${migrationWorkflowId(vmId)}): wait for it (ferry status ${vmId} --follow) or abort it (ferry abort ${vmId})`,
+      'MigrationAlreadyRunning',
+    );
+    this.name = 'MigrationAlreadyRunning';
+  }
+
+  override get refused(): boolean {
+    return true;
+  }
+}
+
+/** The migration's input was refused by the workflow's validation (the message names the field). */
+export class ValidationFailed extends FerryRequestError {
+  constructor(message: string) {
+    super(message, 'ValidationError');
+    this.name = 'ValidationFailed';
+  }
+}
+
+/** No agent polls the host's task queue, so nothing could run there. */
+export class HostUnavailable extends FerryRequestError {
+  constructor(readonly host: string) {
+    super(`no agent is polling task queue ${hostTaskQueue(host)}: start \`ferry worker --host ${host}\` (or check the host name)`, 'HostUnavailable');
+    this.name = 'HostUnavailable';
+  }
+
+  override get refused(): boolean {
+    return true;
+  }
+}
+
+/** The VM does not exist on the host that was named. */
+export class VmNotFound extends FerryRequestError {
+  constructor(message: string) {
+    super(message, 'VmNotFound');
+    this.name = 'VmNotFound';
+  }
+}
+
+/** No migration workflow exists for the VM (or none is running, for abort/approve/bandwidth). */
+export class MigrationNotFound extends FerryRequestError {
+  constructor(
+    readonly vmId: string,
+    running: boolean,
+  ) {
+    super(
+      running
+        ? `no running migration of VM ${vmId}: it has ended or never started (ferry status ${vmId})`
+        : `no migration of VM ${vmId} found (workflow ${migrationWorkflowId(vmId)}): check the VM id (ferry list)`,
+      'MigrationNotFound',
+    );
+    this.name = 'MigrationNotFound';
+  }
+
+  override get refused(): boolean {
+    return true;
+  }
+}
+
+/**
+ * Turn a Temporal client error into a Ferry error whose message is the root cause: the innermost
+ * failure message (an agent's or the workflow's own words), typed by its ApplicationFailure type.
+ */
+export function toFerryError(err: unknown, ctx: { vmId?: string; running?: boolean } = {}): Error {
+  if (err instanceof FerryRequestError) return err;
+  if (err instanceof WorkflowExecutionAlreadyStartedError && ctx.vmId) return new MigrationAlreadyRunning(ctx.vmId);
+  if (err instanceof WorkflowNotFoundError && ctx.vmId) return new MigrationNotFound(ctx.vmId, ctx.running ?? false);
+  if (!(err instanceof WorkflowFailedError || err instanceof WorkflowUpdateFailedError || err instanceof ApplicationFailure)) {
+    return err instanceof Error ? err : new Error(String(err));
+  }
+  let type: string | undefined = err instanceof ApplicationFailure ? err.type ?? undefined : undefined;
+  let message = err.message;
+  let cur: { cause?: unknown } = err;
+  while (cur.cause instanceof Error) {
+    const next = cur.cause as Error & { cause?: unknown };
+    if (next.message) message = next.message;
+    if (next instanceof ApplicationFailure && next.type) type = next.type;
+    cur = next;
+  }
+  // abort is the workflow's only update: a rejected update is a refused abort (past the commit point).
+  if (err instanceof WorkflowUpdateFailedError) return new FerryRequestError(message, 'AbortRefused');
+  if (type === 'ValidationError') return new ValidationFailed(message);
+  if (type === 'VmNotFound') return new VmNotFound(message);
+  return new FerryRequestError(message, type);
+}

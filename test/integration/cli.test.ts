@@ -1,0 +1,249 @@
+// The `ferry` CLI as people and scripts run it: a child process against the test server and real agents.
+import { spawn } from 'node:child_process';
+import path from 'node:path';
+import { startCluster, testVm } from '../support/cluster';
+import { testTemporalAddress } from '../support/temporal';
+import type { LocalCluster } from '../../harness/cluster';
+import type { FerryClient } from '../../client/ferry-client';
+import type { MigrationReport } from '../../common/migration';
+import { migrationQuery } from '../../client/ferry-client';
+import { resolveConnection } from '../../client/connection';
+import { parseRate, parseSize } from '../../client/cli/units';
+
+jest.setTimeout(120_000);
+
+const REPO = path.resolve(__dirname, '..', '..');
+
+interface Run {
+  code: number | null;
+  stdout: string;
+  stderr: string;
+}
+
+function ferry(...args: string[]): Promise<Run> {
+  return new Promise((resolve, reject) => {
+    const env: NodeJS.ProcessEnv = { ...process.env, TEMPORAL_ADDRESS: testTemporalAddress(), TEMPORAL_NAMESPACE: 'default' };
+    for (const k of Object.keys(env)) if (k.startsWith('TEMPORAL_TLS') || k === 'TEMPORAL_API_KEY') delete env[k];
+    const child = spawn(process.execPath, ['--import', 'tsx', 'client/cli/main.ts', ...args], { cwd: REPO, env, stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
+    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+    const timer = setTimeout(() => child.kill('SIGKILL'), 100_000);
+    child.once('error', reject);
+    child.once('close', (code) => {
+      clearTimeout(timer);
+      resolve({ code, stdout, stderr });
+    });
+  });
+}
+
+/** The exit code, with the output in the failure message when it is not the expected one. */
+function exitOf(run: Run): number | string {
+  return run.code === 0 || run.code === null ? (run.code ?? 'killed') : `${run.code}\n--- stdout\n${run.stdout}\n--- stderr\n${run.stderr}`;
+}
+
+function json<T>(run: Run): T {
+  try {
+    return JSON.parse(run.stdout) as T;
+  } catch {
+    throw new Error(`not JSON (exit ${run.code}): ${run.stdout}\n${run.stderr}`);
+  }
+}
+
+describe('parsing, in process', () => {
+  it('reads sizes and rates as people type them', () => {
+    expect(['1GiB', '256MiB', '64KiB', '1G', '1GB', '4096'].map(parseSize)).toEqual([2 ** 30, 256 * 2 ** 20, 65536, 2 ** 30, 1e9, 4096]);
+    expect(['100MiB/s', '1Gbit/s', '100Mbps', '10MB/s', 'unlimited'].map(parseRate)).toEqual([100 * 2 ** 20, 125e6, 12.5e6, 1e7, null]);
+    expect(() => parseSize('12XB')).toThrow(/expected a size/);
+    expect(() => parseRate('0')).toThrow(/not a positive rate/);
+  });
+
+  it('quotes visibility query values', () => {
+    expect(migrationQuery({ vmId: "x' OR 'a'='a", running: true })).toBe("WorkflowType = 'migrateVm' AND FerryVmId = 'x\\' OR \\'a\\'=\\'a' AND ExecutionStatus = 'Running'");
+    expect(migrationQuery({ sourceHost: 'a\\', phase: 'postcopy' })).toBe("WorkflowType = 'migrateVm' AND FerrySourceHost = 'a\\\\' AND FerryPhase = 'postcopy'");
+  });
+
+  it('takes connection settings from arguments, then TEMPORAL_* variables', () => {
+    expect(resolveConnection({ env: {} })).toEqual({ address: 'localhost:7233', namespace: 'default', apiKey: undefined, tls: undefined });
+    expect(resolveConnection({ env: { TEMPORAL_ADDRESS: 'h:1', TEMPORAL_NAMESPACE: 'ns', TEMPORAL_API_KEY: 'k' } })).toEqual({ address: 'h:1', namespace: 'ns', apiKey: 'k', tls: undefined });
+    expect(resolveConnection({ address: 'x:2', env: { TEMPORAL_ADDRESS: 'h:1', TEMPORAL_TLS: 'true', TEMPORAL_TLS_SERVER_NAME: 'srv' } })).toMatchObject({ address: 'x:2', tls: { serverNameOverride: 'srv' } });
+    expect(resolveConnection({ tls: false, env: { TEMPORAL_TLS: 'true' } }).tls).toBe(false);
+    expect(() => resolveConnection({ env: { TEMPORAL_TLS_CLIENT_CERT_PATH: '/c.pem' } })).toThrow(/needs both a client certificate and its key/);
+  });
+});
+
+describe('without a server', () => {
+  const commands = [[], ['server'], ['worker'], ['vm'], ['vm', 'create'], ['vm', 'list'], ['vm', 'inspect'], ['vm', 'destroy'], ['migrate'], ['status'], ['list'], ['abort'], ['approve'], ['bandwidth']];
+
+  it('--help works for every command', async () => {
+    for (let i = 0; i < commands.length; i += 5) {
+      const runs = await Promise.all(commands.slice(i, i + 5).map((c) => ferry(...c, '--help')));
+      runs.forEach((run, j) => {
+        const name = ['ferry', ...commands[i + j]].join(' ');
+        expect({ name, code: run.code }).toEqual({ name, code: 0 });
+        expect(run.stdout).toContain(`Usage: ${name}`);
+      });
+    }
+    const top = await ferry('--help');
+    expect(top.stdout).toMatch(/Exit codes:[\s\S]*3 +the migration rolled back[\s\S]*4 +refused/);
+  });
+
+  it.each([
+    [['vm', 'create', 'x', '--host', 'a', '--disk', '12XB', '--memory', '8MiB', '--workload', 'idle'], /--disk.*12XB.*expected a size such as 1GiB/],
+    [['vm', 'create', 'x', '--host', 'a', '--disk', '1000', '--memory', '8MiB', '--workload', 'idle'], /not a whole number of 512-byte sectors/],
+    [['vm', 'create', 'x', '--host', 'a', '--disk', '1MiB', '--memory', '5000', '--workload', 'idle'], /not a whole number of 4 KiB pages/],
+    [['vm', 'create', 'x', '--host', 'a', '--disk', '1MiB', '--memory', '8MiB', '--workload', 'spin'], /--workload.*spin.*Allowed choices are idle/],
+    [['vm', 'create', 'x', '--disk', '1MiB', '--memory', '8MiB', '--workload', 'idle'], /required option '--host <host>'/],
+    [['migrate', 'x', '--from', 'a', '--to', 'b', '--bandwidth', 'fast'], /expected a rate such as 100MiB\/s/],
+    [['migrate', 'x', '--from', 'a', '--to', 'B!'], /invalid host name "B!"/],
+    [['migrate', 'x', '--from', 'a', '--to', 'b', '--mode', 'warp'], /Allowed choices are tpm, precopy/],
+    [['frobnicate'], /unknown command 'frobnicate'/],
+  ])('refuses bad flags: ferry %j', async (args, message) => {
+    const run = await ferry(...args);
+    expect(run.code).toBe(2);
+    expect(run.stderr).toMatch(/^ferry: /);
+    expect(run.stderr).toMatch(message);
+  });
+
+  it('says how to fix an unreachable server', async () => {
+    const run = await ferry('list', '--address', '127.0.0.1:1');
+    expect(run.code).toBe(1);
+    expect(run.stderr).toMatch(/^ferry: cannot reach Temporal at 127\.0\.0\.1:1 .*ferry server/);
+  });
+});
+
+describe('against real agents', () => {
+  let cluster: LocalCluster;
+  let client: FerryClient;
+  const vm = testVm('randwrite', { opsPerSecond: 200 });
+
+  beforeAll(async () => {
+    ({ cluster, ferry: client } = await startCluster(['a', 'b']));
+  });
+
+  afterAll(async () => {
+    await cluster?.stop();
+  });
+
+  it('creates, lists and inspects a VM', async () => {
+    const created = await ferry('vm', 'create', vm.vmId, '--host', 'a', '--disk', '32MiB', '--memory', '8MiB', '--workload', 'randwrite', '--ops-per-second', '200', '--seed', '3', '--fill', '--json');
+    expect(exitOf(created)).toBe(0);
+    expect(json(created)).toMatchObject({ vmId: vm.vmId, host: 'a', state: 'running', diskBytes: 32 * 1024 * 1024, memoryBytes: 8 * 1024 * 1024, workload: 'randwrite', seed: 3 });
+
+    const list = await ferry('vm', 'list', '--host', 'a');
+    expect(list.code).toBe(0);
+    expect(list.stdout).toMatch(new RegExp(`^VM +STATE[\\s\\S]*\\n${vm.vmId} +running +running@1`));
+    expect(json<{ vmId: string }[]>(await ferry('vm', 'list', '--host', 'a', '--json')).map((v) => v.vmId)).toContain(vm.vmId);
+
+    const inspect = await ferry('vm', 'inspect', vm.vmId, '--host', 'a');
+    expect(inspect.code).toBe(0);
+    expect(inspect.stdout).toContain(`${vm.vmId} on a: running`);
+
+    const again = await ferry('vm', 'create', vm.vmId, '--host', 'a', '--disk', '32MiB', '--memory', '8MiB', '--workload', 'idle');
+    expect(again.code).toBe(4);
+    expect(again.stderr).toMatch(/already exists on host a/);
+  });
+
+  it('migrates with --wait --json, then status and list show it', async () => {
+    const run = await ferry('migrate', vm.vmId, '--from', 'a', '--to', 'b', '--bandwidth', '100MiB/s', '--wait', '--json');
+    expect(exitOf(run)).toBe(0);
+    const report = json<MigrationReport>(run);
+    expect(report).toMatchObject({ vmId: vm.vmId, outcome: 'completed', sourceHost: 'a', destinationHost: 'b' });
+    expect(run.stderr).not.toContain('%'); // no progress bar with --json
+
+    const status = await ferry('status', vm.vmId, '--json');
+    expect(status.code).toBe(0);
+    expect(json(status)).toMatchObject({ vmId: vm.vmId, status: 'COMPLETED', report: { outcome: 'completed', destinationHost: 'b' }, error: null });
+    expect((await ferry('status', vm.vmId)).stdout).toContain(`${vm.vmId}: completed`);
+
+    // Visibility is eventually consistent.
+    let listed: { vmId: string; status: string; destinationHost: string; phase: string }[] = [];
+    for (let i = 0; i < 20 && listed[0]?.phase !== 'completed'; i++) {
+      if (i) await new Promise((r) => setTimeout(r, 500));
+      listed = json(await ferry('list', '--vm', vm.vmId, '--json'));
+    }
+    expect(listed[0]).toMatchObject({ vmId: vm.vmId, status: 'COMPLETED', phase: 'completed', sourceHost: 'a', destinationHost: 'b' });
+    expect((await ferry('list')).stdout).toMatch(new RegExp(`\\n${vm.vmId} +completed +completed +a +b `));
+  });
+
+  it('migrates back with a progress bar and the report, finding the source itself', async () => {
+    const run = await ferry('migrate', vm.vmId, '--to', 'a', '--wait');
+    expect(exitOf(run)).toBe(0);
+    expect(run.stderr).toContain(`migrating ${vm.vmId}: b → a`);
+    expect(run.stderr).toMatch(/\| \d+% \| disk 32\.0 MiB \(sent/);
+    expect(run.stdout).toMatch(new RegExp(`^${vm.vmId}: completed\\n  b → a  mode tpm`));
+    expect((await client.hostCommand('a', 'vmInspect', { vmId: vm.vmId })).state).toBe('running');
+  });
+
+  it('refuses the same source and destination (exit 4, naming the fix)', async () => {
+    const run = await ferry('migrate', vm.vmId, '--from', 'a', '--to', 'a');
+    expect(run.code).toBe(4);
+    expect(run.stderr).toMatch(/^ferry: the source host a is also a destination: a VM cannot migrate to the host it runs on; name another destination/);
+  });
+
+  it('refuses a host without an agent (exit 4, HostUnavailable)', async () => {
+    const run = await ferry('migrate', vm.vmId, '--from', 'a', '--to', 'nowhere', '--json');
+    expect(run.code).toBe(4);
+    expect(run.stderr).toMatch(/^ferry: no agent is polling task queue host-nowhere: start `ferry worker --host nowhere`/);
+    expect(json(run)).toMatchObject({ error: { name: 'HostUnavailable', type: 'HostUnavailable', refused: true } });
+  });
+
+  it('refuses an unknown VM and an unknown migration (exit 4)', async () => {
+    const run = await ferry('migrate', 'no-such-vm', '--from', 'a', '--to', 'b');
+    expect(run.code).toBe(4);
+    expect(run.stderr).toMatch(/VM no-such-vm does not exist on host a/);
+    const status = await ferry('status', 'never-migrated');
+    expect(status.code).toBe(4);
+    expect(status.stderr).toMatch(/no migration of VM never-migrated found/);
+  });
+
+  it('aborts a --cutover manual migration: it ends rolled back and the VM runs on the source', async () => {
+    const started = await ferry('migrate', vm.vmId, '--from', 'a', '--to', 'b', '--cutover', 'manual');
+    expect(exitOf(started)).toBe(0);
+    expect(started.stdout).toContain(`ferry approve ${vm.vmId}`);
+
+    const second = await ferry('migrate', vm.vmId, '--from', 'a', '--to', 'b');
+    expect(second.code).toBe(4);
+    expect(second.stderr).toMatch(/is already migrating/);
+
+    expect((await ferry('bandwidth', vm.vmId, '1Gbit/s')).code).toBe(0);
+    const abort = await ferry('abort', vm.vmId, '--reason', 'cli test', '--json');
+    expect(abort.code).toBe(0);
+    expect(json(abort)).toMatchObject({ vmId: vm.vmId, accepted: true });
+
+    const follow = await ferry('status', vm.vmId, '--follow', '--json');
+    expect(json(follow)).toMatchObject({ status: 'COMPLETED', report: { outcome: 'rolled-back', reason: expect.stringContaining('cli test') } });
+    expect(follow.code).toBe(3);
+    expect((await client.hostCommand('a', 'vmInspect', { vmId: vm.vmId })).state).toBe('running');
+
+    const late = await ferry('abort', vm.vmId);
+    expect(late.code).toBe(4);
+    expect(late.stderr).toMatch(/no running migration of VM/);
+  });
+
+  it('switches over a --cutover manual migration once approved', async () => {
+    expect(exitOf(await ferry('migrate', vm.vmId, '--from', 'a', '--to', 'b', '--cutover', 'manual'))).toBe(0);
+    let phase = '';
+    for (let i = 0; i < 60 && phase !== 'awaiting-cutover'; i++) {
+      if (i) await new Promise((r) => setTimeout(r, 500));
+      phase = json<{ progress: { phase: string } | null }>(await ferry('status', vm.vmId, '--json')).progress?.phase ?? '';
+    }
+    expect(phase).toBe('awaiting-cutover');
+    const running = json<{ vmId: string; status: string }[]>(await ferry('list', '--running', '--json'));
+    expect(running).toContainEqual(expect.objectContaining({ vmId: vm.vmId, status: 'RUNNING' }));
+
+    expect(exitOf(await ferry('approve', vm.vmId))).toBe(0);
+    const follow = await ferry('status', vm.vmId, '--follow');
+    expect(exitOf(follow)).toBe(0);
+    expect(follow.stdout).toMatch(new RegExp(`^${vm.vmId}: completed\n  a → b`));
+  });
+
+  it('destroys the VM', async () => {
+    const run = await ferry('vm', 'destroy', vm.vmId, '--host', 'b');
+    expect(exitOf(run)).toBe(0);
+    const gone = await ferry('vm', 'inspect', vm.vmId, '--host', 'b');
+    expect(gone.code).toBe(4);
+    expect(gone.stderr).toMatch(/does not exist on host b/);
+  });
+});
