@@ -158,7 +158,10 @@ export class LocalCluster {
     if (!agent || agent.process.exitCode !== null || agent.process.signalCode !== null) return;
     const exited = new Promise((r) => agent.process.once('exit', r));
     agent.process.kill(signal);
+    // A graceful stop waits for running activities; past 10 s it is no longer graceful.
+    const force = setTimeout(() => agent.process.kill('SIGKILL'), 10_000);
     await exited;
+    clearTimeout(force);
     this.agents.delete(host);
   }
 
