@@ -73,37 +73,46 @@ describe('parsing, in process', () => {
   });
 });
 
+/** Run independent CLI invocations a few at a time (each is a Node process). */
+async function inBatches<T, R>(items: T[], fn: (item: T) => Promise<R>, size = 5): Promise<R[]> {
+  const out: R[] = [];
+  for (let i = 0; i < items.length; i += size) out.push(...(await Promise.all(items.slice(i, i + size).map(fn))));
+  return out;
+}
+
 describe('without a server', () => {
   const commands = [[], ['server'], ['worker'], ['vm'], ['vm', 'create'], ['vm', 'list'], ['vm', 'inspect'], ['vm', 'destroy'], ['migrate'], ['status'], ['list'], ['abort'], ['approve'], ['bandwidth']];
 
   it('--help works for every command', async () => {
-    for (let i = 0; i < commands.length; i += 5) {
-      const runs = await Promise.all(commands.slice(i, i + 5).map((c) => ferry(...c, '--help')));
-      runs.forEach((run, j) => {
-        const name = ['ferry', ...commands[i + j]].join(' ');
-        expect({ name, code: run.code }).toEqual({ name, code: 0 });
-        expect(run.stdout).toContain(`Usage: ${name}`);
-      });
-    }
-    const top = await ferry('--help');
-    expect(top.stdout).toMatch(/Exit codes:[\s\S]*3 +the migration rolled back[\s\S]*4 +refused/);
+    const runs = await inBatches(commands, (c) => ferry(...c, '--help'));
+    runs.forEach((run, i) => {
+      const name = ['ferry', ...commands[i]].join(' ');
+      expect({ name, code: run.code }).toEqual({ name, code: 0 });
+      expect(run.stdout).toContain(`Usage: ${name}`);
+    });
+    expect(runs[0].stdout).toMatch(/Exit codes:[\s\S]*3 +the migration rolled back[\s\S]*4 +refused/);
+    expect(runs[8].stdout).toMatch(/--address <host:port>[\s\S]*--tls-server-name/);
   });
 
-  it.each([
-    [['vm', 'create', 'x', '--host', 'a', '--disk', '12XB', '--memory', '8MiB', '--workload', 'idle'], /--disk.*12XB.*expected a size such as 1GiB/],
-    [['vm', 'create', 'x', '--host', 'a', '--disk', '1000', '--memory', '8MiB', '--workload', 'idle'], /not a whole number of 512-byte sectors/],
-    [['vm', 'create', 'x', '--host', 'a', '--disk', '1MiB', '--memory', '5000', '--workload', 'idle'], /not a whole number of 4 KiB pages/],
-    [['vm', 'create', 'x', '--host', 'a', '--disk', '1MiB', '--memory', '8MiB', '--workload', 'spin'], /--workload.*spin.*Allowed choices are idle/],
-    [['vm', 'create', 'x', '--disk', '1MiB', '--memory', '8MiB', '--workload', 'idle'], /required option '--host <host>'/],
-    [['migrate', 'x', '--from', 'a', '--to', 'b', '--bandwidth', 'fast'], /expected a rate such as 100MiB\/s/],
-    [['migrate', 'x', '--from', 'a', '--to', 'B!'], /invalid host name "B!"/],
-    [['migrate', 'x', '--from', 'a', '--to', 'b', '--mode', 'warp'], /Allowed choices are tpm, precopy/],
-    [['frobnicate'], /unknown command 'frobnicate'/],
-  ])('refuses bad flags: ferry %j', async (args, message) => {
-    const run = await ferry(...args);
-    expect(run.code).toBe(2);
-    expect(run.stderr).toMatch(/^ferry: /);
-    expect(run.stderr).toMatch(message);
+  it('refuses bad flags with exit 2 and a one-line reason', async () => {
+    const cases: [string[], RegExp][] = [
+      [['vm', 'create', 'x', '--host', 'a', '--disk', '12XB', '--memory', '8MiB', '--workload', 'idle'], /--disk.*12XB.*expected a size such as 1GiB/],
+      [['vm', 'create', 'x', '--host', 'a', '--disk', '1000', '--memory', '8MiB', '--workload', 'idle'], /not a whole number of 512-byte sectors/],
+      [['vm', 'create', 'x', '--host', 'a', '--disk', '1MiB', '--memory', '5000', '--workload', 'idle'], /not a whole number of 4 KiB pages/],
+      [['vm', 'create', 'x', '--host', 'a', '--disk', '1MiB', '--memory', '8MiB', '--workload', 'spin'], /--workload.*spin.*Allowed choices are idle/],
+      [['vm', 'create', 'x', '--disk', '1MiB', '--memory', '8MiB', '--workload', 'idle'], /required option '--host <host>'/],
+      [['migrate', 'x', '--from', 'a', '--to', 'b', '--bandwidth', 'fast'], /expected a rate such as 100MiB\/s/],
+      [['migrate', 'x', '--from', 'a', '--to', 'B!'], /invalid host name "B!"/],
+      [['migrate', 'x', '--from', 'a', '--to', 'b', '--mode', 'warp'], /Allowed choices are tpm, precopy/],
+      [['frobnicate'], /unknown command 'frobnicate'/],
+    ];
+    const runs = await inBatches(cases, ([args]) => ferry(...args));
+    runs.forEach((run, i) => {
+      const [args, message] = cases[i];
+      expect({ args, code: run.code }).toEqual({ args, code: 2 });
+      expect(run.stderr).toMatch(/^ferry: /);
+      expect(run.stderr).toMatch(message);
+    });
   });
 
   it('says how to fix an unreachable server', async () => {
@@ -198,34 +207,10 @@ describe('against real agents', () => {
     expect(status.stderr).toMatch(/no migration of VM never-migrated found/);
   });
 
-  it('aborts a --cutover manual migration: it ends rolled back and the VM runs on the source', async () => {
-    const started = await ferry('migrate', vm.vmId, '--from', 'a', '--to', 'b', '--cutover', 'manual');
-    expect(exitOf(started)).toBe(0);
-    expect(started.stdout).toContain(`ferry approve ${vm.vmId}`);
-
-    const second = await ferry('migrate', vm.vmId, '--from', 'a', '--to', 'b');
-    expect(second.code).toBe(4);
-    expect(second.stderr).toMatch(/is already migrating/);
-
-    expect((await ferry('bandwidth', vm.vmId, '1Gbit/s')).code).toBe(0);
-    const abort = await ferry('abort', vm.vmId, '--reason', 'cli test', '--json');
-    expect(abort.code).toBe(0);
-    expect(json(abort)).toMatchObject({ vmId: vm.vmId, accepted: true });
-
-    const follow = await ferry('status', vm.vmId, '--follow', '--json');
-    expect(json(follow)).toMatchObject({ status: 'COMPLETED', report: { outcome: 'rolled-back', reason: expect.stringContaining('cli test') } });
-    expect(follow.code).toBe(3);
-    expect((await client.hostCommand('a', 'vmInspect', { vmId: vm.vmId })).state).toBe('running');
-
-    const late = await ferry('abort', vm.vmId);
-    expect(late.code).toBe(4);
-    expect(late.stderr).toMatch(/no running migration of VM/);
-  });
-
   it('switches over a --cutover manual migration once approved', async () => {
     expect(exitOf(await ferry('migrate', vm.vmId, '--from', 'a', '--to', 'b', '--cutover', 'manual'))).toBe(0);
     let phase = '';
-    for (let i = 0; i < 60 && phase !== 'awaiting-cutover'; i++) {
+    for (let i = 0; i < 60 && !['awaiting-cutover', 'completed', 'rolled-back', 'failed'].includes(phase); i++) {
       if (i) await new Promise((r) => setTimeout(r, 500));
       phase = json<{ progress: { phase: string } | null }>(await ferry('status', vm.vmId, '--json')).progress?.phase ?? '';
     }
@@ -237,6 +222,30 @@ describe('against real agents', () => {
     const follow = await ferry('status', vm.vmId, '--follow');
     expect(exitOf(follow)).toBe(0);
     expect(follow.stdout).toMatch(new RegExp(`^${vm.vmId}: completed\n  a → b`));
+  });
+
+  it('aborts a --cutover manual migration: it ends rolled back and the VM runs on the source (b)', async () => {
+    const started = await ferry('migrate', vm.vmId, '--from', 'b', '--to', 'a', '--cutover', 'manual');
+    expect(exitOf(started)).toBe(0);
+    expect(started.stdout).toContain(`ferry approve ${vm.vmId}`);
+
+    const second = await ferry('migrate', vm.vmId, '--from', 'b', '--to', 'a');
+    expect(second.code).toBe(4);
+    expect(second.stderr).toMatch(/is already migrating/);
+
+    expect((await ferry('bandwidth', vm.vmId, '1Gbit/s')).code).toBe(0);
+    const abort = await ferry('abort', vm.vmId, '--reason', 'cli test', '--json');
+    expect(abort.code).toBe(0);
+    expect(json(abort)).toMatchObject({ vmId: vm.vmId, accepted: true });
+
+    const follow = await ferry('status', vm.vmId, '--follow', '--json');
+    expect(json(follow)).toMatchObject({ status: 'COMPLETED', report: { outcome: 'rolled-back', reason: expect.stringContaining('cli test') } });
+    expect(follow.code).toBe(3);
+    expect((await client.hostCommand('b', 'vmInspect', { vmId: vm.vmId })).state).toBe('running');
+
+    const late = await ferry('abort', vm.vmId);
+    expect(late.code).toBe(4);
+    expect(late.stderr).toMatch(/no running migration of VM/);
   });
 
   it('destroys the VM', async () => {

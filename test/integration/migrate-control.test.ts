@@ -1,31 +1,26 @@
 // Operator control of a migration on real agents: abort before and after the commit, a refused
 // second migration, validation errors, and on-demand fetches during postcopy.
-import { startCluster, testVm, referenceHashes, finishGuest, type TestVm } from '../support/cluster';
+import { startCluster, testVm, expectGuestCorrect as guestCorrect, waitForProgress, type TestVm, uniqueHosts } from '../support/cluster';
 import type { LocalCluster } from '../../harness/cluster';
 import { FerryRequestError, MigrationAlreadyRunning, type FerryClient, type MigrationHandle } from '../../client/ferry-client';
 import type { MigrationPhase } from '../../common/migration';
 
+const [a, b] = uniqueHosts('a', 'b');
 jest.setTimeout(300_000);
 
 let cluster: LocalCluster;
 let ferry: FerryClient;
 
 beforeAll(async () => {
-  ({ cluster, ferry } = await startCluster(['a', 'b']));
+  ({ cluster, ferry } = await startCluster([a, b]));
 });
 
 afterAll(async () => {
   await cluster?.stop();
 });
 
-async function waitForPhase(handle: MigrationHandle, phases: MigrationPhase[], timeoutMs = 60_000): Promise<void> {
-  const until = Date.now() + timeoutMs;
-  for (;;) {
-    const p = await handle.progress().catch(() => null);
-    if (p && phases.includes(p.phase)) return;
-    if (Date.now() > until) throw new Error(`migration did not reach ${phases.join('/')} (last ${p?.phase})`);
-    await new Promise((r) => setTimeout(r, 100));
-  }
+function waitForPhase(handle: MigrationHandle, phases: MigrationPhase[], timeoutMs = 120_000): Promise<void> {
+  return waitForProgress(handle, phases.join('/'), (p) => phases.includes(p.phase), timeoutMs);
 }
 
 async function expectOnlyOn(host: string, other: string, vmId: string): Promise<void> {
@@ -33,24 +28,18 @@ async function expectOnlyOn(host: string, other: string, vmId: string): Promise<
   expect((await cluster.vmProcesses(other)).map((p) => p.vmId)).not.toContain(vmId);
 }
 
-async function expectGuestCorrect(host: string, vm: TestVm): Promise<void> {
-  const now = await ferry.hostCommand(host, 'vmInspect', { vmId: vm.vmId });
-  const ops = now.ops + 300;
-  const { status, hashes } = await finishGuest(ferry, host, vm.vmId, ops);
-  expect(status.violations).toBe(0);
-  expect(hashes).toEqual(await referenceHashes(vm, ops));
-}
+const expectGuestCorrect = (host: string, vm: TestVm) => guestCorrect(ferry, host, vm);
 
 describe('abort', () => {
   it.each<[MigrationPhase]>([['disk-precopy'], ['memory-precopy'], ['awaiting-cutover']])(
     'in %s rolls back: the VM keeps running on the source with correct data, the destination is fenced',
     async (phase) => {
       const vm = testVm('randwrite', { opsPerSecond: 20, memoryBytes: 16 * 1024 * 1024 });
-      await ferry.hostCommand('a', 'vmCreate', vm);
+      await ferry.hostCommand(a, 'vmCreate', vm);
       const handle = await ferry.migrate({
         vmId: vm.vmId,
-        sourceHost: 'a',
-        destinationHosts: ['b'],
+        sourceHost: a,
+        destinationHosts: [b],
         cutover: 'manual',
         // slow enough that each phase lasts seconds
         bandwidthBytesPerSecond: phase === 'awaiting-cutover' ? null : 4 * 1024 * 1024,
@@ -60,21 +49,21 @@ describe('abort', () => {
       const report = await handle.result();
       expect(report.outcome).toBe('rolled-back');
       expect(report.reason).toContain(`test abort in ${phase}`);
-      await expectOnlyOn('a', 'b', vm.vmId);
-      const summary = await ferry.hostCommand('a', 'vmInspect', { vmId: vm.vmId });
+      await expectOnlyOn(a, b, vm.vmId);
+      const summary = await ferry.hostCommand(a, 'vmInspect', { vmId: vm.vmId });
       expect(summary.state).toBe('running');
       expect(summary.ownership).toMatchObject({ state: 'running', epoch: 1 });
-      await expectGuestCorrect('a', vm);
+      await expectGuestCorrect(a, vm);
     },
   );
 
   it('after the commit is refused with the reason, and the migration completes', async () => {
     const vm = testVm('mixed', { opsPerSecond: 3000 });
-    await ferry.hostCommand('a', 'vmCreate', vm);
+    await ferry.hostCommand(a, 'vmCreate', vm);
     const handle = await ferry.migrate({
       vmId: vm.vmId,
-      sourceHost: 'a',
-      destinationHosts: ['b'],
+      sourceHost: a,
+      destinationHosts: [b],
       convergence: { maxRounds: 1, dirtyBlockThreshold: 1_000_000 },
       downtimeTargetMs: 10_000, // one memory round is enough: the slow part is the postcopy
     });
@@ -84,19 +73,19 @@ describe('abort', () => {
     await expect(handle.abort('too late')).rejects.toThrow(/past the commit point|only before the switchover/);
     const report = await handle.result();
     expect(report.outcome).toBe('completed');
-    await expectOnlyOn('b', 'a', vm.vmId);
-    await expectGuestCorrect('b', vm);
+    await expectOnlyOn(b, a, vm.vmId);
+    await expectGuestCorrect(b, vm);
   });
 });
 
 describe('postcopy', () => {
   it('serves guest reads of stale blocks by on-demand fetch, with correct data', async () => {
     const vm = testVm('mixed', { opsPerSecond: 4000 });
-    await ferry.hostCommand('a', 'vmCreate', vm);
+    await ferry.hostCommand(a, 'vmCreate', vm);
     const handle = await ferry.migrate({
       vmId: vm.vmId,
-      sourceHost: 'a',
-      destinationHosts: ['b'],
+      sourceHost: a,
+      destinationHosts: [b],
       convergence: { maxRounds: 1, dirtyBlockThreshold: 1_000_000 },
       downtimeTargetMs: 10_000, // one memory round is enough: the slow part is the postcopy
     });
@@ -106,19 +95,19 @@ describe('postcopy', () => {
     const report = await handle.result();
     expect(report).toMatchObject({ outcome: 'completed' });
     expect(report.onDemandFetches).toBeGreaterThan(0);
-    const dest = await ferry.hostCommand('b', 'vmInspect', { vmId: vm.vmId });
+    const dest = await ferry.hostCommand(b, 'vmInspect', { vmId: vm.vmId });
     expect(dest.staleWaits).toBeGreaterThan(0);
     expect(dest.staleBlocks).toBe(0);
-    await expectGuestCorrect('b', vm);
+    await expectGuestCorrect(b, vm);
   });
 });
 
 describe('refusals', () => {
   it('refuses a second migration of a VM that is migrating', async () => {
     const vm = testVm('idle');
-    await ferry.hostCommand('a', 'vmCreate', vm);
-    const handle = await ferry.migrate({ vmId: vm.vmId, sourceHost: 'a', destinationHosts: ['b'], cutover: 'manual' });
-    await expect(ferry.migrate({ vmId: vm.vmId, sourceHost: 'a', destinationHosts: ['b'] })).rejects.toBeInstanceOf(MigrationAlreadyRunning);
+    await ferry.hostCommand(a, 'vmCreate', vm);
+    const handle = await ferry.migrate({ vmId: vm.vmId, sourceHost: a, destinationHosts: [b], cutover: 'manual' });
+    await expect(ferry.migrate({ vmId: vm.vmId, sourceHost: a, destinationHosts: [b] })).rejects.toBeInstanceOf(MigrationAlreadyRunning);
     await handle.abort('test done');
     expect((await handle.result()).outcome).toBe('rolled-back');
   });
@@ -134,49 +123,49 @@ describe('refusals', () => {
   }
 
   it('refuses the same source and destination, naming the fix', async () => {
-    const err = await refusal({ vmId: 'vm-same', sourceHost: 'a', destinationHosts: ['a'] });
+    const err = await refusal({ vmId: 'vm-same', sourceHost: a, destinationHosts: [a] });
     expect(err.type).toBe('ValidationError');
     expect(err.message).toMatch(/cannot migrate to the host it runs on/);
   });
 
   it('refuses a block size out of range', async () => {
-    const err = await refusal({ vmId: 'vm-bs', sourceHost: 'a', destinationHosts: ['b'], blockBytes: 1000 });
+    const err = await refusal({ vmId: 'vm-bs', sourceHost: a, destinationHosts: [b], blockBytes: 1000 });
     expect(err.type).toBe('ValidationError');
     expect(err.message).toMatch(/blockBytes/);
   });
 
   it('refuses an unknown VM', async () => {
-    const err = await refusal({ vmId: 'no-such-vm', sourceHost: 'a', destinationHosts: ['b'] });
+    const err = await refusal({ vmId: 'no-such-vm', sourceHost: a, destinationHosts: [b] });
     expect(err.type).toBe('VmNotFound');
-    expect(err.message).toMatch(/does not exist on host a/);
+    expect(err.message).toMatch(new RegExp(`does not exist on host ${a}`));
   });
 
   it('refuses a VM that does not run on the named source', async () => {
     const vm = testVm('idle');
-    await ferry.hostCommand('a', 'vmCreate', vm);
-    const err = await refusal({ vmId: vm.vmId, sourceHost: 'b', destinationHosts: ['a'] });
+    await ferry.hostCommand(a, 'vmCreate', vm);
+    const err = await refusal({ vmId: vm.vmId, sourceHost: b, destinationHosts: [a] });
     expect(err.type).toBe('VmNotFound');
-    await ferry.hostCommand('a', 'vmDestroy', { vmId: vm.vmId });
+    await ferry.hostCommand(a, 'vmDestroy', { vmId: vm.vmId });
   });
 
   it('rolls back from an unknown destination host (no agent) and says which', async () => {
     const vm = testVm('idle');
-    await ferry.hostCommand('a', 'vmCreate', vm);
-    const handle = await ferry.migrate({ vmId: vm.vmId, sourceHost: 'a', destinationHosts: ['nowhere'], destinationDeadlineSeconds: 3 });
+    await ferry.hostCommand(a, 'vmCreate', vm);
+    const handle = await ferry.migrate({ vmId: vm.vmId, sourceHost: a, destinationHosts: ['nowhere'], destinationDeadlineSeconds: 3 });
     const report = await handle.result();
     expect(report.outcome).toBe('rolled-back');
     expect(report.failedDestinations[0].reason).toMatch(/host nowhere did not answer.*ferry worker --host nowhere/);
-    await expectOnlyOn('a', 'b', vm.vmId);
+    await expectOnlyOn(a, b, vm.vmId);
   });
 
   it('tries the next destination when the first cannot take the VM', async () => {
     const vm = testVm('randwrite', { opsPerSecond: 300 });
-    await ferry.hostCommand('a', 'vmCreate', vm);
-    const handle = await ferry.migrate({ vmId: vm.vmId, sourceHost: 'a', destinationHosts: ['nowhere', 'b'], destinationDeadlineSeconds: 3 });
+    await ferry.hostCommand(a, 'vmCreate', vm);
+    const handle = await ferry.migrate({ vmId: vm.vmId, sourceHost: a, destinationHosts: ['nowhere', b], destinationDeadlineSeconds: 3 });
     const report = await handle.result();
-    expect(report).toMatchObject({ outcome: 'completed', destinationHost: 'b' });
+    expect(report).toMatchObject({ outcome: 'completed', destinationHost: b });
     expect(report.failedDestinations.map((f) => f.host)).toEqual(['nowhere']);
-    await expectOnlyOn('b', 'a', vm.vmId);
-    await expectGuestCorrect('b', vm);
+    await expectOnlyOn(b, a, vm.vmId);
+    await expectGuestCorrect(b, vm);
   });
 });

@@ -2,18 +2,19 @@
 // first migration left behind; every reason to fall back to a full copy is caused and reported.
 import path from 'node:path';
 import { promises as fs } from 'node:fs';
-import { startCluster, testVm, referenceHashes, finishGuest, type TestVm } from '../support/cluster';
+import { startCluster, testVm, expectGuestCorrect as guestCorrect, type TestVm, uniqueHosts } from '../support/cluster';
 import type { LocalCluster } from '../../harness/cluster';
 import type { FerryClient } from '../../client/ferry-client';
 import type { MigrateVmInput, MigrationReport } from '../../common/migration';
 
+const [a, b, c] = uniqueHosts('a', 'b', 'c');
 jest.setTimeout(300_000);
 
 let cluster: LocalCluster;
 let ferry: FerryClient;
 
 beforeAll(async () => {
-  ({ cluster, ferry } = await startCluster(['a', 'b', 'c']));
+  ({ cluster, ferry } = await startCluster([a, b, c]));
 });
 
 afterAll(async () => {
@@ -25,13 +26,7 @@ async function migrate(vm: TestVm, from: string, to: string, extra: Partial<Migr
   return handle.result();
 }
 
-async function expectGuestCorrect(host: string, vm: TestVm): Promise<void> {
-  const now = await ferry.hostCommand(host, 'vmInspect', { vmId: vm.vmId });
-  const ops = now.ops + 300;
-  const { status, hashes } = await finishGuest(ferry, host, vm.vmId, ops);
-  expect(status.violations).toBe(0);
-  expect(hashes).toEqual(await referenceHashes(vm, ops));
-}
+const expectGuestCorrect = (host: string, vm: TestVm) => guestCorrect(ferry, host, vm);
 
 const diskOf = (host: string, vmId: string) => path.join(cluster.home(host), 'vms', vmId, 'disk.img');
 
@@ -47,119 +42,119 @@ async function differingBlocks(fileA: string, fileB: string, blockBytes: number)
 
 it('moving back sends exactly the blocks written since, plus memory', async () => {
   const vm = testVm('randwrite', { opsPerSecond: 2000 });
-  await ferry.hostCommand('a', 'vmCreate', vm);
-  const first = await migrate(vm, 'a', 'b');
+  await ferry.hostCommand(a, 'vmCreate', vm);
+  const first = await migrate(vm, a, b);
   expect(first).toMatchObject({ outcome: 'completed', incremental: false });
   expect(first.incrementalFallbackReason).toMatch(/no write-tracking bitmap/);
-  expect((await ferry.hostCommand('a', 'baseList')).map((b) => b.vmId)).toContain(vm.vmId);
+  expect((await ferry.hostCommand(a, 'baseList')).map((b) => b.vmId)).toContain(vm.vmId);
 
   // The guest writes on b, then halts: nothing changes during the migration back.
-  const now = await ferry.hostCommand('b', 'vmInspect', { vmId: vm.vmId });
-  await ferry.hostCommand('b', 'vmRunUntil', { vmId: vm.vmId, ops: now.ops + 400 });
-  const written = await differingBlocks(diskOf('a', vm.vmId), diskOf('b', vm.vmId), 65536);
+  const now = await ferry.hostCommand(b, 'vmInspect', { vmId: vm.vmId });
+  await ferry.hostCommand(b, 'vmRunUntil', { vmId: vm.vmId, ops: now.ops + 400 });
+  const written = await differingBlocks(diskOf(a, vm.vmId), diskOf(b, vm.vmId), 65536);
   expect(written).toBeGreaterThan(0);
 
-  const back = await migrate(vm, 'b', 'a');
+  const back = await migrate(vm, b, a);
   expect(back).toMatchObject({ outcome: 'completed', incremental: true });
   const blocks = vm.diskBytes / 65536;
   expect(back.skippedBlocks).toBe(blocks - written);
   expect(back.diskBytesSent).toBe(written * 65536);
   expect(back.memoryBytesSent).toBeGreaterThanOrEqual(vm.memoryBytes);
   expect(back.diskBytesSent).toBeLessThan(first.diskBytesSent);
-  await expectGuestCorrect('a', vm);
+  await expectGuestCorrect(a, vm);
 });
 
 it('a chain a→b→a→b→a under randwrite stays byte-identical to the reference run', async () => {
   const vm = testVm('randwrite', { opsPerSecond: 1000 });
-  await ferry.hostCommand('a', 'vmCreate', vm);
-  const hops: [string, string][] = [['a', 'b'], ['b', 'a'], ['a', 'b'], ['b', 'a']];
+  await ferry.hostCommand(a, 'vmCreate', vm);
+  const hops: [string, string][] = [[a, b], [b, a], [a, b], [b, a]];
   const reports: MigrationReport[] = [];
   for (const [from, to] of hops) reports.push(await migrate(vm, from, to));
   expect(reports.map((r) => r.outcome)).toEqual(['completed', 'completed', 'completed', 'completed']);
   expect(reports.map((r) => r.incremental)).toEqual([false, true, true, true]);
-  await expectGuestCorrect('a', vm);
+  await expectGuestCorrect(a, vm);
 });
 
 describe('falls back to a full copy and says why', () => {
   it('on a third host without a base, and on a lineage mismatch', async () => {
     const vm = testVm('randwrite', { opsPerSecond: 500 });
-    await ferry.hostCommand('a', 'vmCreate', vm);
-    await migrate(vm, 'a', 'b');
-    const toC = await migrate(vm, 'b', 'c');
+    await ferry.hostCommand(a, 'vmCreate', vm);
+    await migrate(vm, a, b);
+    const toC = await migrate(vm, b, c);
     expect(toC).toMatchObject({ outcome: 'completed', incremental: false });
     expect(toC.incrementalFallbackReason).toMatch(/holds no base/);
     // a holds the base of a→b, but c's bitmap starts at b→c
-    const toA = await migrate(vm, 'c', 'a');
+    const toA = await migrate(vm, c, a);
     expect(toA).toMatchObject({ outcome: 'completed', incremental: false });
     expect(toA.incrementalFallbackReason).toMatch(/lineage mismatch/);
-    await expectGuestCorrect('a', vm);
+    await expectGuestCorrect(a, vm);
   });
 
   it('when the base was tampered with (one byte)', async () => {
     const vm = testVm('randwrite', { opsPerSecond: 500 });
-    await ferry.hostCommand('a', 'vmCreate', vm);
-    await migrate(vm, 'a', 'b');
-    const fh = await fs.open(diskOf('a', vm.vmId), 'r+');
+    await ferry.hostCommand(a, 'vmCreate', vm);
+    await migrate(vm, a, b);
+    const fh = await fs.open(diskOf(a, vm.vmId), 'r+');
     const byte = Buffer.alloc(1);
     await fh.read(byte, 0, 1, 12345);
     byte[0] ^= 0xff;
     await fh.write(byte, 0, 1, 12345);
     await fh.close();
-    const back = await migrate(vm, 'b', 'a');
+    const back = await migrate(vm, b, a);
     expect(back).toMatchObject({ outcome: 'completed', incremental: false });
     expect(back.incrementalFallbackReason).toMatch(/digest does not match/);
-    await expectGuestCorrect('a', vm);
+    await expectGuestCorrect(a, vm);
   });
 
   it('when the block size changed', async () => {
     const vm = testVm('randwrite', { opsPerSecond: 500 });
-    await ferry.hostCommand('a', 'vmCreate', vm);
-    await migrate(vm, 'a', 'b');
-    const back = await migrate(vm, 'b', 'a', { blockBytes: 32768 });
+    await ferry.hostCommand(a, 'vmCreate', vm);
+    await migrate(vm, a, b);
+    const back = await migrate(vm, b, a, { blockBytes: 32768 });
     expect(back).toMatchObject({ outcome: 'completed', incremental: false });
     expect(back.incrementalFallbackReason).toMatch(/block size changed/);
-    await expectGuestCorrect('a', vm);
+    await expectGuestCorrect(a, vm);
   });
 
   it('when the bitmap is invalid after a kill -9 of the VM process', async () => {
     const vm = testVm('randwrite', { opsPerSecond: 500 });
-    await ferry.hostCommand('a', 'vmCreate', vm);
-    await migrate(vm, 'a', 'b');
-    const proc = (await cluster.vmProcesses('b')).find((p) => p.vmId === vm.vmId)!;
+    await ferry.hostCommand(a, 'vmCreate', vm);
+    await migrate(vm, a, b);
+    const proc = (await cluster.vmProcesses(b)).find((p) => p.vmId === vm.vmId)!;
     process.kill(proc.pid, 'SIGKILL');
     await new Promise((r) => setTimeout(r, 500));
-    await ferry.hostCommand('b', 'vmStart', { vmId: vm.vmId });
-    const back = await migrate(vm, 'b', 'a');
+    await ferry.hostCommand(b, 'vmStart', { vmId: vm.vmId });
+    const back = await migrate(vm, b, a);
     expect(back).toMatchObject({ outcome: 'completed', incremental: false });
     expect(back.incrementalFallbackReason).toMatch(/invalid after an unclean stop/);
-    const after = await ferry.hostCommand('a', 'vmInspect', { vmId: vm.vmId });
+    const after = await ferry.hostCommand(a, 'vmInspect', { vmId: vm.vmId });
     expect(after.violations).toBe(0);
   });
 
   it("with incremental 'off', and refuses with 'require' when it is not possible", async () => {
     const vm = testVm('randwrite', { opsPerSecond: 500 });
-    await ferry.hostCommand('a', 'vmCreate', vm);
-    await migrate(vm, 'a', 'b');
-    const off = await migrate(vm, 'b', 'a', { incremental: 'off' });
+    await ferry.hostCommand(a, 'vmCreate', vm);
+    await migrate(vm, a, b);
+    const off = await migrate(vm, b, a, { incremental: 'off' });
     expect(off).toMatchObject({ outcome: 'completed', incremental: false });
     expect(off.incrementalFallbackReason).toMatch(/turned off/);
-    const required = await migrate(vm, 'a', 'c', { incremental: 'require' });
+    const required = await migrate(vm, a, c, { incremental: 'require' });
     expect(required.outcome).toBe('rolled-back');
     expect(required.reason).toMatch(/incremental migration required but not possible: this host holds no base/);
-    await expectGuestCorrect('a', vm);
+    await expectGuestCorrect(a, vm);
   });
 });
 
 it('lists and deletes bases; without its base the way back is a full copy', async () => {
   const vm = testVm('idle');
-  await ferry.hostCommand('a', 'vmCreate', vm);
-  await migrate(vm, 'a', 'b');
-  const bases = await ferry.hostCommand('a', 'baseList');
+  await ferry.hostCommand(a, 'vmCreate', vm);
+  await migrate(vm, a, b);
+  const bases = await ferry.hostCommand(a, 'baseList');
   expect(bases.find((b) => b.vmId === vm.vmId)).toMatchObject({ diskBytes: vm.diskBytes, blockBytes: 65536, inUseBy: null });
-  await ferry.hostCommand('a', 'baseDelete', { vmId: vm.vmId });
-  expect((await ferry.hostCommand('a', 'baseList')).map((b) => b.vmId)).not.toContain(vm.vmId);
-  await expect(ferry.hostCommand('a', 'baseDelete', { vmId: vm.vmId })).rejects.toThrow(/holds no base/);
+  await ferry.hostCommand(a, 'baseDelete', { vmId: vm.vmId });
+  expect((await ferry.hostCommand(a, 'baseList')).map((b) => b.vmId)).not.toContain(vm.vmId);
+  await expect(ferry.hostCommand(a, 'baseDelete', { vmId: vm.vmId })).rejects.toThrow(/holds no base/);
   // with the base gone, the way back is a full copy
-  const back = await migrate(vm, 'b', 'a');
+  const back = await migrate(vm, b, a);
   expect(back.incremental).toBe(false);
 });

@@ -3,7 +3,8 @@ import os from 'node:os';
 import path from 'node:path';
 import { promises as fs } from 'node:fs';
 import { LocalCluster } from '../../harness/cluster';
-import { FerryClient } from '../../client/ferry-client';
+import { FerryClient, type MigrationHandle } from '../../client/ferry-client';
+import type { MigrationProgress } from '../../common/migration';
 import { referenceRun } from '../../hypervisor/sim/guest';
 import type { VmSpec } from '../../hypervisor/driver';
 import { vmId as asVmId, type Workload } from '../../common/types';
@@ -24,11 +25,19 @@ export interface TestVm {
   fill: boolean;
 }
 
+// Test files share one Temporal server, and a jest worker runs several files: names carry a run tag.
+const RUN_TAG = `${process.pid.toString(36)}${Math.random().toString(36).slice(2, 6)}`;
+
+/** Host names of this test file, distinct from every other file's (they share the task queues' namespace). */
+export function uniqueHosts(...names: string[]): string[] {
+  return names.map((n) => `${n}-${RUN_TAG}`);
+}
+
 let counter = 0;
 export function testVm(workload: Workload, over: Partial<TestVm> = {}): TestVm {
   counter++;
   return {
-    vmId: `vm-${workload}-${process.pid}-${counter}`,
+    vmId: `vm-${workload}-${RUN_TAG}-${counter}`,
     diskBytes: 32 * 1024 * 1024,
     memoryBytes: 8 * 1024 * 1024,
     workload,
@@ -47,6 +56,27 @@ export async function referenceHashes(vm: TestVm, ops: number): Promise<{ disk: 
     return await referenceRun(spec, ops, dir);
   } finally {
     await fs.rm(dir, { recursive: true, force: true });
+  }
+}
+
+/** Run the guest on `host` a little further and check it against the reference run: no stale read, equal hashes. */
+export async function expectGuestCorrect(ferry: FerryClient, host: string, vm: TestVm, moreOps = 300): Promise<void> {
+  const now = await ferry.hostCommand(host, 'vmInspect', { vmId: vm.vmId });
+  const ops = now.ops + moreOps;
+  const { status, hashes } = await finishGuest(ferry, host, vm.vmId, ops);
+  expect(status.violations).toBe(0);
+  expect(status.ops).toBe(ops);
+  expect(hashes).toEqual(await referenceHashes(vm, ops));
+}
+
+/** Poll a migration's progress until `pred` holds. */
+export async function waitForProgress(handle: MigrationHandle, what: string, pred: (p: MigrationProgress) => boolean, timeoutMs = 120_000): Promise<void> {
+  const until = Date.now() + timeoutMs;
+  for (;;) {
+    const p = await handle.progress().catch(() => null);
+    if (p && pred(p)) return;
+    if (Date.now() > until) throw new Error(`timed out waiting for ${what} (last phase ${p?.phase})`);
+    await new Promise((r) => setTimeout(r, 100));
   }
 }
 

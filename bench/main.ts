@@ -1,0 +1,175 @@
+// `npm run bench`: real migrations (Temporal server, host agents, VM processes) against limits of
+// this machine measured in the same run. See bench/README.md for what each number means.
+//   npx tsx bench/main.ts [--quick] [--json FILE] [--charts DIR] [--disk-mib 1024] [--memory-mib 256] [--reps 5]
+import os from 'node:os';
+import path from 'node:path';
+import { promises as fs } from 'node:fs';
+import { Command } from 'commander';
+import { FerryClient } from '../client/ferry-client';
+import { LocalCluster } from '../harness/cluster';
+import type { MigrationMode } from '../common/migration';
+import { WORKLOADS, type Workload } from '../common/types';
+import { ensureTemporalCli, startDevServer, type DevServer } from '../scripts/temporal-cli';
+import { measureBaselines } from './baselines';
+import { writeCharts } from './charts';
+import { formatReport, summarize, type Results } from './report';
+import { Bench, type ScenarioConfig } from './scenarios';
+import { measureTracking } from './tracking';
+
+const MiB = 1024 * 1024;
+const HOSTS = ['h1', 'h2', 'h3', 'h4'];
+const SCENARIOS = ['baselines', 'tracking', 'matrix', 'im', 'heavy', 'bandwidth', 'concurrent'] as const;
+type ScenarioName = (typeof SCENARIOS)[number];
+
+interface Flags {
+  quick: boolean;
+  json?: string;
+  charts?: string;
+  diskMib?: string;
+  memoryMib?: string;
+  reps?: string;
+  ops?: string;
+  workloads?: string;
+  modes?: string;
+  concurrent?: string;
+  bandwidth: string;
+  imPercent: string;
+  only?: string;
+  temporalAddress?: string;
+  keepDir: boolean;
+}
+
+function list<T extends string>(value: string | undefined, allowed: readonly T[], fallback: readonly T[], what: string): T[] {
+  if (!value) return [...fallback];
+  const items = value.split(',').map((s) => s.trim()) as T[];
+  for (const i of items) if (!allowed.includes(i)) throw new Error(`unknown ${what} ${JSON.stringify(i)}: use ${allowed.join(', ')}`);
+  return items;
+}
+
+function positive(value: string | undefined, fallback: number, what: string): number {
+  if (value === undefined) return fallback;
+  const n = Number(value);
+  if (!Number.isFinite(n) || n <= 0) throw new Error(`--${what} must be a positive number, got ${JSON.stringify(value)}`);
+  return n;
+}
+
+function config(f: Flags): { cfg: ScenarioConfig; scenarios: ScenarioName[] } {
+  const q = f.quick;
+  const diskBytes = positive(f.diskMib, q ? 64 : 1024, 'disk-mib') * MiB;
+  const memoryBytes = positive(f.memoryMib, q ? 16 : 256, 'memory-mib') * MiB;
+  const count = positive(f.concurrent, q ? 8 : 50, 'concurrent');
+  const cfg: ScenarioConfig = {
+    diskBytes,
+    memoryBytes,
+    reps: Math.round(positive(f.reps, q ? 1 : 5, 'reps')),
+    opsPerSecond: positive(f.ops, 500, 'ops'),
+    workloads: list<Workload>(f.workloads, WORKLOADS, q ? ['idle', 'randwrite', 'mixed'] : WORKLOADS, 'workload'),
+    modes: list<MigrationMode>(f.modes, ['tpm', 'precopy'], ['tpm', 'precopy'], 'mode'),
+    settleMs: q ? 300 : 1000,
+    imFraction: positive(f.imPercent, 5, 'im-percent') / 100,
+    bandwidthBytesPerSecond: positive(f.bandwidth, 125e6, 'bandwidth'),
+    concurrent: { count: Math.round(count), diskBytes: (q ? 16 : 32) * MiB, memoryBytes: (q ? 4 : 8) * MiB, opsPerSecond: 100 },
+    migrationTimeoutMs: q ? 90_000 : 15 * 60_000,
+  };
+  return { cfg, scenarios: list<ScenarioName>(f.only, SCENARIOS, SCENARIOS, 'scenario') };
+}
+
+async function main(f: Flags): Promise<number> {
+  const { cfg, scenarios } = config(f);
+  const t0 = performance.now();
+  const say = (line: string) => process.stderr.write(`[${((performance.now() - t0) / 1000).toFixed(0).padStart(4)} s] ${line}\n`);
+  const root = await fs.mkdtemp(path.join(os.tmpdir(), 'ferry-bench-'));
+  let server: DevServer | null = null;
+  let cluster: LocalCluster | null = null;
+  const cleanup = async () => {
+    await cluster?.stop().catch(() => undefined);
+    await server?.stop().catch(() => undefined);
+    if (!f.keepDir) await fs.rm(root, { recursive: true, force: true }).catch(() => undefined);
+  };
+  process.once('SIGINT', () => {
+    say('interrupted: stopping every process the benchmark started');
+    void cleanup().then(() => process.exit(130));
+  });
+
+  const res: Results = { runs: [], baselines: null, tracking: [], im: null, heavy: [], bandwidth: null, concurrent: null };
+  const has = (s: ScenarioName) => scenarios.includes(s);
+  try {
+    say(`disk ${cfg.diskBytes / MiB} MiB, memory ${cfg.memoryBytes / MiB} MiB, ${cfg.reps} rep(s), workloads ${cfg.workloads.join(',')}, modes ${cfg.modes.join(',')}; working directory ${root}`);
+    if (has('baselines')) {
+      say('baselines: cp of the disk image and of a memory-sized file, raw TCP copy of the image');
+      res.baselines = await measureBaselines(root, cfg.diskBytes, cfg.memoryBytes, Math.min(cfg.reps, 3));
+    }
+    if (has('tracking')) {
+      say('tracking: guest write throughput with tracking off and on, alternating');
+      const pairs = f.quick ? 3 : 9;
+      res.tracking.push(await measureTracking(root, 'randwrite', cfg.diskBytes, cfg.memoryBytes, pairs, f.quick ? 20_000 : 100_000));
+      res.tracking.push(await measureTracking(root, 'seqwrite', cfg.diskBytes, cfg.memoryBytes, pairs, f.quick ? 500 : 2_000));
+    }
+    const needCluster = scenarios.some((s) => ['matrix', 'im', 'heavy', 'bandwidth', 'concurrent'].includes(s));
+    if (needCluster) {
+      let address = f.temporalAddress;
+      if (!address) {
+        say('starting a Temporal dev server (headless, in memory)');
+        const cli = await ensureTemporalCli({ log: (l) => say(`  ${l}`) });
+        server = await startDevServer({ cliPath: cli.path, uiPort: null });
+        address = server.address;
+      }
+      say(`starting ${HOSTS.length} host agents on Temporal ${address}`);
+      cluster = await LocalCluster.start({ temporalAddress: address, hosts: HOSTS, root: path.join(root, 'cluster') });
+      const bench = new Bench(new FerryClient(cluster.client), cluster, cfg, say);
+      res.runs = bench.runs;
+      if (has('matrix')) await bench.matrix();
+      if (has('im')) res.im = await bench.incremental();
+      if (has('heavy')) for (const mode of f.quick ? (['tpm'] as const) : cfg.modes) res.heavy.push(await bench.heavyWriter(mode));
+      if (has('bandwidth')) res.bandwidth = await bench.bandwidthLimited();
+      if (has('concurrent')) res.concurrent = await bench.concurrent();
+      const bad = Object.entries(bench.violations).filter(([, v]) => v !== 0);
+      for (const [vm, v] of bad) say(`WARNING: guest of ${vm} saw ${v} read-check violations`);
+    }
+    const summary = summarize(res);
+    process.stdout.write(`${formatReport(res, summary)}\n`);
+    const durationS = (performance.now() - t0) / 1000;
+    if (f.json) {
+      const meta = {
+        started_at: new Date(Date.now() - durationS * 1000).toISOString(),
+        duration_s: Math.round(durationS),
+        command: process.argv.slice(2).join(' '),
+        machine: { cpus: os.cpus().length, cpu_model: os.cpus()[0]?.model ?? null, memory_gib: Math.round(os.totalmem() / 2 ** 30), platform: `${os.type()} ${os.release()}`, node: process.version },
+        config: cfg,
+      };
+      await fs.writeFile(f.json, `${JSON.stringify({ meta, summary, baselines: res.baselines, tracking: res.tracking, im: res.im, bandwidth: res.bandwidth, concurrent: res.concurrent, runs: res.runs }, null, 2)}\n`);
+      say(`wrote ${f.json}`);
+    }
+    if (f.charts) for (const file of await writeCharts(f.charts, res, summary, say)) say(`wrote ${file}`);
+    say(`done in ${durationS.toFixed(0)} s`);
+    return 0;
+  } finally {
+    await cleanup();
+  }
+}
+
+const program = new Command('ferry-bench')
+  .description('Benchmark Ferry with real migrations against the limits of this machine, measured in the same run')
+  .option('--quick', 'small sizes, 1 repetition, a subset of workloads (under 3 minutes)', false)
+  .option('--json <file>', 'write every run and the summary as JSON')
+  .option('--charts <dir>', 'write SVG charts (needs vega and vega-lite)')
+  .option('--disk-mib <n>', 'VM disk size in MiB (default 1024; 64 with --quick)')
+  .option('--memory-mib <n>', 'VM memory size in MiB (default 256; 16 with --quick)')
+  .option('--reps <n>', 'repetitions per workload and mode (default 5; 1 with --quick)')
+  .option('--ops <n>', 'guest operations per second of the matrix VMs (seqwrite: 1/64 of it, for the same bytes written)', '500')
+  .option('--workloads <list>', `comma-separated, from ${WORKLOADS.join(',')}`)
+  .option('--modes <list>', 'comma-separated, from tpm,precopy')
+  .option('--concurrent <n>', 'VMs migrating at once (default 50; 8 with --quick)')
+  .option('--bandwidth <bytes/s>', 'data-plane limit of the bandwidth-limited run', '125e6')
+  .option('--im-percent <p>', 'share of blocks written between the migrations of the incremental scenario', '5')
+  .option('--only <list>', `run only these, comma-separated: ${SCENARIOS.join(',')}`)
+  .option('--temporal-address <host:port>', 'use this Temporal server instead of starting a dev server')
+  .option('--keep-dir', 'keep the working directory (agent logs, images) for inspection', false)
+  .action(async (f: Flags) => {
+    process.exitCode = await main(f);
+  });
+
+program.parseAsync(process.argv).catch((err: Error) => {
+  process.stderr.write(`ferry bench failed: ${err.stack ?? err.message}\n`);
+  process.exit(1);
+});
