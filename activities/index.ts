@@ -157,7 +157,7 @@ export function createActivities(deps: HostDeps) {
     },
 
     async startTracking(ref: MigrationRef): Promise<void> {
-      await source.startTracking(ref);
+      await guard(() => source.startTracking(ref));
     },
 
     async copyDiskFirstPass(input: { ref: MigrationRef; incremental: boolean }) {
@@ -173,7 +173,7 @@ export function createActivities(deps: HostDeps) {
     },
 
     async setThrottle(input: { vmId: string; fraction: number }): Promise<void> {
-      await source.setThrottle(input.vmId, input.fraction);
+      await guard(() => source.setThrottle(input.vmId, input.fraction));
     },
 
     async switchover(input: { ref: MigrationRef; mode: 'tpm' | 'precopy' }) {
@@ -189,7 +189,7 @@ export function createActivities(deps: HostDeps) {
     },
 
     async finalizeSource(input: { vmId: string; migrationId: string; blockBytes: number }): Promise<void> {
-      await source.finalize(input);
+      await guard(() => source.finalize(input));
     },
 
     async setBandwidth(input: { migrationId: string; bytesPerSecond: number | null }): Promise<void> {

@@ -37,6 +37,7 @@ interface Flags {
   only?: string;
   temporalAddress?: string;
   keepDir: boolean;
+  cpuProf?: string;
 }
 
 function list<T extends string>(value: string | undefined, allowed: readonly T[], fallback: readonly T[], what: string): T[] {
@@ -62,14 +63,15 @@ function config(f: Flags): { cfg: ScenarioConfig; scenarios: ScenarioName[] } {
     diskBytes,
     memoryBytes,
     reps: Math.round(positive(f.reps, q ? 1 : 5, 'reps')),
-    opsPerSecond: positive(f.ops, 500, 'ops'),
-    workloads: list<Workload>(f.workloads, WORKLOADS, q ? ['idle', 'randwrite', 'mixed'] : WORKLOADS, 'workload'),
+    opsPerSecond: positive(f.ops, q ? 100 : 500, 'ops'),
+    workloads: list<Workload>(f.workloads, WORKLOADS, q ? ['idle', 'randwrite'] : WORKLOADS, 'workload'),
     modes: list<MigrationMode>(f.modes, ['tpm', 'precopy'], ['tpm', 'precopy'], 'mode'),
     settleMs: q ? 300 : 1000,
     imFraction: positive(f.imPercent, 5, 'im-percent') / 100,
     bandwidthBytesPerSecond: positive(f.bandwidth, 125e6, 'bandwidth'),
     concurrent: { count: Math.round(count), diskBytes: (q ? 16 : 32) * MiB, memoryBytes: (q ? 4 : 8) * MiB, opsPerSecond: 100 },
     migrationTimeoutMs: q ? 90_000 : 15 * 60_000,
+    heavyMaxRounds: q ? 4 : undefined,
   };
   return { cfg, scenarios: list<ScenarioName>(f.only, SCENARIOS, SCENARIOS, 'scenario') };
 }
@@ -77,6 +79,7 @@ function config(f: Flags): { cfg: ScenarioConfig; scenarios: ScenarioName[] } {
 async function main(f: Flags): Promise<number> {
   const { cfg, scenarios } = config(f);
   const t0 = performance.now();
+  const loadBefore = os.loadavg();
   const say = (line: string) => process.stderr.write(`[${((performance.now() - t0) / 1000).toFixed(0).padStart(4)} s] ${line}\n`);
   const root = await fs.mkdtemp(path.join(os.tmpdir(), 'ferry-bench-'));
   let server: DevServer | null = null;
@@ -94,14 +97,14 @@ async function main(f: Flags): Promise<number> {
   const res: Results = { runs: [], baselines: null, tracking: [], im: null, heavy: [], bandwidth: null, concurrent: null };
   const has = (s: ScenarioName) => scenarios.includes(s);
   try {
-    say(`disk ${cfg.diskBytes / MiB} MiB, memory ${cfg.memoryBytes / MiB} MiB, ${cfg.reps} rep(s), workloads ${cfg.workloads.join(',')}, modes ${cfg.modes.join(',')}; working directory ${root}`);
+    say(`disk ${cfg.diskBytes / MiB} MiB, memory ${cfg.memoryBytes / MiB} MiB, ${cfg.reps} rep(s), workloads ${cfg.workloads.join(',')} at ${cfg.opsPerSecond} ops/s, modes ${cfg.modes.join(',')}; load average ${os.loadavg()[0].toFixed(1)}; working directory ${root}`);
     if (has('baselines')) {
       say('baselines: cp of the disk image and of a memory-sized file, raw TCP copy of the image');
       res.baselines = await measureBaselines(root, cfg.diskBytes, cfg.memoryBytes, Math.min(cfg.reps, 3));
     }
     if (has('tracking')) {
       say('tracking: guest write throughput with tracking off and on, alternating');
-      const pairs = f.quick ? 3 : 9;
+      const pairs = f.quick ? 5 : 11;
       res.tracking.push(await measureTracking(root, 'randwrite', cfg.diskBytes, cfg.memoryBytes, pairs, f.quick ? 20_000 : 100_000));
       res.tracking.push(await measureTracking(root, 'seqwrite', cfg.diskBytes, cfg.memoryBytes, pairs, f.quick ? 500 : 2_000));
     }
@@ -115,7 +118,11 @@ async function main(f: Flags): Promise<number> {
         address = server.address;
       }
       say(`starting ${HOSTS.length} host agents on Temporal ${address}`);
-      cluster = await LocalCluster.start({ temporalAddress: address, hosts: HOSTS, root: path.join(root, 'cluster') });
+      const clusterRoot = path.join(root, 'cluster');
+      await fs.mkdir(clusterRoot); // LocalCluster.start writes the workflow bundle there before creating it
+      // Agents (and the VM processes they start) write V8 CPU profiles there when they exit.
+      const env = f.cpuProf ? { NODE_OPTIONS: `${process.env.NODE_OPTIONS ?? ''} --cpu-prof --cpu-prof-dir=${path.resolve(f.cpuProf)}`.trim() } : undefined;
+      cluster = await LocalCluster.start({ temporalAddress: address, hosts: HOSTS, root: clusterRoot, env });
       const bench = new Bench(new FerryClient(cluster.client), cluster, cfg, say);
       res.runs = bench.runs;
       if (has('matrix')) await bench.matrix();
@@ -134,6 +141,8 @@ async function main(f: Flags): Promise<number> {
         started_at: new Date(Date.now() - durationS * 1000).toISOString(),
         duration_s: Math.round(durationS),
         command: process.argv.slice(2).join(' '),
+        // Other processes compete for the same cores: a load above the core count makes every time longer.
+        load_average: { before: loadBefore.map((x) => Number(x.toFixed(2))), after: os.loadavg().map((x) => Number(x.toFixed(2))) },
         machine: { cpus: os.cpus().length, cpu_model: os.cpus()[0]?.model ?? null, memory_gib: Math.round(os.totalmem() / 2 ** 30), platform: `${os.type()} ${os.release()}`, node: process.version },
         config: cfg,
       };
@@ -156,7 +165,7 @@ const program = new Command('ferry-bench')
   .option('--disk-mib <n>', 'VM disk size in MiB (default 1024; 64 with --quick)')
   .option('--memory-mib <n>', 'VM memory size in MiB (default 256; 16 with --quick)')
   .option('--reps <n>', 'repetitions per workload and mode (default 5; 1 with --quick)')
-  .option('--ops <n>', 'guest operations per second of the matrix VMs (seqwrite: 1/64 of it, for the same bytes written)', '500')
+  .option('--ops <n>', 'guest operations per second of the matrix VMs (default 500; 100 with --quick; seqwrite: 1/64 of it, for the same bytes written)')
   .option('--workloads <list>', `comma-separated, from ${WORKLOADS.join(',')}`)
   .option('--modes <list>', 'comma-separated, from tpm,precopy')
   .option('--concurrent <n>', 'VMs migrating at once (default 50; 8 with --quick)')
@@ -165,6 +174,7 @@ const program = new Command('ferry-bench')
   .option('--only <list>', `run only these, comma-separated: ${SCENARIOS.join(',')}`)
   .option('--temporal-address <host:port>', 'use this Temporal server instead of starting a dev server')
   .option('--keep-dir', 'keep the working directory (agent logs, images) for inspection', false)
+  .option('--cpu-prof <dir>', 'write V8 CPU profiles of the host agents and VM processes into this directory')
   .action(async (f: Flags) => {
     process.exitCode = await main(f);
   });

@@ -146,7 +146,8 @@ export function formatReport(res: Results, summary: Summary): string {
   }
   for (const t of res.tracking) {
     out.push(
-      `  tracking ${t.workload.padEnd(9)}       off ${cell(t.offOpsPerSec, 0)} ops/s, on ${cell(t.onOpsPerSec, 0)} ops/s: overhead ${(t.overhead * 100).toFixed(2)}%`,
+      `  tracking ${t.workload.padEnd(9)}       off ${cell(t.offOpsPerSec, 0)} ops/CPU-s, on ${cell(t.onOpsPerSec, 0)} ops/CPU-s: overhead ${(t.overhead * 100).toFixed(2)}%` +
+        ` (wall clock: off ${cell(t.offOpsPerWallSec, 0)}, on ${cell(t.onOpsPerWallSec, 0)} ops/s)`,
     );
   }
   out.push('');

@@ -26,6 +26,8 @@ export interface ScenarioConfig {
   concurrent: { count: number; diskBytes: number; memoryBytes: number; opsPerSecond: number };
   /** Give up waiting for one migration after this long (ms). */
   migrationTimeoutMs: number;
+  /** Cap on the heavy writer's disk rounds (undefined: the workflow's default), to bound --quick. */
+  heavyMaxRounds?: number;
 }
 
 export type Scenario = 'matrix' | 'im' | 'heavy-writer' | 'bandwidth' | 'concurrent';
@@ -146,12 +148,8 @@ export class Bench {
     }
   }
 
-  /** One migration, recorded. `withHistory` reads the workflow history for the time breakdown. */
-  async migrate(
-    label: Pick<RunRecord, 'scenario' | 'workload' | 'kind' | 'rep' | 'ops_per_second'>,
-    input: MigrateVmInput,
-    withHistory = true,
-  ): Promise<RunRecord> {
+  /** One migration, recorded, with the time breakdown read from its workflow history. */
+  async migrate(label: Pick<RunRecord, 'scenario' | 'workload' | 'kind' | 'rep' | 'ops_per_second'>, input: MigrateVmInput): Promise<RunRecord> {
     const mode = input.mode ?? 'tpm';
     const rec: RunRecord = {
       ...label,
@@ -199,18 +197,16 @@ export class Bench {
         skipped_blocks: r.skippedBlocks,
         throttled: r.throttled,
       });
-      if (withHistory) {
-        // Right after the result: the handle names the workflow id, and its latest run is this one.
-        const h = await historyBreakdown(handle.workflow);
-        Object.assign(rec, {
-          transfer_ms: h.transferMs,
-          overhead_ms: Math.max(0, r.totalMs - h.transferMs),
-          queue_ms: h.queueMs,
-          dirty_blocks_per_round: h.dirtyBlocksPerRound,
-          stale_blocks_at_freeze: h.staleBlocksAtFreeze,
-          activities: h.activities,
-        });
-      }
+      // Right after the result: the handle names the workflow id, and its latest run is this one.
+      const h = await historyBreakdown(handle.workflow);
+      Object.assign(rec, {
+        transfer_ms: h.transferMs,
+        overhead_ms: Math.max(0, r.totalMs - h.transferMs),
+        queue_ms: h.queueMs,
+        dirty_blocks_per_round: h.dirtyBlocksPerRound,
+        stale_blocks_at_freeze: h.staleBlocksAtFreeze,
+        activities: h.activities,
+      });
     } catch (err) {
       rec.error = (err as Error).message;
     }
@@ -254,41 +250,49 @@ export class Bench {
   }
 
   /**
-   * Incremental migration with a known write set: the guest is halted during both migrations, and
-   * between them runs on the destination just long enough for randwrite to dirty `imFraction` of
-   * the 64 KiB blocks. The bytes an ideal incremental migration sends are then exactly known.
+   * Incremental migration with a known write set. The guest runs slowly during the first migration,
+   * is halted on the destination right after it, then runs there until randwrite has dirtied about
+   * `imFraction` of the 64 KiB blocks, and stays halted during the migration back: the bytes an ideal
+   * incremental migration sends are then exactly known (those blocks, plus all of memory).
    */
   async incremental(): Promise<ImResult | null> {
     const vmId = this.vmName('im');
-    const { diskBytes, memoryBytes } = this.cfg;
+    const { diskBytes, memoryBytes, imFraction } = this.cfg;
     const blocks = Math.ceil(diskBytes / BLOCK_BYTES);
-    this.say(`im: ${vmId}, halted guest, ${(this.cfg.imFraction * 100).toFixed(1)}% of ${blocks} blocks written between the migrations`);
-    await this.createVm('h1', vmId, 'randwrite', Math.max(this.cfg.opsPerSecond, 1000));
+    // Slow enough that the few seconds between the commit and the halt write well under imFraction.
+    const rate = Math.max(10, Math.round((blocks * imFraction) / 20));
+    this.say(`im: ${vmId} (randwrite at ${rate} ops/s), about ${(imFraction * 100).toFixed(1)}% of ${blocks} blocks written between the migrations`);
+    await this.createVm('h1', vmId, 'randwrite', rate);
     try {
-      const s0 = await this.ferry.hostCommand('h1', 'vmInspect', { vmId });
-      await this.ferry.hostCommand('h1', 'vmRunUntil', { vmId, ops: s0.ops + 1 });
-      const label = { scenario: 'im' as const, workload: 'randwrite' as const, rep: 1, ops_per_second: 0 };
+      await sleep(this.cfg.settleMs);
+      const label = { scenario: 'im' as const, workload: 'randwrite' as const, rep: 1, ops_per_second: rate };
       const full = await this.migrate({ ...label, kind: 'full' }, { vmId, sourceHost: 'h1', destinationHosts: ['h2'], incremental: 'off' });
-      this.say(`  full h1→h2: ${this.describe(full)}`);
+      this.say(`  full h1→h2 (guest running): ${this.describe(full)}`);
       if (full.outcome !== 'completed') return null;
-      // Each randwrite operation writes one 4 KiB guest block at a uniformly random place, so k
-      // operations leave a given 64 KiB block clean with probability (1 - 1/blocks)^k.
-      const k = Math.ceil(Math.log(1 - this.cfg.imFraction) / Math.log(1 - 1 / blocks));
-      const s1 = await this.ferry.hostCommand('h2', 'vmInspect', { vmId });
-      await this.ferry.hostCommand('h2', 'vmRunUntil', { vmId, ops: s1.ops + k });
-      const written = await differingBlocks(this.diskImage('h1', vmId), this.diskImage('h2', vmId), BLOCK_BYTES);
-      this.say(`  guest ran ${k} randwrite operations on h2: ${written} blocks (${((written / blocks) * 100).toFixed(1)}%) differ from the base on h1`);
+      await this.halt('h2', vmId);
+      const base = this.diskImage('h1', vmId);
+      const disk = this.diskImage('h2', vmId);
+      let written = await differingBlocks(base, disk, BLOCK_BYTES);
+      const wanted = Math.round(imFraction * blocks);
+      if (written < wanted) {
+        // Each randwrite operation writes one 4 KiB guest block at a uniformly random place, so it
+        // leaves a given clean 64 KiB block clean with probability 1 - 1/blocks.
+        const k = Math.ceil(Math.log((1 - imFraction) / (1 - written / blocks)) / Math.log(1 - 1 / blocks));
+        const s = await this.ferry.hostCommand('h2', 'vmInspect', { vmId });
+        await this.ferry.hostCommand('h2', 'vmRunUntil', { vmId, ops: s.ops + k });
+        written = await differingBlocks(base, disk, BLOCK_BYTES);
+      }
+      this.say(`  guest halted on h2 with ${written} blocks (${((written / blocks) * 100).toFixed(1)}%) different from the base on h1`);
       const back = await this.migrate({ ...label, kind: 'incremental' }, { vmId, sourceHost: 'h2', destinationHosts: ['h1'], incremental: 'auto' });
-      this.say(`  incremental h2→h1: ${this.describe(back)}`);
+      this.say(`  incremental h2→h1 (guest halted, so its downtime is not meaningful): ${this.describe(back)}`);
       if (back.outcome !== 'completed') return null;
       const bytes = back.disk_bytes + back.memory_bytes;
-      const expected = written * BLOCK_BYTES + memoryBytes;
       return {
         disk_bytes: back.disk_bytes,
         memory_bytes: back.memory_bytes,
         blocks,
         blocks_written: written,
-        expected_bytes: expected,
+        expected_bytes: written * BLOCK_BYTES + memoryBytes,
         bytes,
         full_total_ms: full.total_ms,
         im_total_ms: back.total_ms,
@@ -296,6 +300,19 @@ export class Bench {
       };
     } finally {
       await this.cleanup(vmId, ['h1', 'h2']);
+    }
+  }
+
+  /** Halts a running guest a little ahead of where it is (the target must not be behind the guest). */
+  private async halt(host: string, vmId: string): Promise<void> {
+    for (let attempt = 1; ; attempt++) {
+      const s = await this.ferry.hostCommand(host, 'vmInspect', { vmId });
+      try {
+        await this.ferry.hostCommand(host, 'vmRunUntil', { vmId, ops: s.ops + Math.max(10, s.opsPerSecond) });
+        return;
+      } catch (err) {
+        if (attempt >= 5 || !/already at/.test((err as Error).message)) throw err;
+      }
     }
   }
 
@@ -312,7 +329,7 @@ export class Bench {
       await sleep(this.cfg.settleMs);
       const r = await this.migrate(
         { scenario: 'heavy-writer', workload: 'randwrite', kind: 'full', rep: 1, ops_per_second: 0 },
-        { vmId, sourceHost: 'h1', destinationHosts: ['h2'], mode, incremental: 'off' },
+        { vmId, sourceHost: 'h1', destinationHosts: ['h2'], mode, incremental: 'off', convergence: this.cfg.heavyMaxRounds ? { maxRounds: this.cfg.heavyMaxRounds } : undefined },
       );
       this.say(`  ${this.describe(r)}; disk rounds ${r.dirty_blocks_per_round.join(', ')} blocks`);
       return r;
@@ -361,7 +378,6 @@ export class Bench {
           this.migrate(
             { scenario: 'concurrent', workload: 'randwrite', kind: 'full', rep: 1, ops_per_second: c.opsPerSecond },
             { vmId: v.vmId, sourceHost: v.from, destinationHosts: [v.to], incremental: 'off' },
-            false,
           ),
         ),
       );

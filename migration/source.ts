@@ -9,6 +9,7 @@ import type { Logger } from '../common/log';
 import { OwnershipStore } from './ownership';
 import { BaseStore, IM_BITMAP, ImStore, digestFile } from './bases';
 import { promises as fs } from 'node:fs';
+import { createHash } from 'node:crypto';
 import { Msg, bitmapIndices, type QueryReply } from './messages';
 
 export interface MigrationRef {
@@ -46,7 +47,8 @@ interface Pusher {
 }
 
 const PAGES_PER_MESSAGE = 256; // 1 MiB
-const trackingName = (migrationId: string): string => `migration-${migrationId}`;
+// Bitmap names are short (QEMU's are node-local too); the migration id is hashed into one.
+const trackingName = (migrationId: string): string => `mig-${createHash('sha256').update(migrationId).digest('hex').slice(0, 20)}`;
 
 export class Source {
   /** Live sessions per migration, so a bandwidth change reaches a transfer that is running. */

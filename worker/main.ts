@@ -1,7 +1,6 @@
 // `ferry worker`: run a host agent in the foreground until SIGINT/SIGTERM.
 import { Command } from 'commander';
 import { ConfigError, loadAgentConfig, type AgentFlags } from './config';
-import { startAgent } from './agent';
 
 export function workerCommand(): Command {
   return new Command('worker')
@@ -34,6 +33,8 @@ export function workerCommand(): Command {
         }
         throw err;
       }
+      // Loaded here, not at the top: every other ferry command starts faster without the worker SDK.
+      const { startAgent } = await import('./agent');
       const agent = await startAgent(config);
       const stop = (signal: string) => {
         agent.log.info({ signal }, 'shutting down');

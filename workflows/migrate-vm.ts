@@ -61,7 +61,8 @@ function hostActivities(host: string, deadlineSeconds: number) {
 export async function migrateVm(input: MigrateVmInput): Promise<MigrationReport> {
   const cfg = validateInput(input);
   const info = workflowInfo();
-  const migrationId = `${info.workflowId}-${info.runId.slice(0, 8)}`;
+  // The whole run id: run ids are time-ordered, so a prefix of two quick retries can be equal.
+  const migrationId = `${info.workflowId}-${info.runId}`;
   const startedAt = workflowInfo().startTime.getTime();
   const src = hostActivities(cfg.sourceHost, cfg.destinationDeadlineSeconds);
 
@@ -146,6 +147,7 @@ export async function migrateVm(input: MigrateVmInput): Promise<MigrationReport>
     progress.message = message;
     upsertSearchAttributes([{ key: SearchAttributes.phase, value: next }]);
     setCurrentDetails(`**${next}**: ${message}`);
+    updatePercent();
     log.info(message, { phase: next, vmId: cfg.vmId, migrationId });
   }
 
@@ -312,6 +314,7 @@ export async function migrateVm(input: MigrateVmInput): Promise<MigrationReport>
     report.destinationHost = dest;
     upsertSearchAttributes([{ key: SearchAttributes.destinationHost, value: dest }]);
     preCommitScope = new CancellationScope();
+    if (abortReason !== null) preCommitScope.cancel(); // aborted while validating or between destinations
     try {
       await preCommitScope.run(() => precopy(dest));
     } catch (err) {

@@ -1,7 +1,7 @@
 // The `ferry` CLI as people and scripts run it: a child process against the test server and real agents.
 import { spawn } from 'node:child_process';
 import path from 'node:path';
-import { startCluster, testVm } from '../support/cluster';
+import { startCluster, testVm, uniqueHosts } from '../support/cluster';
 import { testTemporalAddress } from '../support/temporal';
 import type { LocalCluster } from '../../harness/cluster';
 import type { FerryClient } from '../../client/ferry-client';
@@ -123,12 +123,13 @@ describe('without a server', () => {
 });
 
 describe('against real agents', () => {
+  const [A, B] = uniqueHosts('a', 'b');
   let cluster: LocalCluster;
   let client: FerryClient;
   const vm = testVm('randwrite', { opsPerSecond: 200 });
 
   beforeAll(async () => {
-    ({ cluster, ferry: client } = await startCluster(['a', 'b']));
+    ({ cluster, ferry: client } = await startCluster([A, B]));
   });
 
   afterAll(async () => {
@@ -136,34 +137,34 @@ describe('against real agents', () => {
   });
 
   it('creates, lists and inspects a VM', async () => {
-    const created = await ferry('vm', 'create', vm.vmId, '--host', 'a', '--disk', '32MiB', '--memory', '8MiB', '--workload', 'randwrite', '--ops-per-second', '200', '--seed', '3', '--fill', '--json');
+    const created = await ferry('vm', 'create', vm.vmId, '--host', A, '--disk', '32MiB', '--memory', '8MiB', '--workload', 'randwrite', '--ops-per-second', '200', '--seed', '3', '--fill', '--json');
     expect(exitOf(created)).toBe(0);
-    expect(json(created)).toMatchObject({ vmId: vm.vmId, host: 'a', state: 'running', diskBytes: 32 * 1024 * 1024, memoryBytes: 8 * 1024 * 1024, workload: 'randwrite', seed: 3 });
+    expect(json(created)).toMatchObject({ vmId: vm.vmId, host: A, state: 'running', diskBytes: 32 * 1024 * 1024, memoryBytes: 8 * 1024 * 1024, workload: 'randwrite', seed: 3 });
 
-    const list = await ferry('vm', 'list', '--host', 'a');
+    const list = await ferry('vm', 'list', '--host', A);
     expect(list.code).toBe(0);
     expect(list.stdout).toMatch(new RegExp(`^VM +STATE[\\s\\S]*\\n${vm.vmId} +running +running@1`));
-    expect(json<{ vmId: string }[]>(await ferry('vm', 'list', '--host', 'a', '--json')).map((v) => v.vmId)).toContain(vm.vmId);
+    expect(json<{ vmId: string }[]>(await ferry('vm', 'list', '--host', A, '--json')).map((v) => v.vmId)).toContain(vm.vmId);
 
-    const inspect = await ferry('vm', 'inspect', vm.vmId, '--host', 'a');
+    const inspect = await ferry('vm', 'inspect', vm.vmId, '--host', A);
     expect(inspect.code).toBe(0);
-    expect(inspect.stdout).toContain(`${vm.vmId} on a: running`);
+    expect(inspect.stdout).toContain(`${vm.vmId} on ${A}: running`);
 
-    const again = await ferry('vm', 'create', vm.vmId, '--host', 'a', '--disk', '32MiB', '--memory', '8MiB', '--workload', 'idle');
+    const again = await ferry('vm', 'create', vm.vmId, '--host', A, '--disk', '32MiB', '--memory', '8MiB', '--workload', 'idle');
     expect(again.code).toBe(4);
-    expect(again.stderr).toMatch(/already exists on host a/);
+    expect(again.stderr).toMatch(new RegExp(`already exists on host ${A}`));
   });
 
   it('migrates with --wait --json, then status and list show it', async () => {
-    const run = await ferry('migrate', vm.vmId, '--from', 'a', '--to', 'b', '--bandwidth', '100MiB/s', '--wait', '--json');
+    const run = await ferry('migrate', vm.vmId, '--from', A, '--to', B, '--bandwidth', '100MiB/s', '--wait', '--json');
     expect(exitOf(run)).toBe(0);
     const report = json<MigrationReport>(run);
-    expect(report).toMatchObject({ vmId: vm.vmId, outcome: 'completed', sourceHost: 'a', destinationHost: 'b' });
+    expect(report).toMatchObject({ vmId: vm.vmId, outcome: 'completed', sourceHost: A, destinationHost: B });
     expect(run.stderr).not.toContain('%'); // no progress bar with --json
 
     const status = await ferry('status', vm.vmId, '--json');
     expect(status.code).toBe(0);
-    expect(json(status)).toMatchObject({ vmId: vm.vmId, status: 'COMPLETED', report: { outcome: 'completed', destinationHost: 'b' }, error: null });
+    expect(json(status)).toMatchObject({ vmId: vm.vmId, status: 'COMPLETED', report: { outcome: 'completed', destinationHost: B }, error: null });
     expect((await ferry('status', vm.vmId)).stdout).toContain(`${vm.vmId}: completed`);
 
     // Visibility is eventually consistent.
@@ -172,64 +173,65 @@ describe('against real agents', () => {
       if (i) await new Promise((r) => setTimeout(r, 500));
       listed = json(await ferry('list', '--vm', vm.vmId, '--json'));
     }
-    expect(listed[0]).toMatchObject({ vmId: vm.vmId, status: 'COMPLETED', phase: 'completed', sourceHost: 'a', destinationHost: 'b' });
-    expect((await ferry('list')).stdout).toMatch(new RegExp(`\\n${vm.vmId} +completed +completed +a +b `));
+    expect(listed[0]).toMatchObject({ vmId: vm.vmId, status: 'COMPLETED', phase: 'completed', sourceHost: A, destinationHost: B });
+    expect((await ferry('list', '--vm', vm.vmId)).stdout).toMatch(new RegExp(`\\n${vm.vmId} +completed +completed +${A} +${B} `));
   });
 
   it('migrates back with a progress bar and the report, finding the source itself', async () => {
-    const run = await ferry('migrate', vm.vmId, '--to', 'a', '--wait');
+    const run = await ferry('migrate', vm.vmId, '--to', A, '--wait');
     expect(exitOf(run)).toBe(0);
-    expect(run.stderr).toContain(`migrating ${vm.vmId}: b → a`);
+    expect(run.stderr).toContain(`migrating ${vm.vmId}: ${B} → ${A}`);
     expect(run.stderr).toMatch(/\| \d+% \| disk 32\.0 MiB \(sent/);
-    expect(run.stdout).toMatch(new RegExp(`^${vm.vmId}: completed\\n  b → a  mode tpm`));
-    expect((await client.hostCommand('a', 'vmInspect', { vmId: vm.vmId })).state).toBe('running');
+    expect(run.stdout).toMatch(new RegExp(`^${vm.vmId}: completed\\n  ${B} → ${A}  mode tpm`));
+    expect((await client.hostCommand(A, 'vmInspect', { vmId: vm.vmId })).state).toBe('running');
   });
 
   it('refuses the same source and destination (exit 4, naming the fix)', async () => {
-    const run = await ferry('migrate', vm.vmId, '--from', 'a', '--to', 'a');
+    const run = await ferry('migrate', vm.vmId, '--from', A, '--to', A);
     expect(run.code).toBe(4);
-    expect(run.stderr).toMatch(/^ferry: the source host a is also a destination: a VM cannot migrate to the host it runs on; name another destination/);
+    expect(run.stderr).toMatch(new RegExp(`^ferry: the source host ${A} is also a destination: a VM cannot migrate to the host it runs on; name another destination`));
   });
 
   it('refuses a host without an agent (exit 4, HostUnavailable)', async () => {
-    const run = await ferry('migrate', vm.vmId, '--from', 'a', '--to', 'nowhere', '--json');
+    const run = await ferry('migrate', vm.vmId, '--from', A, '--to', 'nowhere', '--json');
     expect(run.code).toBe(4);
     expect(run.stderr).toMatch(/^ferry: no agent is polling task queue host-nowhere: start `ferry worker --host nowhere`/);
     expect(json(run)).toMatchObject({ error: { name: 'HostUnavailable', type: 'HostUnavailable', refused: true } });
   });
 
   it('refuses an unknown VM and an unknown migration (exit 4)', async () => {
-    const run = await ferry('migrate', 'no-such-vm', '--from', 'a', '--to', 'b');
+    const unknown = `no-such-vm-${process.pid}`;
+    const run = await ferry('migrate', unknown, '--from', A, '--to', B);
     expect(run.code).toBe(4);
-    expect(run.stderr).toMatch(/VM no-such-vm does not exist on host a/);
-    const status = await ferry('status', 'never-migrated');
+    expect(run.stderr).toMatch(new RegExp(`VM ${unknown} does not exist on host ${A}`));
+    const status = await ferry('status', `never-migrated-${process.pid}`);
     expect(status.code).toBe(4);
-    expect(status.stderr).toMatch(/no migration of VM never-migrated found/);
+    expect(status.stderr).toMatch(/no migration of VM never-migrated-\d+ found/);
   });
 
   it('switches over a --cutover manual migration once approved', async () => {
-    expect(exitOf(await ferry('migrate', vm.vmId, '--from', 'a', '--to', 'b', '--cutover', 'manual'))).toBe(0);
+    expect(exitOf(await ferry('migrate', vm.vmId, '--from', A, '--to', B, '--cutover', 'manual'))).toBe(0);
     let phase = '';
     for (let i = 0; i < 60 && !['awaiting-cutover', 'completed', 'rolled-back', 'failed'].includes(phase); i++) {
       if (i) await new Promise((r) => setTimeout(r, 500));
       phase = json<{ progress: { phase: string } | null }>(await ferry('status', vm.vmId, '--json')).progress?.phase ?? '';
     }
     expect(phase).toBe('awaiting-cutover');
-    const running = json<{ vmId: string; status: string }[]>(await ferry('list', '--running', '--json'));
+    const running = json<{ vmId: string; status: string }[]>(await ferry('list', '--running', '--vm', vm.vmId, '--json'));
     expect(running).toContainEqual(expect.objectContaining({ vmId: vm.vmId, status: 'RUNNING' }));
 
     expect(exitOf(await ferry('approve', vm.vmId))).toBe(0);
     const follow = await ferry('status', vm.vmId, '--follow');
     expect(exitOf(follow)).toBe(0);
-    expect(follow.stdout).toMatch(new RegExp(`^${vm.vmId}: completed\n  a → b`));
+    expect(follow.stdout).toMatch(new RegExp(`^${vm.vmId}: completed\n  ${A} → ${B}`));
   });
 
-  it('aborts a --cutover manual migration: it ends rolled back and the VM runs on the source (b)', async () => {
-    const started = await ferry('migrate', vm.vmId, '--from', 'b', '--to', 'a', '--cutover', 'manual');
+  it('aborts a --cutover manual migration: it ends rolled back and the VM runs on the source', async () => {
+    const started = await ferry('migrate', vm.vmId, '--from', B, '--to', A, '--cutover', 'manual');
     expect(exitOf(started)).toBe(0);
     expect(started.stdout).toContain(`ferry approve ${vm.vmId}`);
 
-    const second = await ferry('migrate', vm.vmId, '--from', 'b', '--to', 'a');
+    const second = await ferry('migrate', vm.vmId, '--from', B, '--to', A);
     expect(second.code).toBe(4);
     expect(second.stderr).toMatch(/is already migrating/);
 
@@ -241,7 +243,7 @@ describe('against real agents', () => {
     const follow = await ferry('status', vm.vmId, '--follow', '--json');
     expect(json(follow)).toMatchObject({ status: 'COMPLETED', report: { outcome: 'rolled-back', reason: expect.stringContaining('cli test') } });
     expect(follow.code).toBe(3);
-    expect((await client.hostCommand('b', 'vmInspect', { vmId: vm.vmId })).state).toBe('running');
+    expect((await client.hostCommand(B, 'vmInspect', { vmId: vm.vmId })).state).toBe('running');
 
     const late = await ferry('abort', vm.vmId);
     expect(late.code).toBe(4);
@@ -249,10 +251,10 @@ describe('against real agents', () => {
   });
 
   it('destroys the VM', async () => {
-    const run = await ferry('vm', 'destroy', vm.vmId, '--host', 'b');
+    const run = await ferry('vm', 'destroy', vm.vmId, '--host', B);
     expect(exitOf(run)).toBe(0);
-    const gone = await ferry('vm', 'inspect', vm.vmId, '--host', 'b');
+    const gone = await ferry('vm', 'inspect', vm.vmId, '--host', B);
     expect(gone.code).toBe(4);
-    expect(gone.stderr).toMatch(/does not exist on host b/);
+    expect(gone.stderr).toMatch(new RegExp(`does not exist on host ${B}`));
   });
 });

@@ -1,7 +1,7 @@
 // examples/migrate.ts, the README's ten-line program, run as a platform team would run it.
 import { spawn } from 'node:child_process';
 import path from 'node:path';
-import { startCluster, testVm } from '../support/cluster';
+import { startCluster, testVm, uniqueHosts } from '../support/cluster';
 import { testTemporalAddress } from '../support/temporal';
 import type { LocalCluster } from '../../harness/cluster';
 import type { FerryClient } from '../../client/ferry-client';
@@ -30,11 +30,12 @@ function example(args: string[], env: Record<string, string> = {}): Promise<{ co
   });
 }
 
+const [A, B] = uniqueHosts('a', 'b');
 let cluster: LocalCluster;
 let ferry: FerryClient;
 
 beforeAll(async () => {
-  ({ cluster, ferry } = await startCluster(['a', 'b']));
+  ({ cluster, ferry } = await startCluster([A, B]));
 });
 
 afterAll(async () => {
@@ -44,29 +45,30 @@ afterAll(async () => {
 it('migrates a VM, printing progress and the report', async () => {
   // Slow enough that the program sees the migration in progress more than once.
   const vm = testVm('randwrite', { opsPerSecond: 300, diskBytes: 64 * 1024 * 1024 });
-  await ferry.hostCommand('a', 'vmCreate', vm);
-  const run = await example([vm.vmId, 'a', 'b']);
+  await ferry.hostCommand(A, 'vmCreate', vm);
+  const run = await example([vm.vmId, A, B]);
   expect(run.stderr).toBe('');
   expect(run.code).toBe(0);
   const progressLines = run.stdout.split('\n').filter((l) => /^[a-z-]+ \d+%: /.test(l));
   expect(progressLines.length).toBeGreaterThanOrEqual(2);
-  expect(run.stdout).toMatch(new RegExp(`\\n${vm.vmId}: completed\\n  a → b  mode tpm`));
-  expect((await ferry.hostCommand('b', 'vmInspect', { vmId: vm.vmId })).state).toBe('running');
-  expect((await cluster.vmProcesses('a')).map((p) => p.vmId)).not.toContain(vm.vmId);
+  expect(run.stdout).toMatch(new RegExp(`\\n${vm.vmId}: completed\\n  ${A} → ${B}  mode tpm`));
+  expect((await ferry.hostCommand(B, 'vmInspect', { vmId: vm.vmId })).state).toBe('running');
+  expect((await cluster.vmProcesses(A)).map((p) => p.vmId)).not.toContain(vm.vmId);
 
   // The same program, configured from the environment, moves it back.
-  const back = await example([], { FERRY_VM: vm.vmId, FERRY_FROM: 'b', FERRY_TO: 'a' });
+  const back = await example([], { FERRY_VM: vm.vmId, FERRY_FROM: B, FERRY_TO: A });
   expect(back.code).toBe(0);
   expect(back.stdout).toContain(`${vm.vmId}: completed`);
-  expect((await ferry.hostCommand('a', 'vmInspect', { vmId: vm.vmId })).state).toBe('running');
+  expect((await ferry.hostCommand(A, 'vmInspect', { vmId: vm.vmId })).state).toBe('running');
 });
 
 it('fails with a typed error a person can act on', async () => {
-  const unknown = await example(['no-such-vm', 'a', 'b']);
+  const vmId = `no-such-vm-${process.pid}`;
+  const unknown = await example([vmId, A, B]);
   expect(unknown.code).toBe(1);
-  expect(unknown.stderr).toMatch(/^VmNotFound: VM no-such-vm does not exist on host a/);
+  expect(unknown.stderr).toMatch(new RegExp(`^VmNotFound: VM ${vmId} does not exist on host ${A}`));
 
-  const noAgent = await example(['no-such-vm', 'a', 'nowhere']);
+  const noAgent = await example([vmId, A, 'nowhere']);
   expect(noAgent.code).toBe(1);
   expect(noAgent.stderr).toMatch(/^HostUnavailable: no agent is polling task queue host-nowhere/);
 

@@ -57,8 +57,20 @@ describe('abort', () => {
     },
   );
 
+  it('leaves the VM free to migrate again to the same destination', async () => {
+    const vm = testVm('randwrite', { opsPerSecond: 200 });
+    await ferry.hostCommand(a, 'vmCreate', vm);
+    const first = await ferry.migrate({ vmId: vm.vmId, sourceHost: a, destinationHosts: [b], cutover: 'manual' });
+    await waitForPhase(first, ['awaiting-cutover']);
+    await first.abort('changed my mind');
+    expect((await first.result()).outcome).toBe('rolled-back');
+    const again = await ferry.migrate({ vmId: vm.vmId, sourceHost: a, destinationHosts: [b] });
+    expect(await again.result()).toMatchObject({ outcome: 'completed', destinationHost: b, epoch: 2 });
+    await expectGuestCorrect(b, vm);
+  });
+
   it('after the commit is refused with the reason, and the migration completes', async () => {
-    const vm = testVm('mixed', { opsPerSecond: 3000 });
+    const vm = testVm('mixed', { opsPerSecond: 3000, memoryBytes: 2 * 1024 * 1024 });
     await ferry.hostCommand(a, 'vmCreate', vm);
     const handle = await ferry.migrate({
       vmId: vm.vmId,
@@ -80,7 +92,7 @@ describe('abort', () => {
 
 describe('postcopy', () => {
   it('serves guest reads of stale blocks by on-demand fetch, with correct data', async () => {
-    const vm = testVm('mixed', { opsPerSecond: 4000 });
+    const vm = testVm('mixed', { opsPerSecond: 4000, memoryBytes: 2 * 1024 * 1024 });
     await ferry.hostCommand(a, 'vmCreate', vm);
     const handle = await ferry.migrate({
       vmId: vm.vmId,
@@ -151,7 +163,7 @@ describe('refusals', () => {
   it('rolls back from an unknown destination host (no agent) and says which', async () => {
     const vm = testVm('idle');
     await ferry.hostCommand(a, 'vmCreate', vm);
-    const handle = await ferry.migrate({ vmId: vm.vmId, sourceHost: a, destinationHosts: ['nowhere'], destinationDeadlineSeconds: 3 });
+    const handle = await ferry.migrate({ vmId: vm.vmId, sourceHost: a, destinationHosts: ['nowhere'], destinationDeadlineSeconds: 3 }, { checkHosts: false });
     const report = await handle.result();
     expect(report.outcome).toBe('rolled-back');
     expect(report.failedDestinations[0].reason).toMatch(/host nowhere did not answer.*ferry worker --host nowhere/);
@@ -161,7 +173,7 @@ describe('refusals', () => {
   it('tries the next destination when the first cannot take the VM', async () => {
     const vm = testVm('randwrite', { opsPerSecond: 300 });
     await ferry.hostCommand(a, 'vmCreate', vm);
-    const handle = await ferry.migrate({ vmId: vm.vmId, sourceHost: a, destinationHosts: ['nowhere', b], destinationDeadlineSeconds: 3 });
+    const handle = await ferry.migrate({ vmId: vm.vmId, sourceHost: a, destinationHosts: ['nowhere', b], destinationDeadlineSeconds: 3 }, { checkHosts: false });
     const report = await handle.result();
     expect(report).toMatchObject({ outcome: 'completed', destinationHost: b });
     expect(report.failedDestinations.map((f) => f.host)).toEqual(['nowhere']);

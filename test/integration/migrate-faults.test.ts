@@ -46,7 +46,8 @@ it('kill -9 of the source agent during the disk precopy: the VM lives on, the pa
 });
 
 it('kill -9 of the destination agent during the postcopy: the VM keeps running there, reads wait, the push resumes', async () => {
-  const vm = testVm('mixed', { opsPerSecond: 3000 });
+  // small memory, so the slow link makes the postcopy (not the memory rounds) last seconds
+  const vm = testVm('mixed', { opsPerSecond: 3000, memoryBytes: 2 * 1024 * 1024 });
   await ferry.hostCommand(a, 'vmCreate', vm);
   const handle = await ferry.migrate({
     vmId: vm.vmId,

@@ -1,0 +1,55 @@
+// Smoke test of `npm run bench -- --quick`: it runs to the end on the jest run's Temporal server and
+// writes a JSON summary with every field the issue names. Timings are not asserted (shared CI machines).
+import { spawn } from 'node:child_process';
+import os from 'node:os';
+import path from 'node:path';
+import { promises as fs } from 'node:fs';
+import { nodeEntryArgs } from '../../common/node-entry';
+import { testTemporalAddress } from '../support/temporal';
+
+jest.setTimeout(600_000);
+
+const REPO = path.resolve(__dirname, '..', '..');
+
+function runBench(args: string[]): Promise<{ code: number | null; stderr: string }> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, [...nodeEntryArgs(path.join(REPO, 'bench', 'main')), ...args], { cwd: REPO, stdio: ['ignore', 'ignore', 'pipe'] });
+    let stderr = '';
+    child.stderr.on('data', (c: Buffer) => (stderr = (stderr + c.toString()).slice(-20_000)));
+    child.once('error', reject);
+    child.once('exit', (code) => resolve({ code, stderr }));
+  });
+}
+
+it('bench --quick writes a summary with every field, as numbers', async () => {
+  const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'ferry-bench-smoke-'));
+  try {
+    const file = path.join(dir, 'bench.json');
+    const { code, stderr } = await runBench(['--quick', '--json', file, '--temporal-address', testTemporalAddress()]);
+    if (code !== 0) throw new Error(`bench exited with ${code}:\n${stderr}`);
+    const out = JSON.parse(await fs.readFile(file, 'utf8')) as { summary: Record<string, unknown>; runs: unknown[] };
+    const s = out.summary;
+    const at = (p: string): unknown => p.split('.').reduce<unknown>((o, k) => (o as Record<string, unknown> | undefined)?.[k], s);
+    const numeric = [
+      'downtime_ms.p50',
+      'downtime_ms.max',
+      'total_s',
+      'physical_limit_s',
+      'total_over_limit',
+      'im.bytes',
+      'im.expected_bytes',
+      'im.time_ratio',
+      'tracking_overhead',
+      'orchestration_overhead_ms',
+      'concurrent.count',
+      'concurrent.failures',
+      'concurrent.aggregate_mb_s',
+      'heavy_writer.total_over_idle',
+    ];
+    for (const p of numeric) expect([p, typeof at(p)]).toEqual([p, 'number']);
+    expect(typeof at('heavy_writer.completed')).toBe('boolean');
+    expect(out.runs.length).toBeGreaterThan(0);
+  } finally {
+    await fs.rm(dir, { recursive: true, force: true });
+  }
+});
