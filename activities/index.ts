@@ -103,13 +103,20 @@ export function createActivities(deps: HostDeps) {
       await ownership.remove(input.vmId);
     },
 
-    async vmRunUntil(input: { vmId: string; ops: number }): Promise<VmSummary> {
+    /** Run the guest to exactly `ops` operations, or `more` past where it is now, and halt it there. */
+    async vmRunUntil(input: { vmId: string; ops?: number; more?: number }): Promise<VmSummary> {
       const vm = await driver.attach(asVmId(input.vmId));
       try {
-        await vm.runUntil(input.ops);
+        let target = input.ops;
+        if (input.more !== undefined) {
+          await vm.pause(); // so "now" stays now while the target is set
+          target = (await vm.status()).ops + input.more;
+        }
+        if (target === undefined) throw ApplicationFailure.nonRetryable('vmRunUntil needs ops (a target) or more (a count)', 'InvalidArgument');
+        await guard(() => vm.runUntil(target));
         for (;;) {
           const s = await vm.status();
-          if (s.state === 'halted' || s.ops >= input.ops) break;
+          if (s.state === 'halted' || s.ops >= target) break;
           Context.current().heartbeat({ ops: s.ops });
           await Context.current().sleep(100);
         }

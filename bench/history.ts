@@ -15,6 +15,10 @@ export interface HistoryBreakdown {
   activities: Record<string, { count: number; ms: number }>;
   /** Summed schedule-to-start latency of every activity: Temporal round trips and queueing (ms). */
   queueMs: number;
+  /** Every completed activity in order: wall time (start to completion), and what its result says it moved. */
+  steps: { type: string; ms: number; bytes: number | null; items: number | null; durationMs: number | null }[];
+  /** How long the source measured the VM frozen in the switchover (ms). */
+  freezeMs: number | null;
 }
 
 type Timestamp = { seconds?: unknown; nanos?: number | null } | null | undefined;
@@ -23,6 +27,7 @@ const tsMs = (t: Timestamp): number => (t ? Number(String(t.seconds ?? 0)) * 100
 const id = (v: unknown): string => String(v ?? '');
 
 interface Result {
+  bytes?: number;
   durationMs?: number;
   freezeMs?: number;
   items?: number;
@@ -33,7 +38,7 @@ export async function historyBreakdown(workflow: WorkflowHandle): Promise<Histor
   const history = await workflow.fetchHistory();
   const scheduled = new Map<string, { type: string; at: number }>();
   const started = new Map<string, number>();
-  const out: HistoryBreakdown = { transferMs: 0, dirtyBlocksPerRound: [], staleBlocksAtFreeze: null, activities: {}, queueMs: 0 };
+  const out: HistoryBreakdown = { transferMs: 0, dirtyBlocksPerRound: [], staleBlocksAtFreeze: null, activities: {}, queueMs: 0, steps: [], freezeMs: null };
   for (const ev of history.events ?? []) {
     const at = tsMs(ev.eventTime as Timestamp);
     if (ev.activityTaskScheduledEventAttributes) {
@@ -50,7 +55,8 @@ export async function historyBreakdown(workflow: WorkflowHandle): Promise<Histor
       a.count++;
       a.ms += at - start;
       const payload = attrs.result?.payloads?.[0];
-      const r = (payload ? defaultPayloadConverter.fromPayload(payload) : {}) as Result;
+      const r = ((payload ? defaultPayloadConverter.fromPayload(payload) : null) ?? {}) as Result;
+      out.steps.push({ type: sched.type, ms: Math.round(at - start), bytes: r.bytes ?? null, items: r.items ?? null, durationMs: r.durationMs ?? r.freezeMs ?? null });
       switch (sched.type) {
         case 'copyDiskFirstPass':
         case 'copyMemory':
@@ -63,6 +69,7 @@ export async function historyBreakdown(workflow: WorkflowHandle): Promise<Histor
           break;
         case 'switchover':
           out.transferMs += r.freezeMs ?? 0;
+          out.freezeMs = r.freezeMs ?? null;
           out.staleBlocksAtFreeze = r.staleBlocks ?? null;
           break;
       }

@@ -121,7 +121,12 @@ async function main(f: Flags): Promise<number> {
       const clusterRoot = path.join(root, 'cluster');
       await fs.mkdir(clusterRoot); // LocalCluster.start writes the workflow bundle there before creating it
       // Agents (and the VM processes they start) write V8 CPU profiles there when they exit.
-      const env = f.cpuProf ? { NODE_OPTIONS: `${process.env.NODE_OPTIONS ?? ''} --cpu-prof --cpu-prof-dir=${path.resolve(f.cpuProf)}`.trim() } : undefined;
+      let env: Record<string, string> | undefined;
+      if (f.cpuProf) {
+        await fs.mkdir(f.cpuProf, { recursive: true });
+        const hook = path.join(__dirname, 'cpu-profile.cjs');
+        env = { NODE_OPTIONS: `${process.env.NODE_OPTIONS ?? ''} --require ${hook}`.trim(), FERRY_BENCH_CPU_PROF_DIR: path.resolve(f.cpuProf) };
+      }
       cluster = await LocalCluster.start({ temporalAddress: address, hosts: HOSTS, root: clusterRoot, env });
       const bench = new Bench(new FerryClient(cluster.client), cluster, cfg, say);
       res.runs = bench.runs;

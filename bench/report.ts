@@ -116,6 +116,7 @@ export function formatReport(res: Results, summary: Summary): string {
       ...key.split('|'),
       `${ok.length}/${rs.length}`,
       cell(pick((r) => r.downtime_ms), 0),
+      cell(pick((r) => r.freeze_ms), 0),
       cell(pick((r) => r.total_ms), 2, 1000),
       cell(pick((r) => r.disk_bytes), 1, 1e6),
       cell(pick((r) => r.memory_bytes), 1, 1e6),
@@ -129,7 +130,7 @@ export function formatReport(res: Results, summary: Summary): string {
   });
   out.push('Migrations (median, min–max in parentheses; kind "incremental" is the migration back after the full one)');
   out.push(
-    table(['workload', 'mode', 'kind', 'ok', 'downtime ms', 'total s', 'disk MB', 'mem MB', 'disk rnds', 'mem rnds', 'postcopy ms', 'fetches', 'overhead ms', 'skipped blk'], rows),
+    table(['workload', 'mode', 'kind', 'ok', 'downtime ms', 'freeze ms', 'total s', 'disk MB', 'mem MB', 'disk rnds', 'mem rnds', 'postcopy ms', 'fetches', 'overhead ms', 'skipped blk'], rows),
   );
   const failed = matrix.filter((r) => r.outcome !== 'completed');
   for (const r of failed) out.push(`  ! ${r.workload} ${r.mode} ${r.kind} #${r.rep}: ${r.outcome}: ${r.error}`);

@@ -63,7 +63,10 @@ export interface RunRecord {
   queue_ms: number | null;
   dirty_blocks_per_round: number[];
   stale_blocks_at_freeze: number | null;
+  /** The source's own measure of the freeze (pause to the destination's answer to the final handoff). */
+  freeze_ms: number | null;
   activities: HistoryBreakdown['activities'] | null;
+  steps: HistoryBreakdown['steps'];
 }
 
 export interface ImResult {
@@ -176,7 +179,9 @@ export class Bench {
       queue_ms: null,
       dirty_blocks_per_round: [],
       stale_blocks_at_freeze: null,
+      freeze_ms: null,
       activities: null,
+      steps: [],
     };
     try {
       const handle = await this.ferry.migrate(input);
@@ -205,7 +210,9 @@ export class Bench {
         queue_ms: h.queueMs,
         dirty_blocks_per_round: h.dirtyBlocksPerRound,
         stale_blocks_at_freeze: h.staleBlocksAtFreeze,
+        freeze_ms: h.freezeMs,
         activities: h.activities,
+        steps: h.steps,
       });
     } catch (err) {
       rec.error = (err as Error).message;

@@ -74,9 +74,8 @@ async function main(opts: DemoOptions): Promise<number> {
     if (!opts.json) say(formatReport(reports[1]));
 
     say('6/6 verifying the guest against a reference run without migration');
-    const now = await ferry.hostCommand('alpha', 'vmInspect', { vmId: vm.vmId });
-    const ops = now.ops + 1000;
-    const final = await ferry.hostCommand('alpha', 'vmRunUntil', { vmId: vm.vmId, ops });
+    const final = await ferry.hostCommand('alpha', 'vmRunUntil', { vmId: vm.vmId, more: 1000 });
+    const ops = final.ops;
     const hashes = await ferry.hostCommand('alpha', 'vmHashes', { vmId: vm.vmId });
     const refDir = path.join(root, 'reference');
     await fs.mkdir(refDir, { recursive: true });

@@ -1,5 +1,6 @@
 #!/usr/bin/env node
 // The `ferry` command line: one module per command group, registered here.
+import { basesCommand } from './bases';
 import { Command, CommanderError } from 'commander';
 import { workerCommand } from '../../worker/main';
 import { exitCodeFor } from './common';
@@ -35,6 +36,7 @@ const program = new Command('ferry')
   .addCommand(serverCommand())
   .addCommand(workerCommand())
   .addCommand(vmCommand())
+  .addCommand(basesCommand())
   .addCommand(migrateCommand())
   .addCommand(statusCommand())
   .addCommand(listCommand())

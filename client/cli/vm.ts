@@ -1,4 +1,4 @@
-// `ferry vm create|list|inspect|destroy`: VMs of the simulated hypervisor, through a host's agent.
+// `ferry vm create|list|inspect|start|destroy`: VMs of the simulated hypervisor, through a host's agent.
 import { Command, Option } from 'commander';
 import type { VmSummary } from '../../activities';
 import { PAGE_BYTES, SECTOR_BYTES, WORKLOADS, type Workload } from '../../common/types';
@@ -88,6 +88,22 @@ export function vmCommand(): Command {
         const s = await ferry.hostCommand(f.host, 'vmInspect', { vmId });
         if (f.json) printJson(s);
         else process.stdout.write(`${describe(s)}\n`);
+      }),
+    ),
+  );
+
+  vm.addCommand(
+    withConnectionFlags(
+      new Command('start')
+        .description('start a VM whose process is not running (after a crash of the VM process, say)')
+        .argument('<vm>', 'VM id')
+        .requiredOption('--host <host>', 'host the VM is on')
+        .option('--json', 'print JSON'),
+    ).action(
+      ferryAction(async (ferry, vmId: string, f: { host: string; json?: boolean }) => {
+        const s = await ferry.hostCommand(f.host, 'vmStart', { vmId });
+        if (f.json) printJson(s);
+        else process.stdout.write(`started ${describe(s)}\n`);
       }),
     ),
   );
