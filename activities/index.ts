@@ -12,6 +12,7 @@ import {
   type Destination,
   type IncrementalDecision,
   type IncrementalRequest,
+  type IncomingRecord,
 } from '../migration/destination';
 import { DestinationUnreachable, type MigrationRef, type Progress, type Source } from '../migration/source';
 import { isHypervisorError } from '../hypervisor';
@@ -40,15 +41,7 @@ export interface SourceSummary extends VmSummary {
   incremental: { lineage: string | null; bitmapValid: boolean; blockBytes: number };
 }
 
-export interface PrepareInput {
-  migrationId: string;
-  vmId: string;
-  epoch: number;
-  sourceHost: string;
-  blockBytes: number;
-  spec: VmSpec;
-  incremental: IncrementalRequest;
-}
+export type PrepareInput = Omit<IncomingRecord, 'incremental'> & { incremental: IncrementalRequest };
 
 export function createActivities(deps: HostDeps) {
   const { driver, ownership, source, destination, log } = deps;

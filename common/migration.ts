@@ -106,3 +106,23 @@ export const DEFAULTS = {
   onCompletionTimeout: 'abort' as TimeoutAction,
   destinationDeadlineSeconds: 120,
 };
+
+/** Progress before anything has happened. */
+export function initialProgress(vmId: string, sourceHost = '', mode: MigrationMode = 'tpm'): MigrationProgress {
+  return {
+    vmId,
+    phase: 'validating',
+    sourceHost,
+    destinationHost: null,
+    mode,
+    round: 0,
+    disk: { totalBytes: 0, sentBytes: 0, remainingBytes: 0, dirtyBlocks: 0 },
+    memory: { totalBytes: 0, sentBytes: 0, remainingBytes: 0, dirtyPages: 0 },
+    transferBytesPerSecond: 0,
+    dirtyBytesPerSecond: 0,
+    etaSeconds: null,
+    percent: 0,
+    message: 'validating',
+    epoch: null,
+  };
+}

@@ -18,7 +18,7 @@ import {
 } from '@temporalio/workflow';
 import type { Activities } from '../activities';
 import type { MigrationRef } from '../migration/source';
-import type { MigrateVmInput, MigrationPhase, MigrationProgress, MigrationReport } from '../common/migration';
+import { initialProgress, type MigrateVmInput, type MigrationPhase, type MigrationProgress, type MigrationReport } from '../common/migration';
 import { PAGE_BYTES, hostTaskQueue } from '../common/types';
 import { SearchAttributes, abortUpdate, approveCutoverSignal, progressQuery, setBandwidthSignal } from './definitions';
 import { validateInput } from './validate';
@@ -75,22 +75,7 @@ export async function migrateVm(input: MigrateVmInput): Promise<MigrationReport>
   let destination: string | null = null;
   let ref: MigrationRef | null = null;
   let maxPercent = 0;
-  const progress: MigrationProgress = {
-    vmId: cfg.vmId,
-    phase,
-    sourceHost: cfg.sourceHost,
-    destinationHost: null,
-    mode: cfg.mode,
-    round: 0,
-    disk: { totalBytes: 0, sentBytes: 0, remainingBytes: 0, dirtyBlocks: 0 },
-    memory: { totalBytes: 0, sentBytes: 0, remainingBytes: 0, dirtyPages: 0 },
-    transferBytesPerSecond: 0,
-    dirtyBytesPerSecond: 0,
-    etaSeconds: null,
-    percent: 0,
-    message: 'validating',
-    epoch: null,
-  };
+  const progress: MigrationProgress = initialProgress(cfg.vmId, cfg.sourceHost, cfg.mode);
   const report: MigrationReport = {
     vmId: cfg.vmId,
     outcome: 'completed',

@@ -1,7 +1,7 @@
 // Live progress of a migration on a terminal (a cli-progress bar), ending with the report.
 import cliProgress from 'cli-progress';
 import type { MigrationHandle } from '../ferry-client';
-import type { MigrationProgress, MigrationReport } from '../../common/migration';
+import { initialProgress, type MigrationProgress, type MigrationReport } from '../../common/migration';
 
 export function formatBytes(n: number): string {
   const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
@@ -46,12 +46,12 @@ export async function followMigration(
     },
     cliProgress.Presets.shades_classic,
   );
-  bar.start(100, 0, fields(emptyProgress(handle.vmId)));
+  bar.start(100, 0, fields(initialProgress(handle.vmId)));
   let done = false;
   const result = handle.result().finally(() => (done = true));
   const stopped = new Promise<void>((resolve) => opts.signal?.addEventListener('abort', () => resolve(), { once: true }));
   let last = 0;
-  let lastFields = fields(emptyProgress(handle.vmId));
+  let lastFields = fields(initialProgress(handle.vmId));
   while (!done) {
     if (opts.signal?.aborted) {
       result.catch(() => undefined);
@@ -77,24 +77,6 @@ export async function followMigration(
   }
 }
 
-function emptyProgress(vmId: string): MigrationProgress {
-  return {
-    vmId,
-    phase: 'validating',
-    sourceHost: '',
-    destinationHost: null,
-    mode: 'tpm',
-    round: 0,
-    disk: { totalBytes: 0, sentBytes: 0, remainingBytes: 0, dirtyBlocks: 0 },
-    memory: { totalBytes: 0, sentBytes: 0, remainingBytes: 0, dirtyPages: 0 },
-    transferBytesPerSecond: 0,
-    dirtyBytesPerSecond: 0,
-    etaSeconds: null,
-    percent: 0,
-    message: '',
-    epoch: null,
-  };
-}
 
 export function formatReport(r: MigrationReport): string {
   const lines = [
