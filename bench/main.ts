@@ -94,7 +94,7 @@ async function main(f: Flags): Promise<number> {
     void cleanup().then(() => process.exit(130));
   });
 
-  const res: Results = { runs: [], baselines: null, tracking: [], im: null, heavy: [], bandwidth: null, concurrent: null };
+  const res: Results = { runs: [], baselines: null, tracking: [], im: null, heavy: [], bandwidth: null, concurrent: null, violations: {} };
   const has = (s: ScenarioName) => scenarios.includes(s);
   try {
     say(`disk ${cfg.diskBytes / MiB} MiB, memory ${cfg.memoryBytes / MiB} MiB, ${cfg.reps} rep(s), workloads ${cfg.workloads.join(',')} at ${cfg.opsPerSecond} ops/s, modes ${cfg.modes.join(',')}; load average ${os.loadavg()[0].toFixed(1)}; working directory ${root}`);
@@ -130,6 +130,7 @@ async function main(f: Flags): Promise<number> {
       cluster = await LocalCluster.start({ temporalAddress: address, hosts: HOSTS, root: clusterRoot, env });
       const bench = new Bench(new FerryClient(cluster.client), cluster, cfg, say);
       res.runs = bench.runs;
+      res.violations = bench.violations;
       if (has('matrix')) await bench.matrix();
       if (has('im')) res.im = await bench.incremental();
       if (has('heavy')) for (const mode of f.quick ? (['tpm'] as const) : cfg.modes) res.heavy.push(await bench.heavyWriter(mode));

@@ -12,6 +12,8 @@ export interface Results {
   heavy: RunRecord[];
   bandwidth: BandwidthResult | null;
   concurrent: ConcurrentResult | null;
+  /** Guest read-check violations per VM, read before each VM was destroyed (all must be 0). */
+  violations: Record<string, number>;
 }
 
 /** A finite number rounded to `digits`, or null (JSON has no NaN). */
@@ -60,6 +62,7 @@ export function summarize(res: Results) {
       failures: res.concurrent?.failures ?? null,
       aggregate_mb_s: num(res.concurrent?.aggregate_mb_s ?? NaN, 1),
     },
+    guest_violations: Object.values(res.violations).reduce((a, b) => a + b, 0),
     heavy_writer: {
       completed: heavy ? heavy.outcome === 'completed' : null,
       total_over_idle: num(heavy && heavy.outcome === 'completed' ? heavy.total_ms / 1000 / totalS : NaN),

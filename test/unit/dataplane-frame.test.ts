@@ -208,7 +208,8 @@ describe('frame decoder fuzz', () => {
     let runs = 0;
     let decoded = 0;
     const codes = new Map<string, number>();
-    while (Date.now() < deadline) {
+    // Bounded in time, but never fewer than 300 inputs however slow the machine is.
+    while (runs < 300 || Date.now() < deadline) {
       runs++;
       let input: Buffer;
       const mode = runs % 4;
@@ -249,7 +250,6 @@ describe('frame decoder fuzz', () => {
         codes.set(err.code, (codes.get(err.code) ?? 0) + 1);
       }
     }
-    expect(runs).toBeGreaterThan(100);
     expect(decoded).toBeGreaterThan(0);
     expect(codes.get('bad_magic')).toBeGreaterThan(0);
     expect(codes.get('bad_checksum')).toBeGreaterThan(0);

@@ -86,8 +86,8 @@ describe('FrameParser', () => {
     ];
     const base = Buffer.concat(valid);
     const deadline = Date.now() + 2000;
-    let cases = 0;
-    for (let seed = 1; Date.now() < deadline; seed++) {
+    // Bounded in time, but never fewer than 300 inputs however slow the machine is.
+    for (let seed = 1; seed <= 300 || Date.now() < deadline; seed++) {
       const rand = rng(seed);
       let input: Buffer;
       if (seed % 3 === 0) {
@@ -113,9 +113,7 @@ describe('FrameParser', () => {
       const tail = [...p.push(Buffer.alloc(p.pendingBytes, 0x0a)), ...p.push(Buffer.from('\n')), ...p.push(probe)];
       expect(p.pendingBytes).toBe(0);
       expect(tail.some((e) => e.type === 'frame' && e.json.execute === 'probe')).toBe(true);
-      cases++;
     }
-    expect(cases).toBeGreaterThan(500);
   });
 });
 
