@@ -35,10 +35,12 @@ async function main(opts: DemoOptions): Promise<number> {
     await server?.stop().catch(() => undefined);
     await fs.rm(root, { recursive: true, force: true }).catch(() => undefined);
   };
-  process.once('SIGINT', () => {
-    say('\ninterrupted: stopping every process the demo started');
-    void cleanup().then(() => process.exit(130));
-  });
+  for (const signal of ['SIGINT', 'SIGTERM'] as const) {
+    process.once(signal, () => {
+      say(`\n${signal}: stopping every process the demo started`);
+      void cleanup().then(() => process.exit(130));
+    });
+  }
 
   try {
     say('1/6 provisioning the Temporal CLI (dev server with SQLite and the Web UI)');
