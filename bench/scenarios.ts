@@ -23,7 +23,7 @@ export interface ScenarioConfig {
   settleMs: number;
   imFraction: number;
   bandwidthBytesPerSecond: number;
-  concurrent: { count: number; diskBytes: number; memoryBytes: number; opsPerSecond: number };
+  concurrent: { count: number; diskBytes: number; memoryBytes: number; workload: Workload; opsPerSecond: number };
   /** Give up waiting for one migration after this long (ms). */
   migrationTimeoutMs: number;
   /** Cap on the heavy writer's disk rounds (undefined: the workflow's default), to bound --quick. */
@@ -375,15 +375,15 @@ export class Bench {
     const c = this.cfg.concurrent;
     const hosts = ['h1', 'h2', 'h3', 'h4'];
     const vms = Array.from({ length: c.count }, (_, i) => ({ vmId: this.vmName('conc'), from: hosts[i % 4], to: hosts[(i + 1) % 4] }));
-    this.say(`concurrent: creating ${c.count} VMs (${c.diskBytes >> 20} MiB disk, ${c.memoryBytes >> 20} MiB memory, randwrite at ${c.opsPerSecond} ops/s)`);
+    this.say(`concurrent: creating ${c.count} VMs (${c.diskBytes >> 20} MiB disk, ${c.memoryBytes >> 20} MiB memory, ${c.workload} at ${c.opsPerSecond} ops/s)`);
     try {
-      await pool(vms, 4, (v) => this.createVm(v.from, v.vmId, 'randwrite', c.opsPerSecond, c.diskBytes, c.memoryBytes));
+      await pool(vms, 4, (v) => this.createVm(v.from, v.vmId, c.workload, c.opsPerSecond, c.diskBytes, c.memoryBytes));
       this.say(`  migrating all ${c.count} at once`);
       const t0 = performance.now();
       const recs = await Promise.all(
         vms.map((v) =>
           this.migrate(
-            { scenario: 'concurrent', workload: 'randwrite', kind: 'full', rep: 1, ops_per_second: c.opsPerSecond },
+            { scenario: 'concurrent', workload: c.workload, kind: 'full', rep: 1, ops_per_second: c.opsPerSecond },
             { vmId: v.vmId, sourceHost: v.from, destinationHosts: [v.to], incremental: 'off' },
           ),
         ),
