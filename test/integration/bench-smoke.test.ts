@@ -1,6 +1,6 @@
 // Smoke test of `npm run bench -- --quick`: it runs to the end on the jest run's Temporal server and
 // writes a JSON summary with every field the issue names. Timings are not asserted (shared CI machines).
-import { spawn } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import os from 'node:os';
 import path from 'node:path';
 import { promises as fs } from 'node:fs';
@@ -10,12 +10,18 @@ import { testTemporalAddress } from '../support/temporal';
 jest.setTimeout(600_000);
 
 const REPO = path.resolve(__dirname, '..', '..');
+let child: ChildProcess | null = null;
+
+// If the test times out, the benchmark stops too (SIGTERM: it stops its agents and VMs itself).
+afterAll(() => {
+  if (child && child.exitCode === null && child.signalCode === null) child.kill('SIGTERM');
+});
 
 function runBench(args: string[]): Promise<{ code: number | null; stderr: string }> {
   return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [...nodeEntryArgs(path.join(REPO, 'bench', 'main')), ...args], { cwd: REPO, stdio: ['ignore', 'ignore', 'pipe'] });
+    child = spawn(process.execPath, [...nodeEntryArgs(path.join(REPO, 'bench', 'main')), ...args], { cwd: REPO, stdio: ['ignore', 'ignore', 'pipe'] });
     let stderr = '';
-    child.stderr.on('data', (c: Buffer) => (stderr = (stderr + c.toString()).slice(-20_000)));
+    child.stderr!.on('data', (c: Buffer) => (stderr = (stderr + c.toString()).slice(-20_000)));
     child.once('error', reject);
     child.once('exit', (code) => resolve({ code, stderr }));
   });
