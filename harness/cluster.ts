@@ -62,6 +62,7 @@ export class LocalCluster {
 
   static async start(opts: ClusterOptions): Promise<LocalCluster> {
     const root = opts.root ?? (await fs.mkdtemp(path.join(os.tmpdir(), 'ferry-cluster-')));
+    await fs.mkdir(root, { recursive: true });
     const bundle = await workflowBundle(root);
     const connection = await Connection.connect({ address: opts.temporalAddress });
     const client = new Client({ connection, namespace: opts.namespace ?? 'default' });
