@@ -9,7 +9,7 @@ import { readJsonIfExists, writeFileDurable } from '../common/durable-file';
 import { vmId as asVmId } from '../common/types';
 import { OwnershipStore } from './ownership';
 import { BaseStore, IM_BITMAP, ImStore, digestFile } from './bases';
-import { Msg, bitmapIndices, indicesToBitmap, type QueryReply } from './messages';
+import { Msg, indicesToBitmap, type QueryReply } from './messages';
 import type { Logger } from '../common/log';
 
 export class InsufficientSpace extends Error {}
@@ -164,7 +164,7 @@ export class Destination {
     let staleBlocks = 0;
     const inc = this.incoming.get(migrationId);
     if (inc?.vm && own?.state === 'running') staleBlocks = (await inc.vm.staleBlocks()).length;
-    return { state: own && own.migrationId === migrationId ? own.state : own?.state ?? null, epoch: own?.epoch ?? null, staleBlocks };
+    return { state: own?.state ?? null, epoch: own?.epoch ?? null, staleBlocks };
   }
 
   /** Re-open the migrations a previous agent process left behind (agent restart). */
@@ -338,4 +338,3 @@ function reply(meta: object): Message {
   return { type: Msg.Query, meta: meta as Record<string, unknown>, data: Buffer.alloc(0) };
 }
 
-export { bitmapIndices };

@@ -20,11 +20,6 @@ export const Msg = {
   Sync: 8,
 } as const;
 
-export interface FinalReply {
-  state: 'running';
-  epoch: number;
-}
-
 export interface QueryReply {
   state: 'incoming' | 'prepared' | 'running' | 'aborted' | 'released' | null;
   epoch: number | null;
