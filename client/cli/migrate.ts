@@ -9,7 +9,7 @@ import { EXIT, ferryAction, printJson, table, withConnectionFlags } from './comm
 import { parseRate, parseSize } from './units';
 
 const PHASES: MigrationPhase[] = [
-  'validating', 'preparing', 'disk-precopy', 'disk-dirty-rounds', 'memory-precopy', 'awaiting-cutover',
+  'validating', 'waiting-for-slot', 'preparing', 'disk-precopy', 'disk-dirty-rounds', 'memory-precopy', 'awaiting-cutover',
   'switchover', 'postcopy', 'finalizing', 'rolling-back', 'completed', 'rolled-back', 'failed',
 ];
 
