@@ -3,7 +3,7 @@
 // dependencies, as in the Temporal samples.
 import { ApplicationFailure, Context } from '@temporalio/activity';
 import type { HypervisorDriver, VmSpec, VmStatus } from '../hypervisor/driver';
-import { vmId as asVmId, type Workload } from '../common/types';
+import { vmId as checkVmId, type VmId, type Workload } from '../common/types';
 import type { Logger } from '../common/log';
 import { OwnershipConflict, type OwnershipRecord, type OwnershipStore } from '../migration/ownership';
 import {
@@ -42,6 +42,15 @@ export interface SourceSummary extends VmSummary {
 }
 
 export type PrepareInput = Omit<IncomingRecord, 'incremental'> & { incremental: IncrementalRequest };
+
+/** A VM id from a request: a malformed one is refused at once, not retried. */
+function asVmId(value: string): VmId {
+  try {
+    return checkVmId(value);
+  } catch (err) {
+    throw ApplicationFailure.nonRetryable((err as Error).message, 'InvalidArgument');
+  }
+}
 
 export function createActivities(deps: HostDeps) {
   const { driver, ownership, source, destination, log } = deps;

@@ -7,7 +7,8 @@ import type { MigrateVmInput, MigrationPhase, MigrationProgress, MigrationReport
 import { MIGRATION_TASK_QUEUE, hostName, hostTaskQueue, migrationWorkflowId } from '../common/types';
 import type { HostCommand } from '../workflows/host-command';
 import { SearchAttributes, abortUpdate, approveCutoverSignal, progressQuery, setBandwidthSignal } from '../workflows/definitions';
-import { FerryRequestError, HostUnavailable, toFerryError } from './errors';
+import { bandwidthError } from '../workflows/validate';
+import { FerryRequestError, HostUnavailable, ValidationFailed, toFerryError } from './errors';
 
 // Earlier code imported the errors from this module.
 export { FerryRequestError, HostUnavailable, MigrationAlreadyRunning, MigrationNotFound, ValidationFailed, VmNotFound } from './errors';
@@ -179,6 +180,8 @@ export class MigrationHandle {
 
   /** Change the data-plane limit while the migration runs; null = unlimited. */
   async setBandwidth(bytesPerSecond: number | null): Promise<void> {
+    const invalid = bandwidthError(bytesPerSecond);
+    if (invalid) throw new ValidationFailed(invalid);
     try {
       await this.workflow.signal(setBandwidthSignal, bytesPerSecond);
     } catch (err) {
