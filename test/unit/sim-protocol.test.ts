@@ -106,10 +106,12 @@ describe('FrameParser', () => {
             expect(e.desc.length).toBeGreaterThan(0);
           }
         }
-        // Whatever came before, once the parser is between frames a valid frame parses. (Only an
-        // attachment or a skip still in progress may swallow it: drain those first.)
+        // Whatever came before, once the parser is between frames a valid frame parses. (A line still
+        // open may announce an attachment, and an attachment or a skip in progress would swallow the
+        // probe: end the line, then drain those.)
         const probe = encodeFrame({ execute: 'probe', id: 99 })[0];
-        const tail = [...p.push(Buffer.alloc(p.pendingBytes, 0x0a)), ...p.push(Buffer.from('\n')), ...p.push(probe)];
+        const ended = p.push(Buffer.from('\n'));
+        const tail = [...ended, ...p.push(Buffer.alloc(p.pendingBytes, 0x0a)), ...p.push(probe)];
         expect(p.pendingBytes).toBe(0);
         expect(tail.some((e) => e.type === 'frame' && e.json.execute === 'probe')).toBe(true);
       }),
