@@ -318,6 +318,11 @@ describe('while a migration runs: bad input aimed at it changes nothing', () => 
   it('drops an invalid bandwidth that reaches the workflow as a raw signal', async () => {
     await handle.workflow.signal(setBandwidthSignal, -5);
     await handle.workflow.signal(setBandwidthSignal, 'fast' as unknown as number);
+    // A round runs every 5 s while awaiting the cutover: had a value been applied, the source's
+    // sessions would fail to open and its activities retry.
+    await new Promise((r) => setTimeout(r, 7000));
+    const pending = (await handle.workflow.describe()).raw.pendingActivities ?? [];
+    expect(pending.filter((a) => (a.attempt ?? 1) > 1).map((a) => [a.activityType?.name, a.lastFailure?.message])).toEqual([]);
     expect((await handle.progress()).phase).toBe('awaiting-cutover');
   });
 
