@@ -1,4 +1,4 @@
-// The `ferry` CLI as a child process against the jest run's Temporal server.
+// The `ferry` CLI and the examples as child processes against the jest run's Temporal server.
 import { spawn } from 'node:child_process';
 import path from 'node:path';
 import { testTemporalAddress } from './temporal';
@@ -11,8 +11,11 @@ export interface Run {
   stderr: string;
 }
 
-/** Runs `ferry ...args`; `env` entries override (undefined removes) the inherited environment. */
-export function ferry(args: string[], env: Record<string, string | undefined> = {}): Promise<Run> {
+/**
+ * Runs a TypeScript entry point of the repository (the `ferry` CLI, an example) as a child process
+ * against the test server; `env` entries override (undefined removes) the inherited environment.
+ */
+export function runScript(script: string, args: string[], env: Record<string, string | undefined> = {}, timeoutMs = 100_000): Promise<Run> {
   return new Promise((resolve, reject) => {
     const childEnv: NodeJS.ProcessEnv = { ...process.env, TEMPORAL_ADDRESS: testTemporalAddress(), TEMPORAL_NAMESPACE: 'default' };
     for (const k of Object.keys(childEnv)) if (k.startsWith('TEMPORAL_TLS') || k === 'TEMPORAL_API_KEY') delete childEnv[k];
@@ -20,18 +23,23 @@ export function ferry(args: string[], env: Record<string, string | undefined> = 
       if (v === undefined) delete childEnv[k];
       else childEnv[k] = v;
     }
-    const child = spawn(process.execPath, ['--import', 'tsx', 'client/cli/main.ts', ...args], { cwd: REPO, env: childEnv, stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawn(process.execPath, ['--import', 'tsx', script, ...args], { cwd: REPO, env: childEnv, stdio: ['ignore', 'pipe', 'pipe'] });
     let stdout = '';
     let stderr = '';
     child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
     child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-    const timer = setTimeout(() => child.kill('SIGKILL'), 100_000);
+    const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
     child.once('error', reject);
     child.once('close', (code) => {
       clearTimeout(timer);
       resolve({ code, stdout, stderr });
     });
   });
+}
+
+/** Runs `ferry ...args`. */
+export function ferry(args: string[], env: Record<string, string | undefined> = {}): Promise<Run> {
+  return runScript('client/cli/main.ts', args, env);
 }
 
 /** Run independent CLI invocations a few at a time (each is a Node process). */
