@@ -3,7 +3,7 @@
 // dependencies, as in the Temporal samples.
 import { ApplicationFailure, Context, getClient } from '@temporalio/activity';
 import type { HypervisorDriver, VmSpec, VmStatus } from '../hypervisor/driver';
-import { MIGRATION_TASK_QUEUE, vmId as asVmId, type Workload } from '../common/types';
+import { MIGRATION_TASK_QUEUE, vmId as checkVmId, type VmId, type Workload } from '../common/types';
 import { CLUSTER_SCOPE, admissionWorkflowId, hostScope, requestSlotSignal, type AdmissionState } from '../workflows/definitions';
 import type { Logger } from '../common/log';
 import { OwnershipConflict, type OwnershipRecord, type OwnershipStore } from '../migration/ownership';
@@ -45,6 +45,15 @@ export interface SourceSummary extends VmSummary {
 }
 
 export type PrepareInput = Omit<IncomingRecord, 'incremental'> & { incremental: IncrementalRequest };
+
+/** A VM id from a request: a malformed one is refused at once, not retried. */
+function asVmId(value: string): VmId {
+  try {
+    return checkVmId(value);
+  } catch (err) {
+    throw ApplicationFailure.nonRetryable((err as Error).message, 'InvalidArgument');
+  }
+}
 
 export function createActivities(deps: HostDeps) {
   const { driver, ownership, source, destination, log } = deps;

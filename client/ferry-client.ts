@@ -18,7 +18,8 @@ import {
   setBandwidthSignal,
   type AdmissionState,
 } from '../workflows/definitions';
-import { FerryRequestError, HostUnavailable, toFerryError } from './errors';
+import { bandwidthError } from '../workflows/validate';
+import { FerryRequestError, HostUnavailable, ValidationFailed, toFerryError } from './errors';
 
 // Earlier code imported the errors from this module.
 export type { AdmissionState, SlotHolder, SlotRequest } from '../workflows/definitions';
@@ -191,6 +192,8 @@ export class MigrationHandle {
 
   /** Change the data-plane limit while the migration runs; null = unlimited. */
   async setBandwidth(bytesPerSecond: number | null): Promise<void> {
+    const invalid = bandwidthError(bytesPerSecond);
+    if (invalid) throw new ValidationFailed(invalid);
     try {
       await this.workflow.signal(setBandwidthSignal, bytesPerSecond);
     } catch (err) {

@@ -21,7 +21,7 @@ import type { MigrationRef } from '../migration/source';
 import { initialProgress, type MigrateVmInput, type MigrationPhase, type MigrationProgress, type MigrationReport } from '../common/migration';
 import { PAGE_BYTES, hostTaskQueue } from '../common/types';
 import { CLUSTER_SCOPE, SearchAttributes, abortUpdate, approveCutoverSignal, hostScope, progressQuery, setBandwidthSignal } from './definitions';
-import { validateInput } from './validate';
+import { bandwidthError, validateInput } from './validate';
 import { Slots } from './slots';
 
 const GiB = 1024 ** 3;
@@ -105,6 +105,9 @@ export async function migrateVm(input: MigrateVmInput): Promise<MigrationReport>
   setHandler(progressQuery, () => ({ ...progress, percent: maxPercent }));
   setHandler(approveCutoverSignal, () => void (approved = true));
   setHandler(setBandwidthSignal, (bps) => {
+    // A signal cannot be refused to its sender (FerryClient checks first): a bad value is dropped, never applied.
+    const error = bandwidthError(bps);
+    if (error) return log.warn(`setBandwidth ignored: ${error}`, { vmId: cfg.vmId, migrationId });
     bandwidth = bps;
     void src.quick.setBandwidth({ migrationId, bytesPerSecond: bps }).catch(() => undefined);
   });
