@@ -11,6 +11,7 @@ import { OwnershipStore } from './ownership';
 import { BaseStore, IM_BITMAP, ImStore, digestFile } from './bases';
 import { Msg, indicesToBitmap, type QueryReply } from './messages';
 import type { Logger } from '../common/log';
+import { faultPoint } from '../common/fault-points';
 
 export class InsufficientSpace extends Error {}
 
@@ -274,7 +275,9 @@ export class Destination {
     await vm.loadState(state);
     await vm.setStale({ generation: 0, blockBytes: record.blockBytes, bits: Buffer.from(bits), count });
     await this.deps.ownership.recordPrepared(vmId, epoch, migrationId);
+    await faultPoint('switchover-after-prepared');
     await this.deps.ownership.commit(vmId, epoch, migrationId);
+    await faultPoint('switchover-after-commit');
     await vm.resume();
     this.deps.log.info({ migrationId, vmId, epoch, staleBlocks: count }, 'committed: VM resumed on this host');
     return reply({ state: 'running', epoch });
