@@ -62,7 +62,8 @@ export async function leftovers(env: ChaosEnv, expectedVmPids: number[]): Promis
   const problems: string[] = [];
   const agentPids = new Set([...env.cluster.agents.values()].map((a) => a.process.pid!));
   const allowed = new Set([...agentPids, ...expectedVmPids]);
-  const ours = await processesUnder(env.root);
+  const server = env.temporal.pid();
+  const ours = (await processesUnder(env.root)).filter((p) => p.pid !== server);
   for (const { pid, cmd } of ours) if (!allowed.has(pid)) problems.push(`orphan process ${pid}: ${cmd.slice(0, 120)}`);
   const dataPorts = new Set([...env.cluster.agents.values()].map((a) => a.dataPort));
   const listening = await listeningPorts(ours.map((p) => p.pid));

@@ -11,6 +11,8 @@ import { DataPlaneProxy } from './proxy';
 
 export interface TemporalControl {
   address: string;
+  /** The server process, when it is ours (it lives under the run's directory). */
+  pid: () => number | null;
   /** kill -9 and start again on the same SQLite file and port; null when the server is shared (cannot restart). */
   restart: ((downMs: number) => Promise<void>) | null;
   stop(): Promise<void>;
@@ -34,6 +36,7 @@ export async function ownTemporal(dir: string): Promise<TemporalControl> {
   let server: DevServer = await startDevServer({ cliPath: cli.path, dbFile, port, uiPort: null });
   return {
     address: server.address,
+    pid: () => server.pid,
     async restart(downMs) {
       process.kill(server.pid, 'SIGKILL');
       await server.exited;
@@ -45,7 +48,7 @@ export async function ownTemporal(dir: string): Promise<TemporalControl> {
 }
 
 export function sharedTemporal(address: string): TemporalControl {
-  return { address, restart: null, stop: async () => undefined };
+  return { address, pid: () => null, restart: null, stop: async () => undefined };
 }
 
 export async function startChaosEnv(opts: { temporal?: TemporalControl; hosts?: [string, string]; root?: string } = {}): Promise<ChaosEnv> {

@@ -179,10 +179,21 @@ export class Destination {
     for (const name of names.filter((n) => n.endsWith('.json'))) {
       const id = name.slice(0, -'.json'.length);
       try {
-        await this.open(id);
+        await this.resumeIfCommitted(await this.open(id));
       } catch (err) {
         this.deps.log.warn({ migrationId: id, err: String(err) }, 'could not reopen incoming migration');
       }
+    }
+  }
+
+  /** A crash between the commit and the resume must not leave the only copy of the VM stopped: roll forward. */
+  private async resumeIfCommitted(inc: Incoming): Promise<void> {
+    const own = await this.deps.ownership.get(inc.record.vmId);
+    if (own?.state !== 'running' || own.epoch !== inc.record.epoch) return;
+    const state = (await inc.vm!.status()).state;
+    if (state === 'incoming' || state === 'paused') {
+      await inc.vm!.resume();
+      this.deps.log.info({ migrationId: inc.record.migrationId, vmId: inc.record.vmId, epoch: own.epoch, was: state }, 'committed VM resumed after an agent restart');
     }
   }
 

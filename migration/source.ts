@@ -21,6 +21,8 @@ export interface MigrationRef {
   destinationAddress: string;
   blockBytes: number;
   bandwidthBytesPerSecond?: number | null;
+  /** How long a precopy transfer keeps retrying an unreachable destination before the migration rolls back (s). */
+  destinationDeadlineSeconds?: number;
 }
 
 export interface Progress {

@@ -193,7 +193,15 @@ export async function migrateVm(input: MigrateVmInput): Promise<MigrationReport>
     upsertSearchAttributes([{ key: SearchAttributes.incremental, value: prepared.incremental }]);
     upsertMemo({ incremental: prepared.incremental, incrementalFallbackReason: prepared.reason ?? null });
     if (prepared.reason) log.info(`full copy: ${prepared.reason}`, { vmId: cfg.vmId, migrationId });
-    ref = { migrationId, vmId: cfg.vmId, epoch, destinationAddress: prepared.dataAddress, blockBytes: cfg.blockBytes, bandwidthBytesPerSecond: bandwidth };
+    ref = {
+      migrationId,
+      vmId: cfg.vmId,
+      epoch,
+      destinationAddress: prepared.dataAddress,
+      blockBytes: cfg.blockBytes,
+      bandwidthBytesPerSecond: bandwidth,
+      destinationDeadlineSeconds: cfg.destinationDeadlineSeconds,
+    };
     await src.quick.startTracking(ref);
 
     setPhase('disk-precopy', `copying the ${prepared.incremental ? 'blocks written since the last migration' : 'disk'} of ${cfg.vmId} to ${dest}`);
@@ -269,6 +277,30 @@ export async function migrateVm(input: MigrateVmInput): Promise<MigrationReport>
     report.memoryBytesSent += lastMem.bytes;
   }
 
+  /**
+   * The freeze-and-copy. It never gives up (it can only learn the outcome from the destination), but
+   * while the destination cannot be reached the workflow says so, instead of only retrying.
+   */
+  async function switchover(dest: string) {
+    const options: ActivityOptions = {
+      ...src.options.rollForward,
+      retry: { ...src.options.rollForward.retry, nonRetryableErrorTypes: ['DestinationUnreachable'] },
+      summary: `switchover to ${dest}`,
+    };
+    for (;;) {
+      try {
+        return await src.rollForward.switchover.executeWithOptions(options, [{ ref: ref!, mode: cfg.mode }]);
+      } catch (err) {
+        const cause = (err as { cause?: unknown }).cause;
+        if (!(cause instanceof ApplicationFailure && cause.type === 'DestinationUnreachable')) throw err;
+        progress.message = `waiting for destination ${dest} to answer (switchover of epoch ${epoch}): ${cause.message}`;
+        setCurrentDetails(progress.message);
+        log.warn(progress.message, { vmId: cfg.vmId, migrationId });
+        await sleep('10 seconds');
+      }
+    }
+  }
+
   async function rollBack(dest: string | null, reason: string): Promise<void> {
     setPhase('rolling-back', `rolling back: ${reason}`);
     await CancellationScope.nonCancellable(async () => {
@@ -312,9 +344,7 @@ export async function migrateVm(input: MigrateVmInput): Promise<MigrationReport>
     preCommitScope = null;
 
     setPhase('switchover', `freeze-and-copy to ${dest}`);
-    const sw = await CancellationScope.nonCancellable(() =>
-      src.rollForward.switchover.executeWithOptions({ ...src.options.rollForward, summary: `switchover to ${dest}` }, [{ ref: ref!, mode: cfg.mode }]),
-    );
+    const sw = await CancellationScope.nonCancellable(() => switchover(dest));
     if (sw.outcome === 'aborted') {
       await rollBack(dest, sw.reason);
       report.failedDestinations.push({ host: dest, reason: sw.reason });
