@@ -3,6 +3,7 @@
 import {
   ApplicationFailure,
   CancellationScope,
+  ParentClosePolicy,
   TimeoutFailure,
   condition,
   isCancellation,
@@ -11,6 +12,7 @@ import {
   setCurrentDetails,
   setHandler,
   sleep,
+  startChild,
   upsertMemo,
   upsertSearchAttributes,
   workflowInfo,
@@ -22,6 +24,7 @@ import { initialProgress, type MigrateVmInput, type MigrationPhase, type Migrati
 import { PAGE_BYTES, hostTaskQueue } from '../common/types';
 import { SearchAttributes, abortUpdate, approveCutoverSignal, progressQuery, setBandwidthSignal } from './definitions';
 import { validateInput } from './validate';
+import { fenceDestination, fenceWorkflowId } from './fence-destination';
 
 const GiB = 1024 ** 3;
 /** Small VMs still get time for the orchestration itself. */
@@ -307,8 +310,13 @@ export async function migrateVm(input: MigrateVmInput): Promise<MigrationReport>
       if (dest) {
         const dst = hostActivities(dest, cfg.destinationDeadlineSeconds);
         // Fence first: the source resumes only once the destination can never run this epoch.
-        await dst.quick.abortDestination({ migrationId, vmId: cfg.vmId, epoch }).catch((err) => {
-          log.warn('could not reach the destination to fence it', { dest, err: String(err) });
+        await dst.quick.abortDestination({ migrationId, vmId: cfg.vmId, epoch }).catch(async (err) => {
+          log.warn('could not reach the destination to fence it: the fence goes on in the background until it answers', { dest, err: String(err) });
+          await startChild(fenceDestination, {
+            workflowId: fenceWorkflowId(migrationId, dest),
+            args: [{ host: dest, migrationId, vmId: cfg.vmId, epoch }],
+            parentClosePolicy: ParentClosePolicy.ABANDON,
+          });
         });
       }
       for (;;) {
