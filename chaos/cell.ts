@@ -40,6 +40,8 @@ export interface CellOptions {
   vm?: Partial<VmSpec>;
   /** Distinguishes VM ids of runs that share a Temporal server. */
   tag?: string;
+  /** The migration's destination deadline (s): how long a lost destination holds the precopy. */
+  destinationDeadlineSeconds?: number;
 }
 
 /** Cells the design does not define: after the commit the VM runs on the destination, so losing it loses the VM. */
@@ -91,7 +93,7 @@ export async function runCell(env: ChaosEnv, f: FaultName, p: PointName, seed: n
       destinationHosts: [dest],
       bandwidthBytesPerSecond: pt.bandwidth,
       convergence: { maxRounds: 2, onStall: 'switchover' },
-      destinationDeadlineSeconds: 20,
+      destinationDeadlineSeconds: opts.destinationDeadlineSeconds ?? 20,
     });
     const pctx = { handle, faultDir: env.faultDir, signal: stop.signal };
     try {

@@ -107,6 +107,8 @@ export async function migrateVm(input: MigrateVmInput): Promise<MigrationReport>
   setHandler(approveCutoverSignal, () => void (approved = true));
   setHandler(setBandwidthSignal, (bps) => {
     bandwidth = bps;
+    // Later activities carry it too: a restarted source agent must not fall back to the first limit.
+    if (ref) ref = { ...ref, bandwidthBytesPerSecond: bps };
     void src.quick.setBandwidth({ migrationId, bytesPerSecond: bps }).catch(() => undefined);
   });
   setHandler(
