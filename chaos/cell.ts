@@ -106,8 +106,9 @@ export async function runCell(env: ChaosEnv, f: FaultName, p: PointName, seed: n
     if (result.outcome !== 'missed') {
       result.injected = await flt.inject(ctx);
       await pt.release(pctx);
-      const note = await flt.settle(ctx, stop.signal);
-      if (note) result.detail = note;
+      const settled = await flt.settle(ctx, stop.signal);
+      if (settled.note) result.detail = settled.note;
+      if (settled.problem) result.problems.push(settled.problem);
       await settle(result, handle, opts.settleTimeoutMs ?? 120_000);
     }
     result.durationMs = Date.now() - started;

@@ -2,6 +2,7 @@
 // SIGKILL, the Temporal server killed and restarted on its SQLite file, the data-plane link cut or a
 // frame corrupted by the proxy, and a destination host lost for good.
 import { promises as fs } from 'node:fs';
+import path from 'node:path';
 import type { ChaosEnv } from './env';
 import { sleep } from './points';
 
@@ -17,8 +18,8 @@ export interface FaultContext {
 export interface Fault {
   /** Before the point is released: the fault strikes while the migration is held there. */
   inject(ctx: FaultContext): Promise<string>;
-  /** After the release: what the fault needs to finish (a restart "after a moment", a frame to corrupt). */
-  settle(ctx: FaultContext, signal: AbortSignal): Promise<string | null>;
+  /** After the release: wait for what the fault needs (a frame to corrupt); a note, or a problem if it did not happen. */
+  settle(ctx: FaultContext, signal: AbortSignal): Promise<{ note?: string; problem?: string }>;
 }
 
 const RESTART_AFTER_MS = 1000;
@@ -37,7 +38,7 @@ export function fault(name: FaultName): Fault {
           await env.temporal.restart(RESTART_AFTER_MS);
           return 'Temporal server killed (SIGKILL) and restarted on its SQLite file';
         },
-        settle: async () => null,
+        settle: async () => ({}),
       };
     case 'cut-link':
       return {
@@ -45,20 +46,31 @@ export function fault(name: FaultName): Fault {
           const n = env.proxies.get(dest)!.cut(LINK_DOWN_MS);
           return `cut ${n} data-plane connection(s) to ${dest}; link down for ${LINK_DOWN_MS} ms`;
         },
-        settle: async () => null,
+        settle: async () => ({}),
       };
-    case 'corrupt-frame':
+    case 'corrupt-frame': {
+      const refusals = async (env: ChaosEnv, dest: string) =>
+        (await fs.readFile(path.join(env.cluster.home(dest), 'agent.log'), 'utf8').catch(() => '')).split('corrupt data-plane frame refused').length - 1;
+      let before = 0;
       return {
         async inject({ env, dest }) {
+          before = await refusals(env, dest);
           env.proxies.get(dest)!.corruptNextFrame();
           return `next message frame to ${dest} will carry one flipped byte`;
         },
         async settle({ env, dest }, signal) {
           const proxy = env.proxies.get(dest)!;
           while (proxy.corruptPending && !signal.aborted) await sleep(50);
-          return proxy.corruptPending ? 'no message frame went to the destination after the point: nothing corrupted' : null;
+          if (proxy.corruptPending) return { problem: 'no message frame went to the destination after the point: nothing was corrupted' };
+          // The receiver must have caught it by its frame CRC, not applied it.
+          for (let i = 0; i < 100 && !signal.aborted; i++) {
+            if ((await refusals(env, dest)) > before) return { note: 'the corrupted frame was refused by the receiver (frame CRC)' };
+            await sleep(100);
+          }
+          return { problem: 'the receiver did not report the corrupted frame' };
         },
       };
+    }
     case 'lose-dest':
       return {
         async inject({ env, dest }) {
@@ -68,7 +80,7 @@ export function fault(name: FaultName): Fault {
           await fs.rm(env.cluster.home(dest), { recursive: true, force: true });
           return `host ${dest} lost: agent and ${vms.length} VM process(es) killed, its directory removed`;
         },
-        settle: async () => null,
+        settle: async () => ({}),
       };
   }
 }
@@ -83,6 +95,6 @@ function restartAgent(which: (c: FaultContext) => string): Fault {
       await ctx.env.cluster.startAgent(host);
       return `agent of ${host} (pid ${pid}) killed with SIGKILL and restarted`;
     },
-    settle: async () => null,
+    settle: async () => ({}),
   };
 }
