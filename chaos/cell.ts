@@ -7,7 +7,7 @@ import type { VmSpec } from '../hypervisor/driver';
 import { vmId as asVmId } from '../common/types';
 import type { ChaosEnv } from './env';
 import { fault, type FaultName } from './faults';
-import { AFTER_COMMIT, PointMissed, clearFaultPoints, point, sleep, type PointName } from './points';
+import { AFTER_COMMIT, PointMissed, clearFaultPoints, point, type PointName } from './points';
 import { checkGuest, leftovers, violationsOnly, vmCopies, type GuestCheck } from './checks';
 
 export type Outcome = 'completed' | 'rolled-back' | 'waiting' | 'hung' | 'failed' | 'missed' | 'n/a';
@@ -127,7 +127,10 @@ export async function runCell(env: ChaosEnv, f: FaultName, p: PointName, seed: n
 }
 
 async function settle(result: CellResult, handle: MigrationHandle, timeoutMs: number): Promise<void> {
-  const report = await Promise.race([handle.result().catch((err: Error) => err), sleep(timeoutMs).then(() => null)]);
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<null>((resolve) => (timer = setTimeout(() => resolve(null), timeoutMs)));
+  const report = await Promise.race([handle.result().catch((err: Error) => err), timeout]);
+  clearTimeout(timer);
   if (report instanceof Error) {
     result.outcome = 'failed';
     result.detail = report.message;
