@@ -3,11 +3,7 @@
 // while, as a link that is down) or flip one byte in the body of the next message frame a source
 // sends, which the receiver must catch by its frame CRC (dataplane/PROTOCOL.md).
 import net from 'node:net';
-
-const HEADER_BYTES = 40;
-const KIND_MSG = 5;
-const KIND_REQUEST = 6;
-const FLAG_ZERO = 1;
+import { Flags, FrameKind, HEADER_BYTES } from '../dataplane/frame';
 
 export class DataPlaneProxy {
   private readonly sockets = new Set<net.Socket>();
@@ -131,9 +127,9 @@ class FrameCursor {
         const kind = this.header[5];
         const flags = this.header.readUInt16BE(6);
         const meta = this.header.readUInt32BE(24);
-        const data = flags & FLAG_ZERO ? 0 : this.header.readUInt32BE(28);
+        const data = flags & Flags.ZERO ? 0 : this.header.readUInt32BE(28);
         this.bodyLeft = meta + data;
-        this.bodyIsMessage = kind === KIND_MSG || kind === KIND_REQUEST;
+        this.bodyIsMessage = kind === FrameKind.MSG || kind === FrameKind.REQUEST;
         this.header = Buffer.alloc(0);
       }
     }
