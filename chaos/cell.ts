@@ -174,7 +174,7 @@ async function check(env: ChaosEnv, result: CellResult, handle: MigrationHandle,
 
   if (ended) {
     const pids = copies.map((c) => c.pid);
-    result.problems.push(...(await leftovers(env, pids)));
+    result.problems.push(...(await leftovers(env, { vmId: spec.vmId, host: result.expectedHost! }, pids)));
   }
 }
 

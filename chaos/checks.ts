@@ -55,10 +55,11 @@ export async function violationsOnly(env: ChaosEnv, host: string, vmId: string):
 
 /**
  * Leftovers: processes under the run's root that are neither an agent nor an expected VM process,
- * listening TCP ports of those processes other than the agents' data ports, and incoming-migration
- * records (destination shells) on any host once no migration runs.
+ * listening TCP ports of those processes other than the agents' data ports, incoming-migration
+ * records (destination shells) on any host once no migration runs, and the VM's files on a host it
+ * does not run on (unless kept as a base).
  */
-export async function leftovers(env: ChaosEnv, expectedVmPids: number[]): Promise<string[]> {
+export async function leftovers(env: ChaosEnv, vm: { vmId: string; host: string }, expectedVmPids: number[]): Promise<string[]> {
   const problems: string[] = [];
   const agentPids = new Set([...env.cluster.agents.values()].map((a) => a.process.pid!));
   const allowed = new Set([...agentPids, ...expectedVmPids]);
@@ -69,6 +70,11 @@ export async function leftovers(env: ChaosEnv, expectedVmPids: number[]): Promis
   const listening = await listeningPorts(ours.map((p) => p.pid));
   for (const { pid, port } of listening) if (!dataPorts.has(port)) problems.push(`process ${pid} listens on unexpected port ${port}`);
   for (const host of env.hosts) {
+    // Elsewhere than where it runs, a VM's files may stay only as a base for moving it back.
+    const vmDir = path.join(env.cluster.home(host), 'vms', vm.vmId);
+    if (host !== vm.host && (await exists(vmDir)) && !(await exists(path.join(env.cluster.home(host), 'bases', `${vm.vmId}.json`)))) {
+      problems.push(`files of VM ${vm.vmId} left on ${host} (${vmDir}), and no base record for them`);
+    }
     const dir = path.join(env.cluster.home(host), 'incoming');
     const shells = (await fs.readdir(dir).catch(() => [] as string[])).filter((n) => n.endsWith('.json'));
     for (const s of shells) problems.push(`stale destination shell on ${host}: incoming/${s}`);
@@ -105,4 +111,11 @@ async function listeningPorts(pids: number[]): Promise<{ pid: number; port: numb
     }
   }
   return out;
+}
+
+async function exists(file: string): Promise<boolean> {
+  return fs.access(file).then(
+    () => true,
+    () => false,
+  );
 }

@@ -5,6 +5,7 @@ import { FAULTS, type FaultName } from './faults';
 import { POINTS, type PointName } from './points';
 import { startChaosEnv, stopChaosEnv } from './env';
 import { runMatrix } from './matrix';
+import type { CellResult } from './cell';
 import { formatDetails, formatTable } from './table';
 import { runSoak } from './soak';
 
@@ -53,19 +54,23 @@ async function main(): Promise<number> {
       if (opts.json) await fs.writeFile(opts.json, JSON.stringify(summary, null, 2));
       return summary.violations === 0 && summary.failures === 0 && summary.hashesEqual ? 0 : 1;
     }
+    const done: CellResult[] = [];
     const cells = await runMatrix(env, {
       faults: opts.faults,
       points: opts.points,
       seeds: opts.quick ? 1 : opts.seeds,
       tag: Date.now().toString(36),
-      onCell: (c) =>
-        console.log(`${c.ok ? 'ok  ' : 'FAIL'} ${c.fault} @ ${c.point} seed ${c.seed}: ${c.outcome} in ${(c.durationMs / 1000).toFixed(1)} s${c.problems.length ? ` — ${c.problems.join('; ')}` : ''}`),
+      onCell: async (c) => {
+        console.log(`${c.ok ? 'ok  ' : 'FAIL'} ${c.fault} @ ${c.point} seed ${c.seed}: ${c.outcome} in ${(c.durationMs / 1000).toFixed(1)} s${c.problems.length ? ` — ${c.problems.join('; ')}` : ''}`);
+        done.push(c);
+        // Written after every cell, so a long run stopped early keeps what it measured.
+        if (opts.json) await fs.writeFile(opts.json, JSON.stringify(done, null, 2));
+      },
     });
     console.log(`\n${formatTable(cells)}\n`);
     const details = formatDetails(cells);
     if (details) console.log(`${details}\n`);
     console.log(`${cells.filter((c) => c.ok).length}/${cells.length} cells passed`);
-    if (opts.json) await fs.writeFile(opts.json, JSON.stringify(cells, null, 2));
     return cells.every((c) => c.ok) ? 0 : 1;
   } finally {
     await stop();

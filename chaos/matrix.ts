@@ -10,7 +10,7 @@ export interface MatrixOptions extends CellOptions {
   seeds?: number;
   /** Explicit cells instead of faults × points (the CI subset). */
   cells?: readonly [FaultName, PointName][];
-  onCell?: (cell: CellResult) => void;
+  onCell?: (cell: CellResult) => void | Promise<void>;
 }
 
 export async function runMatrix(env: ChaosEnv, opts: MatrixOptions = {}): Promise<CellResult[]> {
@@ -20,7 +20,7 @@ export async function runMatrix(env: ChaosEnv, opts: MatrixOptions = {}): Promis
     for (let seed = 1; seed <= (opts.seeds ?? 3); seed++) {
       const cell = await runCell(env, f, p, seed, opts);
       out.push(cell);
-      opts.onCell?.(cell);
+      await opts.onCell?.(cell);
     }
   }
   return out;
