@@ -17,6 +17,7 @@ import {
 } from '../migration/destination';
 import { DestinationUnreachable, type MigrationRef, type Progress, type Source } from '../migration/source';
 import { isHypervisorError } from '../hypervisor';
+import { DEFAULTS } from '../common/migration';
 import { BaseInUse, BaseStore, type BaseRecord } from '../migration/bases';
 
 /** Hypervisor refusals that no retry can change. */
@@ -65,6 +66,31 @@ export function createActivities(deps: HostDeps) {
       throw ApplicationFailure.nonRetryable(`VM ${vmId} does not exist on host ${deps.host}: check the VM id and the source host (ferry vm list)`, 'VmNotFound');
     }
     return { ...(await driver.inspect(id)), host: deps.host, ownership: await ownership.get(vmId) };
+  }
+
+  /** Since when each migration's destination has been unreachable for its precopy (this agent's view). */
+  const unreachableSince = new Map<string, number>();
+
+  /**
+   * Before the commit an unreachable destination is retried (an agent restarting) only up to the
+   * destination deadline: past it, the transfer fails for good and the workflow rolls back, so a
+   * destination host that is gone does not hold the VM's migration for the activity's whole lifetime.
+   */
+  async function precopyTransfer<T>(ref: MigrationRef, fn: () => Promise<T>): Promise<T> {
+    try {
+      const result = await fn();
+      unreachableSince.delete(ref.migrationId);
+      return result;
+    } catch (err) {
+      if (!(err instanceof ApplicationFailure && err.type === 'DestinationUnreachable')) throw err;
+      const since = unreachableSince.get(ref.migrationId) ?? Date.now();
+      unreachableSince.set(ref.migrationId, since);
+      const deadline = ref.destinationDeadlineSeconds ?? DEFAULTS.destinationDeadlineSeconds;
+      const seconds = Math.round((Date.now() - since) / 1000);
+      if (seconds < deadline) throw err;
+      unreachableSince.delete(ref.migrationId);
+      throw ApplicationFailure.nonRetryable(`${err.message}; unreachable for ${seconds} s, past the destination deadline of ${deadline} s`, 'DestinationLost');
+    }
   }
 
   return {
@@ -191,15 +217,15 @@ export function createActivities(deps: HostDeps) {
     },
 
     async copyDiskFirstPass(input: { ref: MigrationRef; incremental: boolean }) {
-      return withHeartbeat((from, report, signal) => source.copyDiskFirstPass(input.ref, input.incremental, from, report, signal));
+      return precopyTransfer(input.ref, () => withHeartbeat((from, report, signal) => source.copyDiskFirstPass(input.ref, input.incremental, from, report, signal)));
     },
 
     async copyDiskDirty(ref: MigrationRef) {
-      return withHeartbeat((_from, report, signal) => source.copyDiskDirty(ref, signal, report));
+      return precopyTransfer(ref, () => withHeartbeat((_from, report, signal) => source.copyDiskDirty(ref, signal, report)));
     },
 
     async copyMemory(input: { ref: MigrationRef; full: boolean }) {
-      return withHeartbeat((from, report, signal) => source.copyMemory(input.ref, input.full, from, report, signal));
+      return precopyTransfer(input.ref, () => withHeartbeat((from, report, signal) => source.copyMemory(input.ref, input.full, from, report, signal)));
     },
 
     async setThrottle(input: { vmId: string; fraction: number }): Promise<void> {

@@ -45,6 +45,8 @@ export interface ClusterOptions {
   secret?: string;
   /** Extra environment for the agents. */
   env?: Record<string, string>;
+  /** Extra environment for one host's agent, on every (re)start (e.g. the address it advertises). */
+  hostEnv?: (host: string) => Record<string, string>;
 }
 
 export class LocalCluster {
@@ -109,6 +111,7 @@ export class LocalCluster {
           FERRY_WORKFLOW_BUNDLE: this.bundle,
           FERRY_LOG_PRETTY: '0',
           ...this.opts.env,
+          ...this.opts.hostEnv?.(host),
           ...extraEnv,
         },
         stdio: ['ignore', 'pipe', 'pipe'],

@@ -11,6 +11,7 @@ import { OwnershipStore } from './ownership';
 import { BaseStore, IM_BITMAP, ImStore, digestFile } from './bases';
 import { Msg, indicesToBitmap, type QueryReply } from './messages';
 import type { Logger } from '../common/log';
+import { faultPoint } from '../common/fault-points';
 
 export class InsufficientSpace extends Error {}
 
@@ -178,10 +179,21 @@ export class Destination {
     for (const name of names.filter((n) => n.endsWith('.json'))) {
       const id = name.slice(0, -'.json'.length);
       try {
-        await this.open(id);
+        await this.resumeIfCommitted(await this.open(id));
       } catch (err) {
         this.deps.log.warn({ migrationId: id, err: String(err) }, 'could not reopen incoming migration');
       }
+    }
+  }
+
+  /** A crash between the commit and the resume must not leave the only copy of the VM stopped: roll forward. */
+  private async resumeIfCommitted(inc: Incoming): Promise<void> {
+    const own = await this.deps.ownership.get(inc.record.vmId);
+    if (own?.state !== 'running' || own.epoch !== inc.record.epoch) return;
+    const state = (await inc.vm!.status()).state;
+    if (state === 'incoming' || state === 'paused') {
+      await inc.vm!.resume();
+      this.deps.log.info({ migrationId: inc.record.migrationId, vmId: inc.record.vmId, epoch: own.epoch, was: state }, 'committed VM resumed after an agent restart');
     }
   }
 
@@ -274,7 +286,9 @@ export class Destination {
     await vm.loadState(state);
     await vm.setStale({ generation: 0, blockBytes: record.blockBytes, bits: Buffer.from(bits), count });
     await this.deps.ownership.recordPrepared(vmId, epoch, migrationId);
+    await faultPoint('switchover-after-prepared');
     await this.deps.ownership.commit(vmId, epoch, migrationId);
+    await faultPoint('switchover-after-commit');
     await vm.resume();
     this.deps.log.info({ migrationId, vmId, epoch, staleBlocks: count }, 'committed: VM resumed on this host');
     return reply({ state: 'running', epoch });

@@ -11,6 +11,7 @@ import { BaseStore, IM_BITMAP, ImStore, digestFile } from './bases';
 import { promises as fs } from 'node:fs';
 import { createHash } from 'node:crypto';
 import { Msg, bitmapIndices, type QueryReply } from './messages';
+import { faultPoint } from '../common/fault-points';
 
 export interface MigrationRef {
   migrationId: string;
@@ -20,6 +21,8 @@ export interface MigrationRef {
   destinationAddress: string;
   blockBytes: number;
   bandwidthBytesPerSecond?: number | null;
+  /** How long a precopy transfer keeps retrying an unreachable destination before the migration rolls back (s). */
+  destinationDeadlineSeconds?: number;
 }
 
 export interface Progress {
@@ -207,8 +210,10 @@ export class Source {
         await vm.resume();
         return { outcome: 'aborted', reason: 'the destination had fenced this epoch' };
       }
+      await faultPoint('switchover-before-pause');
       const frozenAt = Date.now();
       if ((await vm.status()).state === 'running') await vm.pause();
+      await faultPoint('switchover-after-pause');
       let memoryBytes = 0;
       let diskBytes = 0;
       let stale: BitmapSnapshot;

@@ -3,6 +3,7 @@
 import {
   ApplicationFailure,
   CancellationScope,
+  ParentClosePolicy,
   TimeoutFailure,
   condition,
   isCancellation,
@@ -11,6 +12,7 @@ import {
   setCurrentDetails,
   setHandler,
   sleep,
+  startChild,
   upsertMemo,
   upsertSearchAttributes,
   workflowInfo,
@@ -23,6 +25,7 @@ import { PAGE_BYTES, hostTaskQueue } from '../common/types';
 import { CLUSTER_SCOPE, SearchAttributes, abortUpdate, approveCutoverSignal, hostScope, progressQuery, setBandwidthSignal } from './definitions';
 import { bandwidthError, validateInput } from './validate';
 import { Slots } from './slots';
+import { fenceDestination, fenceWorkflowId } from './fence-destination';
 
 const GiB = 1024 ** 3;
 /** Small VMs still get time for the orchestration itself. */
@@ -109,6 +112,8 @@ export async function migrateVm(input: MigrateVmInput): Promise<MigrationReport>
     const error = bandwidthError(bps);
     if (error) return log.warn(`setBandwidth ignored: ${error}`, { vmId: cfg.vmId, migrationId });
     bandwidth = bps;
+    // Later activities carry it too: a restarted source agent must not fall back to the first limit.
+    if (ref) ref = { ...ref, bandwidthBytesPerSecond: bps };
     void src.quick.setBandwidth({ migrationId, bytesPerSecond: bps }).catch(() => undefined);
   });
   setHandler(
@@ -206,7 +211,15 @@ export async function migrateVm(input: MigrateVmInput): Promise<MigrationReport>
     upsertSearchAttributes([{ key: SearchAttributes.incremental, value: prepared.incremental }]);
     upsertMemo({ incremental: prepared.incremental, incrementalFallbackReason: prepared.reason ?? null });
     if (prepared.reason) log.info(`full copy: ${prepared.reason}`, { vmId: cfg.vmId, migrationId });
-    ref = { migrationId, vmId: cfg.vmId, epoch, destinationAddress: prepared.dataAddress, blockBytes: cfg.blockBytes, bandwidthBytesPerSecond: bandwidth };
+    ref = {
+      migrationId,
+      vmId: cfg.vmId,
+      epoch,
+      destinationAddress: prepared.dataAddress,
+      blockBytes: cfg.blockBytes,
+      bandwidthBytesPerSecond: bandwidth,
+      destinationDeadlineSeconds: cfg.destinationDeadlineSeconds,
+    };
     await src.quick.startTracking(ref);
 
     setPhase('disk-precopy', `copying the ${prepared.incremental ? 'blocks written since the last migration' : 'disk'} of ${cfg.vmId} to ${dest}`);
@@ -282,14 +295,43 @@ export async function migrateVm(input: MigrateVmInput): Promise<MigrationReport>
     report.memoryBytesSent += lastMem.bytes;
   }
 
+  /**
+   * The freeze-and-copy. It never gives up (it can only learn the outcome from the destination), but
+   * while the destination cannot be reached the workflow says so, instead of only retrying.
+   */
+  async function switchover(dest: string) {
+    const options: ActivityOptions = {
+      ...src.options.rollForward,
+      retry: { ...src.options.rollForward.retry, nonRetryableErrorTypes: ['DestinationUnreachable'] },
+      summary: `switchover to ${dest}`,
+    };
+    for (;;) {
+      try {
+        return await src.rollForward.switchover.executeWithOptions(options, [{ ref: ref!, mode: cfg.mode }]);
+      } catch (err) {
+        const cause = (err as { cause?: unknown }).cause;
+        if (!(cause instanceof ApplicationFailure && cause.type === 'DestinationUnreachable')) throw err;
+        progress.message = `waiting for destination ${dest} to answer (switchover of epoch ${epoch}): ${cause.message}`;
+        setCurrentDetails(progress.message);
+        log.warn(progress.message, { vmId: cfg.vmId, migrationId });
+        await sleep('10 seconds');
+      }
+    }
+  }
+
   async function rollBack(dest: string | null, reason: string): Promise<void> {
     setPhase('rolling-back', `rolling back: ${reason}`);
     await CancellationScope.nonCancellable(async () => {
       if (dest) {
         const dst = hostActivities(dest, cfg.destinationDeadlineSeconds);
         // Fence first: the source resumes only once the destination can never run this epoch.
-        await dst.quick.abortDestination({ migrationId, vmId: cfg.vmId, epoch }).catch((err) => {
-          log.warn('could not reach the destination to fence it', { dest, err: String(err) });
+        await dst.quick.abortDestination({ migrationId, vmId: cfg.vmId, epoch }).catch(async (err) => {
+          log.warn('could not reach the destination to fence it: the fence goes on in the background until it answers', { dest, err: String(err) });
+          await startChild(fenceDestination, {
+            workflowId: fenceWorkflowId(migrationId, dest),
+            args: [{ host: dest, migrationId, vmId: cfg.vmId, epoch }],
+            parentClosePolicy: ParentClosePolicy.ABANDON,
+          });
         });
       }
       for (;;) {
@@ -326,9 +368,7 @@ export async function migrateVm(input: MigrateVmInput): Promise<MigrationReport>
     preCommitScope = null;
 
     setPhase('switchover', `freeze-and-copy to ${dest}`);
-    const sw = await CancellationScope.nonCancellable(() =>
-      src.rollForward.switchover.executeWithOptions({ ...src.options.rollForward, summary: `switchover to ${dest}` }, [{ ref: ref!, mode: cfg.mode }]),
-    );
+    const sw = await CancellationScope.nonCancellable(() => switchover(dest));
     if (sw.outcome === 'aborted') {
       await rollBack(dest, sw.reason);
       report.failedDestinations.push({ host: dest, reason: sw.reason });
