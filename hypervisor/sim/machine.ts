@@ -217,9 +217,9 @@ export class Machine {
     else this.schedule(0);
   }
 
+  /** haltAt stays set: it is part of the CPU state, so a halted guest stays halted wherever it moves. */
   private halt(): void {
     this.state = 'halted';
-    this.guest.haltAt = null;
     this.emit('HALTED', { ops: this.guest.ops });
   }
 
@@ -372,7 +372,12 @@ export class Machine {
         this.config = { ...this.config, incoming: false };
         writeFileAtomic(this.paths.config, JSON.stringify(this.config, null, 2));
       }
-      if (this.state === 'halted') this.guest.haltAt = null;
+      if (this.state === 'halted') {
+        this.guest.haltAt = null; // an explicit resume of a halted guest runs it on
+      } else if (this.guest.haltAt !== null && this.guest.ops >= this.guest.haltAt) {
+        this.halt(); // a guest that halted before it migrated stays halted
+        return { ret: { ops: this.guest.ops, state: this.state } };
+      }
       this.startRunning();
       return { ret: { ops: this.guest.ops } };
     });

@@ -253,6 +253,25 @@ describe('simulated VM process', () => {
     await expect(h.setThrottle(1)).rejects.toThrow(/\[0, 1\)/);
   });
 
+  it('a guest halted by runUntil stays halted after its state moves to another VM process; a second resume runs it on', async () => {
+    const s = spec('halt-src', { opsPerSecond: 0 });
+    const src = await startVm(s, true);
+    await src.runUntil(500);
+    const d = spec('halt-src', { opsPerSecond: 0 });
+    const otherHost = new SimDriver({ home: fs.mkdtempSync(path.join(home, 'other-host-')) });
+    await otherHost.create(d, { incoming: true });
+    const dst = await otherHost.start(d.vmId);
+    handles.push(dst);
+    await dst.writePages(0, await src.readPages(0, d.memoryBytes / PAGE_BYTES));
+    await dst.loadState(await src.saveState());
+    await dst.resume();
+    await sleep(300);
+    expect(await dst.status()).toMatchObject({ state: 'halted', ops: 500 });
+    await dst.resume();
+    await waitFor('the guest to run on', () => dst.status(), (st) => st.ops > 500);
+    await otherHost.destroy(d.vmId);
+  });
+
   it('create validates, refuses duplicates, and destroy can keep the disk as a base', async () => {
     await expect(driver.create(spec('bad', { diskBytes: 1000 }))).rejects.toThrow(/InvalidArgument: diskBytes 1000/);
     const s = spec('base', { opsPerSecond: 0, fill: true, diskBytes: 1024 * 1024 });
