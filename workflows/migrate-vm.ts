@@ -194,7 +194,6 @@ export async function migrateVm(input: MigrateVmInput): Promise<MigrationReport>
     upsertMemo({ incremental: prepared.incremental, incrementalFallbackReason: prepared.reason ?? null });
     if (prepared.reason) log.info(`full copy: ${prepared.reason}`, { vmId: cfg.vmId, migrationId });
     ref = { migrationId, vmId: cfg.vmId, epoch, destinationAddress: prepared.dataAddress, blockBytes: cfg.blockBytes, bandwidthBytesPerSecond: bandwidth };
-    await src.quick.startTracking(ref);
 
     setPhase('disk-precopy', `copying the ${prepared.incremental ? 'blocks written since the last migration' : 'disk'} of ${cfg.vmId} to ${dest}`);
     const full = await src.transfer.copyDiskFirstPass.executeWithOptions(
@@ -332,10 +331,13 @@ export async function migrateVm(input: MigrateVmInput): Promise<MigrationReport>
       report.diskBytesSent += pc.bytes;
     }
     setPhase('finalizing', `releasing ${cfg.vmId} on ${cfg.sourceHost}`);
-    const done = await dst.rollForward.finishDestination({ migrationId, vmId: cfg.vmId });
+    // Independent steps on two hosts: one round trip for both.
+    const [done] = await Promise.all([
+      dst.rollForward.finishDestination({ migrationId, vmId: cfg.vmId }),
+      src.rollForward.finalizeSource({ vmId: cfg.vmId, migrationId, blockBytes: cfg.blockBytes }),
+    ]);
     report.downtimeMs = done.downtimeMs;
     report.onDemandFetches = done.fetches;
-    await src.rollForward.finalizeSource({ vmId: cfg.vmId, migrationId, blockBytes: cfg.blockBytes });
     return finish('completed');
   }
   await rollBack(null, 'no destination left');

@@ -18,6 +18,7 @@ let home: string;
 let driver: SimDriver;
 const handles: SimVmHandle[] = [];
 const children: ChildProcess[] = [];
+const cleanups: (() => Promise<void>)[] = [];
 
 beforeAll(() => {
   home = fs.mkdtempSync(path.join(os.tmpdir(), 'ferry-sim-vm-'));
@@ -27,6 +28,7 @@ beforeAll(() => {
 afterAll(async () => {
   for (const h of handles) h.close();
   for (const c of children) if (c.exitCode === null && c.signalCode === null) c.kill('SIGKILL');
+  for (const cleanup of cleanups) await cleanup().catch(() => undefined);
   const dir = path.join(home, 'vms');
   for (const vm of fs.existsSync(dir) ? fs.readdirSync(dir) : []) await driver.destroy(vmId(vm));
   fs.rmSync(home, { recursive: true, force: true });
@@ -262,6 +264,7 @@ describe('simulated VM process', () => {
     await otherHost.create(d, { incoming: true });
     const dst = await otherHost.start(d.vmId);
     handles.push(dst);
+    cleanups.push(() => otherHost.destroy(d.vmId)); // even when an expectation fails: a guest left running burns a core
     await dst.writePages(0, await src.readPages(0, d.memoryBytes / PAGE_BYTES));
     await dst.loadState(await src.saveState());
     await dst.resume();
@@ -269,7 +272,6 @@ describe('simulated VM process', () => {
     expect(await dst.status()).toMatchObject({ state: 'halted', ops: 500 });
     await dst.resume();
     await waitFor('the guest to run on', () => dst.status(), (st) => st.ops > 500);
-    await otherHost.destroy(d.vmId);
   });
 
   it('create validates, refuses duplicates, and destroy can keep the disk as a base', async () => {
