@@ -181,7 +181,7 @@ export class SimVmHandle implements VmHandle {
     }
   }
 
-  /** Callers keep a call within PAGES_PER_COMMAND pages (the migration sends at most 1 MiB per message). */
+  /** Callers keep a call within PAGES_PER_COMMAND pages (the migration sends at most 4 MiB per message). */
   async readPageRuns(runs: PageRun[]): Promise<Buffer> {
     return (await this.client.request('read-page-runs', { runs })).attachment as Buffer;
   }
