@@ -265,12 +265,24 @@ export async function migrateVm(input: MigrateVmInput): Promise<MigrationReport>
     }
     // Disk and memory rounds in turn right before the freeze: what the memory precopy let pile up on the
     // disk goes first, each pair is shorter than the last, and the freeze carries as little as possible.
+    let lastDiskItems = Infinity;
     for (let round = 1; round <= FINAL_ROUNDS; round++) {
       const d = await src.transfer.copyDiskDirty.executeWithOptions({ ...src.options.transfer, summary: `disk: round ${round} before the freeze` }, [ref]);
       report.diskBytesSent += d.bytes;
       const m = await src.transfer.copyMemory.executeWithOptions({ ...src.options.transfer, summary: `memory: round ${round} before the freeze` }, [{ ref, full: false }]);
       report.memoryBytesSent += m.bytes;
-      if (forceSwitchover || (d.items <= cfg.convergence.dirtyBlockThreshold && (m.items * PAGE_BYTES) / memRate <= cfg.downtimeTargetMs / 2)) break;
+      const memoryFits = (m.items * PAGE_BYTES) / memRate <= cfg.downtimeTargetMs / 2;
+      // In tpm mode stale blocks go to the postcopy, not into the freeze: once the disk set stops
+      // halving, more rounds only send the same blocks again.
+      const diskDone = d.items <= cfg.convergence.dirtyBlockThreshold || (cfg.mode === 'tpm' && d.items > lastDiskItems / 2);
+      if (forceSwitchover || (memoryFits && diskDone)) break;
+      lastDiskItems = d.items;
+      if (!memoryFits && cfg.convergence.onStall === 'throttle' && throttle < 0.8) {
+        // The guest dirties memory faster than a round moves it: hold it back (auto-converge) to meet the downtime target.
+        throttle = Math.min(0.8, throttle + 0.2);
+        report.throttled = true;
+        await src.quick.setThrottle({ vmId: cfg.vmId, fraction: throttle });
+      }
     }
   }
 
