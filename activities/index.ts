@@ -212,10 +212,6 @@ export function createActivities(deps: HostDeps) {
       return { ...s, incremental: await source.incrementalState(input.vmId) };
     },
 
-    async startTracking(ref: MigrationRef): Promise<void> {
-      await guard(() => source.startTracking(ref));
-    },
-
     async copyDiskFirstPass(input: { ref: MigrationRef; incremental: boolean }) {
       return precopyTransfer(input.ref, () => withHeartbeat((from, report, signal) => source.copyDiskFirstPass(input.ref, input.incremental, from, report, signal)));
     },

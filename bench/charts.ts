@@ -1,7 +1,7 @@
 // SVG charts of a run, drawn by vega-lite (compiled to vega, rendered headless). Both packages are
-// optional: without them the benchmark prints a note and writes no chart. They are looked up in this
-// repository's node_modules, or under FERRY_BENCH_NODE_MODULES (a directory holding a node_modules
-// with vega and vega-lite), so they can be tried without adding dependencies.
+// devDependencies; without them (a production install) the benchmark prints a note and writes no
+// chart. They are looked up in this repository's node_modules, or under FERRY_BENCH_NODE_MODULES (a
+// directory holding a node_modules with vega and vega-lite).
 import { promises as fs } from 'node:fs';
 import { createRequire } from 'node:module';
 import path from 'node:path';
@@ -61,7 +61,7 @@ function specs(res: Results, summary: Summary): Record<string, object> {
     },
     'total-vs-limit.svg': {
       ...base,
-      title: `Total time of full migrations; rule: physical limit (cp) ${summary.physical_limit_s ?? '?'} s`,
+      title: `Total time of full migrations; rule: physical limit (cp + fsync) ${summary.physical_limit_s ?? '?'} s`,
       layer: [
         {
           data: { values: rows.filter((r) => r.kind === 'full') },

@@ -69,6 +69,9 @@ export interface BitmapSnapshot {
   count: number;
 }
 
+/** Consecutive pages: [first page, count]. */
+export type PageRun = [first: number, count: number];
+
 export interface DiskAccess {
   readonly sizeBytes: number;
   read(offset: number, length: number): Promise<Buffer>;
@@ -104,6 +107,9 @@ export interface VmHandle {
   ackMemoryLog(generation: number): Promise<void>;
   readPages(first: number, count: number): Promise<Buffer>;
   writePages(first: number, data: Buffer): Promise<void>;
+  /** Scattered pages in one round trip (the dirty-page path): the pages of every run, concatenated in order. */
+  readPageRuns(runs: PageRun[]): Promise<Buffer>;
+  writePageRuns(runs: PageRun[], data: Buffer): Promise<void>;
 
   // Incoming / postcopy (destination)
   /** Mark blocks stale: guest reads of them wait for a delivery; whole-block writes make them fresh. */

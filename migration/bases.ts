@@ -1,10 +1,14 @@
 // Incremental migration bookkeeping on a host (the paper's IM algorithm).
 //
 // After a migration M moves a VM from A to B:
-//   - A keeps the VM's disk as it was at the freeze: a *base* with lineage M and a content digest;
+//   - A keeps the VM's disk as it was at the freeze: a *base* with lineage M, the image's fingerprint
+//     (device, inode, size, mtime, ctime) and, computed in the background, its sha256 digest;
 //   - B tracks every guest write since the commit in a persistent bitmap `im`, with lineage M.
 // Moving the VM back B→A then sends only the blocks in B's `im` bitmap onto A's base, provided the
-// lineages match, the bitmap is valid and the base's digest is intact. Anything else: a full copy.
+// lineages match, the bitmap is valid and the base is intact. Anything else: a full copy.
+// Intact: the fingerprint is unchanged (no write reached the image: ctime cannot be set back), or,
+// if it changed, the content still has the digest. Hashing a large image takes seconds, so neither
+// keeping a base nor building on an untouched one waits for it.
 import path from 'node:path';
 import { createHash } from 'node:crypto';
 import { createReadStream, promises as fs } from 'node:fs';
@@ -18,8 +22,8 @@ export interface BaseRecord {
   lineage: string;
   diskBytes: number;
   blockBytes: number;
-  /** sha256 of the image when it was kept. */
-  digest: string;
+  /** fingerprintFile() of the image when it was kept. */
+  fingerprint: string;
   createdAt: string;
   /** The incoming migration building on this base right now, if any. */
   inUseBy: string | null;
@@ -33,7 +37,20 @@ export interface ImRecord {
   startedAt: string;
 }
 
+/** sha256 of a base image, and the fingerprint the image had all the while it was hashed. */
+export interface BaseDigest {
+  vmId: string;
+  fingerprint: string;
+  digest: string;
+}
+
 export class BaseInUse extends Error {}
+
+/** What any write to the file (or a replacement of it) changes. */
+export async function fingerprintFile(file: string): Promise<string> {
+  const st = await fs.stat(file, { bigint: true });
+  return [st.dev, st.ino, st.size, st.mtimeNs, st.ctimeNs].join(':');
+}
 
 export async function digestFile(file: string): Promise<string> {
   const hash = createHash('sha256');
@@ -65,8 +82,32 @@ class RecordDir<T extends { vmId: string }> {
 }
 
 export class BaseStore extends RecordDir<BaseRecord> {
+  private readonly digests: RecordDir<BaseDigest>;
+
   constructor(home: string) {
     super(path.join(home, 'bases'));
+    this.digests = new RecordDir<BaseDigest>(path.join(home, 'base-digests'));
+  }
+
+  override async remove(vmId: string): Promise<void> {
+    await super.remove(vmId);
+    await this.digests.remove(vmId);
+  }
+
+  /** Hash the kept image (call it without waiting); the digest counts only if the image held still meanwhile. */
+  async digestLater(base: BaseRecord, file: string): Promise<void> {
+    const digest = await digestFile(file);
+    if ((await fingerprintFile(file)) !== base.fingerprint) return;
+    await this.digests.put({ vmId: base.vmId, fingerprint: base.fingerprint, digest });
+  }
+
+  /** Whether the image at `file` is still the base as it was kept (see the top of this file). */
+  async intact(base: BaseRecord, file: string): Promise<boolean> {
+    const now = await fingerprintFile(file).catch(() => null);
+    if (now === null) return false;
+    if (now === base.fingerprint) return true;
+    const kept = await this.digests.get(base.vmId);
+    return kept?.fingerprint === base.fingerprint && (await digestFile(file)) === kept.digest;
   }
 
   /** Deleting a base an incoming migration builds on is refused. */

@@ -2,13 +2,13 @@
 // commit point, and the postcopy service (stale blocks, on-demand fetches).
 import path from 'node:path';
 import { promises as fs } from 'node:fs';
-import type { DiskAccess, HypervisorDriver, VmHandle, VmSpec } from '../hypervisor/driver';
+import type { DiskAccess, HypervisorDriver, PageRun, VmHandle, VmSpec } from '../hypervisor/driver';
 import type { Message, ServerSession, SessionHandler, SessionIdentity } from '../dataplane/api';
 import { DataPlaneError } from '../dataplane/api';
 import { readJsonIfExists, writeFileDurable } from '../common/durable-file';
 import { vmId as asVmId } from '../common/types';
 import { OwnershipStore } from './ownership';
-import { BaseStore, IM_BITMAP, ImStore, digestFile } from './bases';
+import { BaseStore, IM_BITMAP, ImStore } from './bases';
 import { Msg, indicesToBitmap, type QueryReply } from './messages';
 import type { Logger } from '../common/log';
 import { faultPoint } from '../common/fault-points';
@@ -64,7 +64,7 @@ export class Destination {
 
   /**
    * Create (or find again, on a retry) the incoming shell for a migration. Idempotent. With an
-   * incremental request, builds on this host's base of the VM when its lineage, sizes and digest
+   * incremental request, builds on this host's base of the VM when its lineage and sizes match and it is intact
    * allow it; otherwise starts from an empty image and says why.
    */
   async prepare(request: Omit<IncomingRecord, 'incremental'>, im: IncrementalRequest): Promise<IncrementalDecision> {
@@ -112,8 +112,9 @@ export class Destination {
     if (base.blockBytes !== request.blockBytes || im.blockBytes !== request.blockBytes) {
       return full(`the block size changed (base ${base.blockBytes}, bitmap ${im.blockBytes}, migration ${request.blockBytes})`);
     }
-    const digest = await digestFile(this.deps.driver.diskPath(asVmId(request.vmId))).catch(() => 'missing');
-    if (digest !== base.digest) return full('the base image digest does not match: the base was changed or damaged since it was kept');
+    if (!(await this.bases.intact(base, this.deps.driver.diskPath(asVmId(request.vmId))))) {
+      return full('the base image digest does not match: the base was changed or damaged since it was kept');
+    }
     return { incremental: true };
   }
 
@@ -220,7 +221,7 @@ export class Destination {
   private statusOnlyHandler(identity: SessionIdentity): SessionHandler {
     return {
       onMessage: async (_session, msg) => {
-        if (msg.type === Msg.Query || msg.type === Msg.Final || msg.type === Msg.Abort) {
+        if (msg.type === Msg.Query || msg.type === Msg.Prepare || msg.type === Msg.Final || msg.type === Msg.Abort) {
           return reply(await this.query(identity.migrationId, identity.vmId));
         }
         if (msg.type === Msg.StaleList) return { type: Msg.StaleList, meta: { count: 0, needed: [] }, data: Buffer.alloc(0) };
@@ -234,10 +235,14 @@ export class Destination {
     const { record } = inc;
     switch (msg.type) {
       case Msg.Block: {
-        const b = blockOf(msg, record);
+        const b = firstBlockOf(msg, record);
         const own = await this.deps.ownership.get(record.vmId);
         if (own?.state === 'running') {
-          await inc.vm!.deliverBlocks(record.blockBytes, [{ block: b, data: msg.data }]);
+          const items = [];
+          for (let at = 0; at < msg.data.length; at += record.blockBytes) {
+            items.push({ block: b + at / record.blockBytes, data: msg.data.subarray(at, at + record.blockBytes) });
+          }
+          await inc.vm!.deliverBlocks(record.blockBytes, items);
         } else {
           await this.expectIncoming(record, own?.state);
           await inc.disk!.write(b * record.blockBytes, msg.data);
@@ -246,7 +251,7 @@ export class Destination {
       }
       case Msg.Pages: {
         await this.expectIncoming(record, (await this.deps.ownership.get(record.vmId))?.state);
-        await inc.vm!.writePages(Number(msg.meta.p), msg.data);
+        await inc.vm!.writePageRuns(msg.meta.runs as PageRun[], msg.data);
         return;
       }
       case Msg.Sync:
@@ -255,6 +260,11 @@ export class Destination {
       case Msg.Final:
         return this.commit(inc, msg);
       case Msg.Query:
+        return reply(await this.query(migrationId, record.vmId));
+      case Msg.Prepare:
+        if ((await this.deps.ownership.get(record.vmId))?.state === 'incoming') {
+          await this.deps.ownership.recordPrepared(record.vmId, record.epoch, migrationId);
+        }
         return reply(await this.query(migrationId, record.vmId));
       case Msg.Abort:
         await this.abort(migrationId, record.vmId, record.epoch);
@@ -283,9 +293,9 @@ export class Destination {
     const bits = msg.data.subarray(stateBytes);
     const count = Number(msg.meta.staleCount);
     const vm = inc.vm!;
-    await vm.loadState(state);
-    await vm.setStale({ generation: 0, blockBytes: record.blockBytes, bits: Buffer.from(bits), count });
-    await this.deps.ownership.recordPrepared(vmId, epoch, migrationId);
+    // Both in one round trip: the VM answers pipelined commands in order.
+    await Promise.all([vm.loadState(state), vm.setStale({ generation: 0, blockBytes: record.blockBytes, bits: Buffer.from(bits), count })]);
+    await this.deps.ownership.recordPrepared(vmId, epoch, migrationId); // already durable since Prepare, unless the source skipped it
     await faultPoint('switchover-after-prepared');
     await this.deps.ownership.commit(vmId, epoch, migrationId);
     await faultPoint('switchover-after-commit');
@@ -349,15 +359,20 @@ export class Destination {
 }
 
 /** The block a Block message carries: an index inside the disk and exactly that block's bytes. */
-function blockOf(msg: Message, record: IncomingRecord): number {
+/** The first block of a Block message's run of consecutive blocks, checked against the disk. */
+function firstBlockOf(msg: Message, record: IncomingRecord): number {
   const { blockBytes, spec } = record;
   const blocks = Math.ceil(spec.diskBytes / blockBytes);
   const b = msg.meta.b;
   if (typeof b !== 'number' || !Number.isSafeInteger(b) || b < 0 || b >= blocks) {
     throw new Error(`block ${JSON.stringify(b)} is not a block of VM ${record.vmId}'s disk (0..${blocks - 1} at ${blockBytes} bytes)`);
   }
-  const length = Math.min(blockBytes, spec.diskBytes - b * blockBytes);
-  if (msg.data.length !== length) throw new Error(`block ${b} of VM ${record.vmId} is ${length} bytes, the message carries ${msg.data.length}`);
+  const end = b * blockBytes + msg.data.length;
+  if (msg.data.length === 0 || end > spec.diskBytes || (msg.data.length % blockBytes !== 0 && end !== spec.diskBytes)) {
+    throw new Error(
+      `blocks from ${b} of VM ${record.vmId}: the message carries ${msg.data.length} bytes, not whole ${blockBytes}-byte blocks inside the disk (${spec.diskBytes} bytes)`,
+    );
+  }
   return b;
 }
 

@@ -2,9 +2,9 @@
 // The source host is always the client; the destination host serves. See migration/PROTOCOL.md.
 
 export const Msg = {
-  /** meta { b: block index }, data: the block (the last block of a disk may be short). */
+  /** meta { b: block index }, data: block b and the blocks after it (the last block of a disk may be short). */
   Block: 1,
-  /** meta { p: first page }, data: whole pages. */
+  /** meta { runs: [[first page, count], ...] }, data: the pages of every run, in order. */
   Pages: 2,
   /** Request. meta { stateBytes, staleCount, blockBytes }, data: CPU state ++ stale bitmap. Reply: { state, epoch }. */
   Final: 3,
@@ -18,6 +18,8 @@ export const Msg = {
   Fetch: 7,
   /** Request: flush the destination disk to stable storage. */
   Sync: 8,
+  /** Request, right before the freeze: record prepared(e) if still incoming(e). Reply as Query. */
+  Prepare: 9,
 } as const;
 
 export interface QueryReply {

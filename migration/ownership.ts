@@ -32,13 +32,21 @@ export class OwnershipConflict extends Error {
 export class OwnershipStore {
   private readonly dir: string;
   private readonly locks = new Map<string, Promise<unknown>>();
+  /**
+   * The last record read or durably written, per VM: the data plane asks for every message it applies.
+   * This store is the only writer of its directory, so the cache never differs from the file.
+   */
+  private readonly cache = new Map<string, OwnershipRecord | null>();
 
   constructor(home: string) {
     this.dir = path.join(home, 'ownership');
   }
 
   async get(vmId: string): Promise<OwnershipRecord | null> {
-    return readJsonIfExists<OwnershipRecord>(this.file(vmId));
+    if (this.cache.has(vmId)) return copy(this.cache.get(vmId)!);
+    const record = await readJsonIfExists<OwnershipRecord>(this.file(vmId));
+    this.cache.set(vmId, record);
+    return copy(record);
   }
 
   async list(): Promise<OwnershipRecord[]> {
@@ -136,6 +144,7 @@ export class OwnershipStore {
 
   async remove(vmId: string): Promise<void> {
     await fs.rm(this.file(vmId), { force: true });
+    this.cache.set(vmId, null);
   }
 
   private expectMigration(vmId: string, cur: OwnershipRecord | null, epoch: number, migrationId: string): void {
@@ -164,9 +173,14 @@ export class OwnershipStore {
       if (!fields) return cur!;
       const record: OwnershipRecord = { vmId, ...fields, updatedAt: new Date().toISOString() };
       await writeFileDurable(this.file(vmId), JSON.stringify(record, null, 2));
-      return record;
+      this.cache.set(vmId, record);
+      return { ...record };
     });
     this.locks.set(vmId, run);
     return run;
   }
+}
+
+function copy(record: OwnershipRecord | null): OwnershipRecord | null {
+  return record && { ...record };
 }

@@ -30,6 +30,8 @@ import { fenceDestination, fenceWorkflowId } from './fence-destination';
 const GiB = 1024 ** 3;
 /** Small VMs still get time for the orchestration itself. */
 const MIN_COMPLETION_TIMEOUT_MS = 10 * 60_000;
+/** At most this many disk+memory round pairs right before the freeze. */
+const FINAL_ROUNDS = 4;
 const PRE_COMMIT: MigrationPhase[] = ['validating', 'waiting-for-slot', 'preparing', 'disk-precopy', 'disk-dirty-rounds', 'memory-precopy', 'awaiting-cutover'];
 
 function hostActivities(host: string, deadlineSeconds: number) {
@@ -220,7 +222,6 @@ export async function migrateVm(input: MigrateVmInput): Promise<MigrationReport>
       bandwidthBytesPerSecond: bandwidth,
       destinationDeadlineSeconds: cfg.destinationDeadlineSeconds,
     };
-    await src.quick.startTracking(ref);
 
     setPhase('disk-precopy', `copying the ${prepared.incremental ? 'blocks written since the last migration' : 'disk'} of ${cfg.vmId} to ${dest}`);
     const full = await src.transfer.copyDiskFirstPass.executeWithOptions(
@@ -288,11 +289,27 @@ export async function migrateVm(input: MigrateVmInput): Promise<MigrationReport>
         report.memoryBytesSent += m.bytes;
       }
     }
-    // One last short round each, so the freeze carries as little as possible.
-    const lastDisk = await src.transfer.copyDiskDirty.executeWithOptions({ ...src.options.transfer, summary: 'disk: last round before the freeze' }, [ref]);
-    report.diskBytesSent += lastDisk.bytes;
-    const lastMem = await src.transfer.copyMemory.executeWithOptions({ ...src.options.transfer, summary: 'memory: last round before the freeze' }, [{ ref, full: false }]);
-    report.memoryBytesSent += lastMem.bytes;
+    // Disk and memory rounds in turn right before the freeze: what the memory precopy let pile up on the
+    // disk goes first, each pair is shorter than the last, and the freeze carries as little as possible.
+    let lastDiskItems = Infinity;
+    for (let round = 1; round <= FINAL_ROUNDS; round++) {
+      const d = await src.transfer.copyDiskDirty.executeWithOptions({ ...src.options.transfer, summary: `disk: round ${round} before the freeze` }, [ref]);
+      report.diskBytesSent += d.bytes;
+      const m = await src.transfer.copyMemory.executeWithOptions({ ...src.options.transfer, summary: `memory: round ${round} before the freeze` }, [{ ref, full: false }]);
+      report.memoryBytesSent += m.bytes;
+      const memoryFits = (m.items * PAGE_BYTES) / memRate <= cfg.downtimeTargetMs / 2;
+      // In tpm mode stale blocks go to the postcopy, not into the freeze: once the disk set stops
+      // halving, more rounds only send the same blocks again.
+      const diskDone = d.items <= cfg.convergence.dirtyBlockThreshold || (cfg.mode === 'tpm' && d.items > lastDiskItems / 2);
+      if (forceSwitchover || (memoryFits && diskDone)) break;
+      lastDiskItems = d.items;
+      if (!memoryFits && cfg.convergence.onStall === 'throttle' && throttle < 0.8) {
+        // The guest dirties memory faster than a round moves it: hold it back (auto-converge) to meet the downtime target.
+        throttle = Math.min(0.8, throttle + 0.2);
+        report.throttled = true;
+        await src.quick.setThrottle({ vmId: cfg.vmId, fraction: throttle });
+      }
+    }
   }
 
   /**
@@ -387,10 +404,13 @@ export async function migrateVm(input: MigrateVmInput): Promise<MigrationReport>
       report.diskBytesSent += pc.bytes;
     }
     setPhase('finalizing', `releasing ${cfg.vmId} on ${cfg.sourceHost}`);
-    const done = await dst.rollForward.finishDestination({ migrationId, vmId: cfg.vmId });
+    // Independent steps on two hosts: one round trip for both.
+    const [done] = await Promise.all([
+      dst.rollForward.finishDestination({ migrationId, vmId: cfg.vmId }),
+      src.rollForward.finalizeSource({ vmId: cfg.vmId, migrationId, blockBytes: cfg.blockBytes }),
+    ]);
     report.downtimeMs = done.downtimeMs;
     report.onDemandFetches = done.fetches;
-    await src.rollForward.finalizeSource({ vmId: cfg.vmId, migrationId, blockBytes: cfg.blockBytes });
     return finish('completed');
   }
   await rollBack(null, 'no destination left');

@@ -217,9 +217,9 @@ export class Machine {
     else this.schedule(0);
   }
 
+  /** haltAt stays set: it is part of the CPU state, so a halted guest stays halted wherever it moves. */
   private halt(): void {
     this.state = 'halted';
-    this.guest.haltAt = null;
     this.emit('HALTED', { ops: this.guest.ops });
   }
 
@@ -372,7 +372,12 @@ export class Machine {
         this.config = { ...this.config, incoming: false };
         writeFileAtomic(this.paths.config, JSON.stringify(this.config, null, 2));
       }
-      if (this.state === 'halted') this.guest.haltAt = null;
+      if (this.state === 'halted') {
+        this.guest.haltAt = null; // an explicit resume of a halted guest runs it on
+      } else if (this.guest.haltAt !== null && this.guest.ops >= this.guest.haltAt) {
+        this.halt(); // a guest that halted before it migrated stays halted
+        return { ret: { ops: this.guest.ops, state: this.state } };
+      }
       this.startRunning();
       return { ret: { ops: this.guest.ops } };
     });
@@ -487,6 +492,39 @@ export class Machine {
       const first = intArg(args, 'first', 0, pages - 1);
       const count = intArg(args, 'count', 1, Math.min(pages - first, MAX_ATTACHMENT_BYTES / PAGE_BYTES));
       return { attachment: Buffer.from(this.memory.subarray(first * PAGE_BYTES, (first + count) * PAGE_BYTES)) };
+    });
+
+    /** `runs`: [[first, count], ...] inside the memory, at most the attachment limit in all. */
+    const pageRuns = (args: JsonObject): [number, number][] => {
+      const runs = args.runs;
+      if (!Array.isArray(runs) || runs.length === 0) invalid('argument "runs" must be a non-empty array of [first, count] pairs');
+      let total = 0;
+      const out: [number, number][] = [];
+      for (const r of runs as unknown[]) {
+        const [first, count] = Array.isArray(r) ? (r as unknown[]) : [];
+        const ok = Number.isInteger(first) && Number.isInteger(count) && (count as number) > 0 && (first as number) >= 0 && (first as number) + (count as number) <= pages;
+        if (!ok) invalid(`run ${JSON.stringify(r)} is not a [first, count] pair of pages inside the ${pages}-page memory`);
+        total += count as number;
+        out.push([first as number, count as number]);
+      }
+      if (total * PAGE_BYTES > MAX_ATTACHMENT_BYTES) invalid(`runs add up to ${total} pages: at most ${MAX_ATTACHMENT_BYTES / PAGE_BYTES} per command`);
+      return out;
+    };
+
+    c.set('read-page-runs', (args) => {
+      const runs = pageRuns(args);
+      return { attachment: Buffer.concat(runs.map(([first, count]) => this.memory.subarray(first * PAGE_BYTES, (first + count) * PAGE_BYTES))) };
+    });
+
+    c.set('write-page-runs', (args, att) => {
+      this.requireState('write-page-runs', ['incoming', 'paused', 'halted'], 'pause the VM first (a running guest owns its memory)');
+      const runs = pageRuns(args);
+      const data = needAttachment(att, 'page data');
+      const total = runs.reduce((n, [, count]) => n + count, 0);
+      if (data.length !== total * PAGE_BYTES) invalid(`runs add up to ${total} pages but the attachment has ${data.length} bytes`);
+      let at = 0;
+      for (const [first, count] of runs) at += data.copy(this.memory, first * PAGE_BYTES, at, at + count * PAGE_BYTES);
+      return { ret: { pages: total } };
     });
 
     c.set('write-pages', (args, att) => {

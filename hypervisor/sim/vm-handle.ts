@@ -1,6 +1,6 @@
 // VmHandle over one control-socket connection to a running VM process.
 import { PAGE_BYTES, type VmId } from '../../common/types';
-import type { BitmapInfo, BitmapSnapshot, DiskAccess, VmHandle, VmStatus } from '../driver';
+import type { BitmapInfo, BitmapSnapshot, DiskAccess, PageRun, VmHandle, VmStatus } from '../driver';
 import type { ControlClient } from './control-client';
 import { FileDiskAccess } from './disk-access';
 import { HypervisorError } from './errors';
@@ -179,6 +179,15 @@ export class SimVmHandle implements VmHandle {
       await this.client.request('write-pages', { first: first + done }, data.subarray(done * PAGE_BYTES, (done + n) * PAGE_BYTES));
       done += n;
     }
+  }
+
+  /** Callers keep a call within PAGES_PER_COMMAND pages (the migration sends at most 4 MiB per message). */
+  async readPageRuns(runs: PageRun[]): Promise<Buffer> {
+    return (await this.client.request('read-page-runs', { runs })).attachment as Buffer;
+  }
+
+  async writePageRuns(runs: PageRun[], data: Buffer): Promise<void> {
+    await this.client.request('write-page-runs', { runs }, data);
   }
 
   async setStale(bitmap: BitmapSnapshot): Promise<void> {

@@ -347,7 +347,8 @@ describe('while a migration runs: bad input aimed at it changes nothing', () => 
         [Msg.Block, { b: blocks }, Buffer.alloc(65536, 1), new RegExp(`block ${blocks} is not a block of VM ${busy.vmId}'s disk \\(0\\.\\.${blocks - 1} at 65536 bytes\\)`)],
         [Msg.Block, { b: -1 }, Buffer.alloc(65536, 1), /block -1 is not a block of VM/],
         [Msg.Block, { b: '3' }, Buffer.alloc(65536, 1), /block "3" is not a block of VM/],
-        [Msg.Block, { b: 3 }, Buffer.alloc(2 * 65536, 1), new RegExp(`block 3 of VM ${busy.vmId} is 65536 bytes, the message carries 131072`)],
+        [Msg.Block, { b: 3 }, Buffer.alloc(65536 + 100, 1), new RegExp(`blocks from 3 of VM ${busy.vmId}: the message carries 65636 bytes, not whole 65536-byte blocks`)],
+        [Msg.Block, { b: blocks - 1 }, Buffer.alloc(2 * 65536, 1), /the message carries 131072 bytes, not whole 65536-byte blocks inside the disk/],
       ];
       for (const [type, meta, data, message] of cases) {
         const err = await rejection(session.request({ type, meta, data }));

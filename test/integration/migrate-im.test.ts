@@ -49,7 +49,7 @@ it('moving back sends exactly the blocks written since, plus memory', async () =
   expect((await ferry.hostCommand(a, 'baseList')).map((b) => b.vmId)).toContain(vm.vmId);
 
   // The guest writes on b, then halts: nothing changes during the migration back.
-  await ferry.hostCommand(b, 'vmRunUntil', { vmId: vm.vmId, more: 400 });
+  const haltedOnB = await ferry.hostCommand(b, 'vmRunUntil', { vmId: vm.vmId, more: 400 });
   const written = await differingBlocks(diskOf(a, vm.vmId), diskOf(b, vm.vmId), 65536);
   expect(written).toBeGreaterThan(0);
 
@@ -60,6 +60,9 @@ it('moving back sends exactly the blocks written since, plus memory', async () =
   expect(back.diskBytesSent).toBe(written * 65536);
   expect(back.memoryBytesSent).toBeGreaterThanOrEqual(vm.memoryBytes);
   expect(back.diskBytesSent).toBeLessThan(first.diskBytesSent);
+  // Halted before the migration, halted after it: the target travels with the CPU state.
+  await new Promise((r) => setTimeout(r, 300));
+  expect(await ferry.hostCommand(a, 'vmInspect', { vmId: vm.vmId })).toMatchObject({ state: 'halted', ops: haltedOnB.ops });
   await expectGuestCorrect(a, vm);
 });
 

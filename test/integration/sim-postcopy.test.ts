@@ -89,10 +89,17 @@ async function setUp(name: string, workload: Workload, blockBytes: number, ops: 
   return { spec, src, dst, srcDisk, dstDisk, blockBytes, initialStale: stale, dstDriver: b, deliver };
 }
 
+/** The source halted at `ops` and the halt travels with the CPU state: resume once (halted), then run on. */
+async function runOn(dst: SimVmHandle): Promise<void> {
+  await dst.resume();
+  expect((await dst.status()).state).toBe('halted');
+  await dst.resume();
+}
+
 describe('incoming VM with stale blocks', () => {
   it('a read of a stale block waits, BLOCK_NEEDED fires once per block, a delivery wakes the guest with correct data', async () => {
     const p = await setUp('post-read', 'mixed', 64 * 1024, 3_000);
-    await p.dst.resume();
+    await runOn(p.dst);
     await sleep(300);
     const stalled = await p.dst.status();
     expect(stalled.state).toBe('running');
@@ -125,7 +132,7 @@ describe('incoming VM with stale blocks', () => {
 
   it('a write covering a whole stale block makes it fresh; its late delivery is discarded', async () => {
     const p = await setUp('post-whole', 'randwrite', 4096, 2_000);
-    await p.dst.resume();
+    await runOn(p.dst);
     await p.dst.runUntil(6_000); // 4 KiB writes over 4 KiB tracking blocks: never waits
     const s = await p.dst.status();
     expect(s.staleWaits).toBe(0);
@@ -156,7 +163,7 @@ describe('incoming VM with stale blocks', () => {
       requested.push(block);
       void p.deliver([block]);
     });
-    await p.dst.resume();
+    await runOn(p.dst);
     await p.dst.runUntil(200);
     const s = await p.dst.status();
     // Runs of 256 KiB partially cover the 1 MiB blocks 0-3: each is fetched before the write. The
@@ -173,14 +180,14 @@ describe('incoming VM with stale blocks', () => {
     await expect(p.dst.deliverBlocks(64 * 1024, [{ block: 0, data: Buffer.alloc(100) }])).rejects.toThrow(/block 0 is 65536 bytes/);
     await expect(p.dst.deliverBlocks(4096, [{ block: 0, data: Buffer.alloc(4096) }])).rejects.toThrow(/deliver at that block size/);
     await expect(p.dst.deliverBlocks(64 * 1024, [{ block: 64, data: Buffer.alloc(65536) }])).rejects.toThrow(/"block"/);
-    await p.dst.resume();
+    await runOn(p.dst);
     await expect(p.dst.setStale({ generation: 1, blockBytes: 65536, bits: Buffer.alloc(8), count: 0 })).rejects.toThrow(/InvalidState/);
     expect((await p.dst.status()).violations).toBe(0);
   });
 
   it('stale marks survive a clean stop of the destination; it cannot be saved (moved on) while blocks are stale', async () => {
     const p = await setUp('post-stop', 'readmostly', 64 * 1024, 500, 1024 * 1024);
-    await p.dst.resume();
+    await runOn(p.dst);
     await sleep(100);
     await expect(p.dst.pause().then(() => p.dst.saveState())).rejects.toThrow(/16 blocks are still stale/);
     await p.dstDriver.stop(p.spec.vmId);

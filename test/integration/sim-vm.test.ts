@@ -18,6 +18,7 @@ let home: string;
 let driver: SimDriver;
 const handles: SimVmHandle[] = [];
 const children: ChildProcess[] = [];
+const cleanups: (() => Promise<void>)[] = [];
 
 beforeAll(() => {
   home = fs.mkdtempSync(path.join(os.tmpdir(), 'ferry-sim-vm-'));
@@ -27,6 +28,7 @@ beforeAll(() => {
 afterAll(async () => {
   for (const h of handles) h.close();
   for (const c of children) if (c.exitCode === null && c.signalCode === null) c.kill('SIGKILL');
+  for (const cleanup of cleanups) await cleanup().catch(() => undefined);
   const dir = path.join(home, 'vms');
   for (const vm of fs.existsSync(dir) ? fs.readdirSync(dir) : []) await driver.destroy(vmId(vm));
   fs.rmSync(home, { recursive: true, force: true });
@@ -251,6 +253,25 @@ describe('simulated VM process', () => {
     expect(held).toBeLessThan(full * 0.5);
     expect(held).toBeGreaterThan(0);
     await expect(h.setThrottle(1)).rejects.toThrow(/\[0, 1\)/);
+  });
+
+  it('a guest halted by runUntil stays halted after its state moves to another VM process; a second resume runs it on', async () => {
+    const s = spec('halt-src', { opsPerSecond: 0 });
+    const src = await startVm(s, true);
+    await src.runUntil(500);
+    const d = spec('halt-src', { opsPerSecond: 0 });
+    const otherHost = new SimDriver({ home: fs.mkdtempSync(path.join(home, 'other-host-')) });
+    await otherHost.create(d, { incoming: true });
+    const dst = await otherHost.start(d.vmId);
+    handles.push(dst);
+    cleanups.push(() => otherHost.destroy(d.vmId)); // even when an expectation fails: a guest left running burns a core
+    await dst.writePages(0, await src.readPages(0, d.memoryBytes / PAGE_BYTES));
+    await dst.loadState(await src.saveState());
+    await dst.resume();
+    await sleep(300);
+    expect(await dst.status()).toMatchObject({ state: 'halted', ops: 500 });
+    await dst.resume();
+    await waitFor('the guest to run on', () => dst.status(), (st) => st.ops > 500);
   });
 
   it('create validates, refuses duplicates, and destroy can keep the disk as a base', async () => {
