@@ -59,10 +59,38 @@ function hostActivities(host: string, deadlineSeconds: number) {
 }
 
 export async function migrateVm(input: MigrateVmInput): Promise<MigrationReport> {
-  const cfg = validateInput(input);
+  try {
+    return await migrate(input);
+  } catch (err) {
+    await recordFailure(input, err);
+    throw err;
+  }
+}
+
+/** The whole run id: run ids are time-ordered, so a prefix of two quick retries can be equal. */
+function currentMigrationId(): string {
   const info = workflowInfo();
-  // The whole run id: run ids are time-ordered, so a prefix of two quick retries can be equal.
-  const migrationId = `${info.workflowId}-${info.runId}`;
+  return `${info.workflowId}-${info.runId}`;
+}
+
+/** Tell the source host, which keeps the migration's metrics, that the migration failed. Best effort, and short. */
+async function recordFailure(input: MigrateVmInput, err: unknown): Promise<void> {
+  let sourceHost: string;
+  try {
+    sourceHost = validateInput(input).sourceHost;
+  } catch {
+    return; // invalid input: the migration never reached a host
+  }
+  const { migrationFailed } = proxyActivities<Activities>({ taskQueue: hostTaskQueue(sourceHost), scheduleToCloseTimeout: '10 seconds' });
+  const reason = err instanceof Error ? err.message : String(err);
+  await CancellationScope.nonCancellable(() =>
+    migrationFailed({ vmId: input.vmId, migrationId: currentMigrationId(), reason, startedAtMs: workflowInfo().startTime.getTime() }),
+  ).catch(() => undefined);
+}
+
+async function migrate(input: MigrateVmInput): Promise<MigrationReport> {
+  const cfg = validateInput(input);
+  const migrationId = currentMigrationId();
   const startedAt = workflowInfo().startTime.getTime();
   const src = hostActivities(cfg.sourceHost, cfg.destinationDeadlineSeconds);
 
@@ -104,7 +132,7 @@ export async function migrateVm(input: MigrateVmInput): Promise<MigrationReport>
   setHandler(approveCutoverSignal, () => void (approved = true));
   setHandler(setBandwidthSignal, (bps) => {
     bandwidth = bps;
-    void src.quick.setBandwidth({ migrationId, bytesPerSecond: bps }).catch(() => undefined);
+    void src.quick.setBandwidth({ migrationId, vmId: cfg.vmId, bytesPerSecond: bps }).catch(() => undefined);
   });
   setHandler(
     abortUpdate,
@@ -231,7 +259,7 @@ export async function migrateVm(input: MigrateVmInput): Promise<MigrationReport>
         throttle = Math.min(0.8, throttle + 0.2);
         report.throttled = true;
         stalls = 0;
-        await src.quick.setThrottle({ vmId: cfg.vmId, fraction: throttle });
+        await src.quick.setThrottle({ migrationId, vmId: cfg.vmId, fraction: throttle });
       }
     }
 
@@ -269,7 +297,8 @@ export async function migrateVm(input: MigrateVmInput): Promise<MigrationReport>
     report.memoryBytesSent += lastMem.bytes;
   }
 
-  async function rollBack(dest: string | null, reason: string): Promise<void> {
+  /** `final`: the migration ends rolled back (no other destination will be tried). */
+  async function rollBack(dest: string | null, reason: string, final: boolean): Promise<void> {
     setPhase('rolling-back', `rolling back: ${reason}`);
     await CancellationScope.nonCancellable(async () => {
       if (dest) {
@@ -281,7 +310,7 @@ export async function migrateVm(input: MigrateVmInput): Promise<MigrationReport>
       }
       for (;;) {
         try {
-          await src.quick.rollbackSource({ ref, vmId: cfg.vmId, migrationId });
+          await src.quick.rollbackSource({ ref, vmId: cfg.vmId, migrationId, final, startedAtMs: startedAt });
           return;
         } catch (err) {
           // A paused source with an unreachable destination must wait: resuming could make two copies.
@@ -304,8 +333,9 @@ export async function migrateVm(input: MigrateVmInput): Promise<MigrationReport>
       await preCommitScope.run(() => precopy(dest));
     } catch (err) {
       const reason = abortReason ?? failureMessage(err, dest, cfg.destinationDeadlineSeconds);
-      await rollBack(dest, reason);
-      if (abortReason !== null || isCancellation(err)) return finish('rolled-back', reason);
+      const final = abortReason !== null || isCancellation(err);
+      await rollBack(dest, reason, final);
+      if (final) return finish('rolled-back', reason);
       report.failedDestinations.push({ host: dest, reason });
       continue;
     }
@@ -316,7 +346,7 @@ export async function migrateVm(input: MigrateVmInput): Promise<MigrationReport>
       src.rollForward.switchover.executeWithOptions({ ...src.options.rollForward, summary: `switchover to ${dest}` }, [{ ref: ref!, mode: cfg.mode }]),
     );
     if (sw.outcome === 'aborted') {
-      await rollBack(dest, sw.reason);
+      await rollBack(dest, sw.reason, false);
       report.failedDestinations.push({ host: dest, reason: sw.reason });
       continue;
     }
@@ -335,10 +365,10 @@ export async function migrateVm(input: MigrateVmInput): Promise<MigrationReport>
     const done = await dst.rollForward.finishDestination({ migrationId, vmId: cfg.vmId });
     report.downtimeMs = done.downtimeMs;
     report.onDemandFetches = done.fetches;
-    await src.rollForward.finalizeSource({ vmId: cfg.vmId, migrationId, blockBytes: cfg.blockBytes });
+    await src.rollForward.finalizeSource({ vmId: cfg.vmId, migrationId, blockBytes: cfg.blockBytes, startedAtMs: startedAt });
     return finish('completed');
   }
-  await rollBack(null, 'no destination left');
+  await rollBack(null, 'no destination left', true);
   return finish('rolled-back', `every destination failed: ${report.failedDestinations.map((f) => `${f.host}: ${f.reason}`).join('; ')}`);
 
   function finish(outcome: 'completed' | 'rolled-back', reason?: string): MigrationReport {
