@@ -87,7 +87,7 @@ export async function startAgent(config: AgentConfig, opts: AgentOptions = {}): 
   const metricsPort = metricsServer?.port ?? null;
 
   const done = Promise.all([hostWorker.run(), workflowWorker.run()]).then(() => undefined);
-  log.info({ host: config.host, taskQueue: hostTaskQueue(config.host), dataAddress, metricsPort, home: config.home, pid: process.pid }, 'agent ready');
+  log.info({ taskQueue: hostTaskQueue(config.host), dataAddress, metricsPort, home: config.home, pid: process.pid }, 'agent ready');
 
   let stopping: Promise<void> | null = null;
   return {

@@ -90,11 +90,12 @@ export function createAgentMetrics(host: string): AgentMetrics {
     labelNames: ['side', 'reason'],
     registers,
   });
-  // Pre-create the common series, so dashboards show 0 rather than nothing.
+  // Pre-create the series, so that dashboards and rate() see 0 rather than nothing.
   for (const kind of ['disk', 'memory', 'state']) {
     sent.inc({ kind }, 0);
     received.inc({ kind }, 0);
   }
+  for (const role of ['source', 'destination']) for (const outcome of ['completed', 'rolled-back', 'failed']) migrations.inc({ role, outcome }, 0);
 
   const ended = new Set<string>();
 

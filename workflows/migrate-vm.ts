@@ -165,6 +165,9 @@ async function migrate(input: MigrateVmInput): Promise<MigrationReport> {
   }
 
   function updatePercent(): void {
+    // The report counts every round, the switchover and the postcopy: the progress shows the same.
+    progress.disk.sentBytes = report.diskBytesSent;
+    progress.memory.sentBytes = report.memoryBytesSent;
     const total = progress.disk.totalBytes + progress.memory.totalBytes;
     const done = progress.disk.sentBytes + progress.memory.sentBytes;
     const byBytes = total > 0 ? Math.min(0.9, done / (total * 1.1)) : 0;
@@ -232,7 +235,6 @@ async function migrate(input: MigrateVmInput): Promise<MigrationReport> {
     report.skippedBlocks = full.skippedBlocks;
     report.diskBytesSent += full.bytes;
     report.diskPrecopyResumedFromBlock = full.resumedFromBlock;
-    progress.disk.sentBytes = full.bytes;
     progress.transferBytesPerSecond = full.durationMs > 0 ? Math.round((full.bytes / full.durationMs) * 1000) : 0;
     updatePercent();
 
@@ -245,7 +247,6 @@ async function migrate(input: MigrateVmInput): Promise<MigrationReport> {
       const r = await src.transfer.copyDiskDirty.executeWithOptions({ ...src.options.transfer, summary: `disk precopy round ${round}` }, [ref]);
       report.diskRounds = round;
       report.diskBytesSent += r.bytes;
-      progress.disk.sentBytes += r.bytes;
       progress.disk.dirtyBlocks = r.items;
       progress.disk.remainingBytes = r.items * cfg.blockBytes;
       progress.dirtyBytesPerSecond = r.durationMs > 0 ? Math.round((r.bytes / r.durationMs) * 1000) : 0;
@@ -266,13 +267,12 @@ async function migrate(input: MigrateVmInput): Promise<MigrationReport> {
     setPhase('memory-precopy', `copying the memory of ${cfg.vmId}`);
     const memFull = await src.transfer.copyMemory.executeWithOptions({ ...src.options.transfer, summary: 'memory precopy: full pass' }, [{ ref, full: true }]);
     report.memoryBytesSent += memFull.bytes;
-    progress.memory.sentBytes = memFull.bytes;
+    updatePercent();
     const memRate = memFull.durationMs > 0 ? memFull.bytes / memFull.durationMs : Infinity; // bytes per ms
     for (let round = 1; round <= 10 && !forceSwitchover; round++) {
       const r = await src.transfer.copyMemory.executeWithOptions({ ...src.options.transfer, summary: `memory precopy round ${round}` }, [{ ref, full: false }]);
       report.memoryRounds = round;
       report.memoryBytesSent += r.bytes;
-      progress.memory.sentBytes += r.bytes;
       progress.memory.dirtyPages = r.items;
       progress.memory.remainingBytes = r.items * PAGE_BYTES;
       updatePercent();
