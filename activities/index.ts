@@ -1,9 +1,10 @@
 // Host-side activities. Every agent registers all of them on its own task queue (`host-<name>`);
 // the workflow chooses the host by choosing the queue. Built by a factory that receives the host's
 // dependencies, as in the Temporal samples.
-import { ApplicationFailure, Context } from '@temporalio/activity';
+import { ApplicationFailure, Context, getClient } from '@temporalio/activity';
 import type { HypervisorDriver, VmSpec, VmStatus } from '../hypervisor/driver';
-import { vmId as asVmId, type Workload } from '../common/types';
+import { MIGRATION_TASK_QUEUE, vmId as checkVmId, type VmId, type Workload } from '../common/types';
+import { CLUSTER_SCOPE, admissionWorkflowId, hostScope, requestSlotSignal, type AdmissionState } from '../workflows/definitions';
 import type { Logger } from '../common/log';
 import { OwnershipConflict, type OwnershipRecord, type OwnershipStore } from '../migration/ownership';
 import {
@@ -32,6 +33,8 @@ export interface HostDeps {
   destination: Destination;
   log: Logger;
   metrics: AgentMetrics;
+  /** How many migrations may run at once touching this host, and in the whole cluster. */
+  limits: { host: number; cluster: number };
 }
 
 export interface VmSummary extends VmStatus {
@@ -44,6 +47,15 @@ export interface SourceSummary extends VmSummary {
 }
 
 export type PrepareInput = Omit<IncomingRecord, 'incremental'> & { incremental: IncrementalRequest };
+
+/** A VM id from a request: a malformed one is refused at once, not retried. */
+function asVmId(value: string): VmId {
+  try {
+    return checkVmId(value);
+  } catch (err) {
+    throw ApplicationFailure.nonRetryable((err as Error).message, 'InvalidArgument');
+  }
+}
 
 export function createActivities(deps: HostDeps) {
   const { driver, ownership, source, destination, log, metrics } = deps;
@@ -142,6 +154,24 @@ export function createActivities(deps: HostDeps) {
       }
       await guard(() => bases.removeUnused(input.vmId));
       await driver.destroy(asVmId(input.vmId));
+    },
+
+    // ----- admission -----
+
+    /** Ask for a slot of this host (or of the cluster, with this agent's cluster limit). */
+    async requestSlot(input: { scope: 'host' | 'cluster'; ticket: number }): Promise<void> {
+      const run = Context.current().info.workflowExecution;
+      if (!run) throw ApplicationFailure.nonRetryable('requestSlot is called by a migration workflow only', 'InvalidArgument');
+      const scope = input.scope === 'cluster' ? CLUSTER_SCOPE : hostScope(deps.host);
+      const limit = input.scope === 'cluster' ? deps.limits.cluster : deps.limits.host;
+      const initial: AdmissionState = { scope, limit, holders: [], waiting: [] };
+      await getClient().workflow.signalWithStart('admission', {
+        workflowId: admissionWorkflowId(scope),
+        taskQueue: MIGRATION_TASK_QUEUE,
+        args: [initial],
+        signal: requestSlotSignal,
+        signalArgs: [{ holder: { workflowId: run.workflowId, runId: run.runId }, limit, ticket: input.ticket }],
+      });
     },
 
     // ----- source side -----

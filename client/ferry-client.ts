@@ -6,10 +6,23 @@ import type { Activities } from '../activities';
 import type { MigrateVmInput, MigrationPhase, MigrationProgress, MigrationReport } from '../common/migration';
 import { MIGRATION_TASK_QUEUE, hostName, hostTaskQueue, migrationWorkflowId } from '../common/types';
 import type { HostCommand } from '../workflows/host-command';
-import { SearchAttributes, abortUpdate, approveCutoverSignal, progressQuery, setBandwidthSignal } from '../workflows/definitions';
-import { FerryRequestError, HostUnavailable, toFerryError } from './errors';
+import {
+  CLUSTER_SCOPE,
+  SearchAttributes,
+  abortUpdate,
+  admissionStateQuery,
+  admissionWorkflowId,
+  approveCutoverSignal,
+  hostScope,
+  progressQuery,
+  setBandwidthSignal,
+  type AdmissionState,
+} from '../workflows/definitions';
+import { bandwidthError } from '../workflows/validate';
+import { FerryRequestError, HostUnavailable, ValidationFailed, toFerryError } from './errors';
 
 // Earlier code imported the errors from this module.
+export type { AdmissionState, SlotHolder, SlotRequest } from '../workflows/definitions';
 export { FerryRequestError, HostUnavailable, MigrationAlreadyRunning, MigrationNotFound, ValidationFailed, VmNotFound } from './errors';
 
 /** temporal.api.enums.v1.TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY (not imported: @temporalio/proto is not a direct dependency). */
@@ -179,6 +192,8 @@ export class MigrationHandle {
 
   /** Change the data-plane limit while the migration runs; null = unlimited. */
   async setBandwidth(bytesPerSecond: number | null): Promise<void> {
+    const invalid = bandwidthError(bytesPerSecond);
+    if (invalid) throw new ValidationFailed(invalid);
     try {
       await this.workflow.signal(setBandwidthSignal, bytesPerSecond);
     } catch (err) {
@@ -267,6 +282,20 @@ export class FerryClient {
     while ((await this.hostAgents(host)).length === 0) {
       if (Date.now() > until) throw new HostUnavailable(host);
       await sleep(250);
+    }
+  }
+
+  /**
+   * Migration slots of a host, or of the whole cluster (host null): who holds one and who waits.
+   * Null when no migration ever asked for a slot there.
+   */
+  async slots(host: string | null): Promise<AdmissionState | null> {
+    const handle = this.temporal.workflow.getHandle(admissionWorkflowId(host === null ? CLUSTER_SCOPE : hostScope(host)));
+    try {
+      return await handle.query(admissionStateQuery);
+    } catch (err) {
+      if ((err as Error).name === 'WorkflowNotFoundError') return null;
+      throw toFerryError(err);
     }
   }
 

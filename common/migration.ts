@@ -38,6 +38,7 @@ export interface MigrateVmInput {
 
 export type MigrationPhase =
   | 'validating'
+  | 'waiting-for-slot'
   | 'preparing'
   | 'disk-precopy'
   | 'disk-dirty-rounds'

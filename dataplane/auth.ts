@@ -3,7 +3,8 @@ import { createHash, createHmac, randomBytes, timingSafeEqual } from 'node:crypt
 import { DataPlaneError, type SessionIdentity } from './api';
 
 export const NONCE_BYTES = 32;
-const MAX_NAME = 256;
+/** Names in a session identity: they end up in file names on the receiving host, so no '/' and no leading '.'. */
+const NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,255}$/;
 
 /**
  * A 32-bit tag on every frame, derived from the session identity. It is not a security measure (the
@@ -47,7 +48,7 @@ function protocolError(message: string): DataPlaneError {
 }
 
 function name(v: unknown, field: string): string {
-  if (typeof v !== 'string' || v.length === 0 || v.length > MAX_NAME) throw protocolError(`invalid ${field}`);
+  if (typeof v !== 'string' || !NAME.test(v)) throw protocolError(`invalid ${field}: use 1-256 characters of A-Z, a-z, 0-9, '.', '_' or '-', starting with a letter or digit`);
   return v;
 }
 

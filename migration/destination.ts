@@ -222,7 +222,7 @@ export class Destination {
     const { record } = inc;
     switch (msg.type) {
       case Msg.Block: {
-        const b = Number(msg.meta.b);
+        const b = blockOf(msg, record);
         const own = await this.deps.ownership.get(record.vmId);
         if (own?.state === 'running') {
           await inc.vm!.deliverBlocks(record.blockBytes, [{ block: b, data: msg.data }]);
@@ -332,6 +332,19 @@ export class Destination {
   private recordFile(migrationId: string): string {
     return path.join(this.dir, `${migrationId}.json`);
   }
+}
+
+/** The block a Block message carries: an index inside the disk and exactly that block's bytes. */
+function blockOf(msg: Message, record: IncomingRecord): number {
+  const { blockBytes, spec } = record;
+  const blocks = Math.ceil(spec.diskBytes / blockBytes);
+  const b = msg.meta.b;
+  if (typeof b !== 'number' || !Number.isSafeInteger(b) || b < 0 || b >= blocks) {
+    throw new Error(`block ${JSON.stringify(b)} is not a block of VM ${record.vmId}'s disk (0..${blocks - 1} at ${blockBytes} bytes)`);
+  }
+  const length = Math.min(blockBytes, spec.diskBytes - b * blockBytes);
+  if (msg.data.length !== length) throw new Error(`block ${b} of VM ${record.vmId} is ${length} bytes, the message carries ${msg.data.length}`);
+  return b;
 }
 
 function reply(meta: object): Message {

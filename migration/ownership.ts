@@ -106,6 +106,9 @@ export class OwnershipStore {
   /** Fence: this host will never resume the given epoch. Refused once the epoch is running. */
   abortIncoming(vmId: string, epoch: number, migrationId: string): Promise<OwnershipRecord> {
     return this.transition(vmId, (cur) => {
+      // This host runs its own copy (its prepare for this migration was refused): keep that record.
+      // No fence is needed, since recordIncoming refuses every epoch while it runs.
+      if (cur?.state === 'running' && cur.migrationId !== migrationId) return null;
       if (!cur || cur.epoch < epoch) {
         // Never heard of it (prepare never ran here): record the fence so a late prepare is refused too.
         return { epoch, state: 'aborted', migrationId };

@@ -3,6 +3,7 @@
 import { NativeConnection, Worker } from '@temporalio/worker';
 import { promises as fs } from 'node:fs';
 import { createActivities } from '../activities';
+import { createControlActivities } from '../activities/control';
 import { listen } from '../dataplane';
 import { SimDriver } from '../hypervisor';
 import { MIGRATION_TASK_QUEUE, hostTaskQueue } from '../common/types';
@@ -62,7 +63,7 @@ export async function startAgent(config: AgentConfig, opts: AgentOptions = {}): 
   const dataAddress = config.dataAdvertise ?? `${config.dataListenHost}:${server.port}`;
 
   const connection = await NativeConnection.connect({ address: config.temporal.address, tls: config.temporal.tls, apiKey: config.temporal.apiKey });
-  const activities = createActivities({ host: config.host, home: config.home, dataAddress, driver, ownership, source, destination, log, metrics });
+  const activities = createActivities({ host: config.host, home: config.home, dataAddress, driver, ownership, source, destination, log, metrics, limits: config.limits });
   const hostWorker = await Worker.create({
     connection,
     namespace: config.temporal.namespace,
@@ -75,6 +76,7 @@ export async function startAgent(config: AgentConfig, opts: AgentOptions = {}): 
     connection,
     namespace: config.temporal.namespace,
     taskQueue: MIGRATION_TASK_QUEUE,
+    activities: createControlActivities(),
     ...(config.workflowBundlePath
       ? { workflowBundle: { codePath: config.workflowBundlePath } }
       : { workflowsPath: require.resolve('../workflows') }),

@@ -23,6 +23,8 @@ export interface AgentConfig {
   dataTls?: { cert: Buffer; key: Buffer; ca?: Buffer };
   temporal: TemporalConnectionConfig;
   metricsPort: number | null;
+  /** Migrations that may run at once touching this host (as source or destination), and cluster-wide. */
+  limits: { host: number; cluster: number };
   /** A prebuilt workflow bundle (jest and the demo build it once for all agents). */
   workflowBundlePath: string | null;
 }
@@ -45,6 +47,8 @@ export interface AgentFlags {
   tlsCa?: string;
   tlsServerName?: string;
   metricsPort?: string;
+  maxMigrations?: string;
+  clusterMaxMigrations?: string;
 }
 
 export class ConfigError extends Error {}
@@ -110,6 +114,11 @@ export function loadAgentConfig(flags: AgentFlags, env: NodeJS.ProcessEnv = proc
     throw new ConfigError(`--metrics-port ${metrics} is not a port number`);
   }
 
+  const limits = {
+    host: positiveInt(flags.maxMigrations ?? env.FERRY_MAX_MIGRATIONS, 4, '--max-migrations'),
+    cluster: positiveInt(flags.clusterMaxMigrations ?? env.FERRY_CLUSTER_MAX_MIGRATIONS, 32, '--cluster-max-migrations'),
+  };
+
   return {
     host,
     home,
@@ -131,6 +140,14 @@ export function loadAgentConfig(flags: AgentFlags, env: NodeJS.ProcessEnv = proc
         : undefined,
     },
     metricsPort,
+    limits,
     workflowBundlePath: env.FERRY_WORKFLOW_BUNDLE ?? null,
   };
+}
+
+function positiveInt(value: string | undefined, fallback: number, flag: string): number {
+  if (value === undefined || value === '') return fallback;
+  const n = Number(value);
+  if (!Number.isInteger(n) || n < 1) throw new ConfigError(`${flag} ${value}: expected a whole number of migrations, 1 or more`);
+  return n;
 }

@@ -18,3 +18,38 @@ export const SearchAttributes = {
   incremental: defineSearchAttributeKey('FerryIncremental', SearchAttributeType.BOOL),
   outcome: defineSearchAttributeKey('FerryOutcome', SearchAttributeType.KEYWORD),
 };
+
+// ----- admission: slots that bound how many migrations run at once, per host and cluster-wide -----
+
+/** A migration run that holds or waits for a slot. */
+export interface SlotHolder {
+  workflowId: string;
+  runId: string;
+}
+export interface SlotRequest {
+  holder: SlotHolder;
+  /** Echoed in the grant, so a grant that crossed a release in flight is not taken for a new one. */
+  ticket: number;
+  /** The limit as the requesting host's agent is configured; the latest request's limit applies. */
+  limit: number;
+}
+export interface AdmissionState {
+  scope: string;
+  limit: number;
+  holders: SlotRequest[];
+  waiting: SlotRequest[];
+}
+export const requestSlotSignal = defineSignal<[SlotRequest]>('requestSlot');
+export const releaseSlotSignal = defineSignal<[SlotHolder]>('releaseSlot');
+/** Sent by the admission workflow to a migration when its slot in `scope` is granted. */
+export const slotGrantedSignal = defineSignal<[{ scope: string; ticket: number }]>('slotGranted');
+export const admissionStateQuery = defineQuery<AdmissionState>('admissionState');
+
+/** Scopes: the whole cluster, or one host (as source or destination alike). */
+export const CLUSTER_SCOPE = 'cluster';
+export function hostScope(host: string): string {
+  return `host-${host}`;
+}
+export function admissionWorkflowId(scope: string): string {
+  return `ferry-admission-${scope}`;
+}

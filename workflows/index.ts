@@ -1,2 +1,3 @@
 export { migrateVm } from './migrate-vm';
 export { hostCommand } from './host-command';
+export { admission } from './admission';

@@ -20,13 +20,14 @@ import type { Activities } from '../activities';
 import type { MigrationRef } from '../migration/source';
 import { initialProgress, type MigrateVmInput, type MigrationPhase, type MigrationProgress, type MigrationReport } from '../common/migration';
 import { PAGE_BYTES, hostTaskQueue } from '../common/types';
-import { SearchAttributes, abortUpdate, approveCutoverSignal, progressQuery, setBandwidthSignal } from './definitions';
-import { validateInput } from './validate';
+import { CLUSTER_SCOPE, SearchAttributes, abortUpdate, approveCutoverSignal, hostScope, progressQuery, setBandwidthSignal } from './definitions';
+import { bandwidthError, validateInput } from './validate';
+import { Slots } from './slots';
 
 const GiB = 1024 ** 3;
 /** Small VMs still get time for the orchestration itself. */
 const MIN_COMPLETION_TIMEOUT_MS = 10 * 60_000;
-const PRE_COMMIT: MigrationPhase[] = ['validating', 'preparing', 'disk-precopy', 'disk-dirty-rounds', 'memory-precopy', 'awaiting-cutover'];
+const PRE_COMMIT: MigrationPhase[] = ['validating', 'waiting-for-slot', 'preparing', 'disk-precopy', 'disk-dirty-rounds', 'memory-precopy', 'awaiting-cutover'];
 
 function hostActivities(host: string, deadlineSeconds: number) {
   const base: ActivityOptions = { taskQueue: hostTaskQueue(host) };
@@ -127,10 +128,14 @@ async function migrate(input: MigrateVmInput): Promise<MigrationReport> {
   };
 
   let preCommitScope: CancellationScope | null = null;
+  const slots = new Slots();
 
   setHandler(progressQuery, () => ({ ...progress, percent: maxPercent }));
   setHandler(approveCutoverSignal, () => void (approved = true));
   setHandler(setBandwidthSignal, (bps) => {
+    // A signal cannot be refused to its sender (FerryClient checks first): a bad value is dropped, never applied.
+    const error = bandwidthError(bps);
+    if (error) return log.warn(`setBandwidth ignored: ${error}`, { vmId: cfg.vmId, migrationId });
     bandwidth = bps;
     void src.quick.setBandwidth({ migrationId, vmId: cfg.vmId, bytesPerSecond: bps }).catch(() => undefined);
   });
@@ -209,6 +214,14 @@ async function migrate(input: MigrateVmInput): Promise<MigrationReport> {
   /** Everything before the commit point, against one destination. Throws to roll back. */
   async function precopy(dest: string): Promise<void> {
     const dst = hostActivities(dest, cfg.destinationDeadlineSeconds);
+    await slots.acquire(
+      [
+        { scope: CLUSTER_SCOPE, request: (ticket) => src.quick.requestSlot({ scope: 'cluster', ticket }) },
+        { scope: hostScope(cfg.sourceHost), request: (ticket) => src.quick.requestSlot({ scope: 'host', ticket }) },
+        { scope: hostScope(dest), request: (ticket) => dst.quick.requestSlot({ scope: 'host', ticket }) },
+      ],
+      (scope) => setPhase('waiting-for-slot', `waiting for a free migration slot (${scope === CLUSTER_SCOPE ? 'cluster-wide limit' : `limit of ${scope}`})`),
+    );
     setPhase('preparing', `preparing an incoming VM on ${dest}`);
     const prepared = await dst.quick.prepareDestination({
       migrationId,
@@ -337,6 +350,7 @@ async function migrate(input: MigrateVmInput): Promise<MigrationReport> {
       await rollBack(dest, reason, final);
       if (final) return finish('rolled-back', reason);
       report.failedDestinations.push({ host: dest, reason });
+      await releaseHostSlots();
       continue;
     }
     preCommitScope = null;
@@ -348,6 +362,7 @@ async function migrate(input: MigrateVmInput): Promise<MigrationReport> {
     if (sw.outcome === 'aborted') {
       await rollBack(dest, sw.reason, false);
       report.failedDestinations.push({ host: dest, reason: sw.reason });
+      await releaseHostSlots();
       continue;
     }
     committed = true;
@@ -371,7 +386,13 @@ async function migrate(input: MigrateVmInput): Promise<MigrationReport> {
   await rollBack(null, 'no destination left', true);
   return finish('rolled-back', `every destination failed: ${report.failedDestinations.map((f) => `${f.host}: ${f.reason}`).join('; ')}`);
 
-  function finish(outcome: 'completed' | 'rolled-back', reason?: string): MigrationReport {
+  /** Host slots go back before the next destination is tried, so that hosts are always taken in order. */
+  function releaseHostSlots(): Promise<void> {
+    return CancellationScope.nonCancellable(() => slots.release((scope) => scope !== CLUSTER_SCOPE));
+  }
+
+  async function finish(outcome: 'completed' | 'rolled-back', reason?: string): Promise<MigrationReport> {
+    await CancellationScope.nonCancellable(() => slots.release());
     report.outcome = outcome;
     report.reason = reason;
     report.totalMs = workflowNow() - startedAt;

@@ -40,8 +40,27 @@ function positive(field: string, value: number | undefined, fallback: number, op
   return value;
 }
 
+/** Every field of MigrateVmInput: a misspelt one is refused, not silently ignored. */
+const INPUT_FIELDS: readonly (keyof MigrateVmInput)[] = [
+  'vmId', 'sourceHost', 'destinationHosts', 'mode', 'incremental', 'blockBytes', 'convergence', 'downtimeTargetMs',
+  'bandwidthBytesPerSecond', 'cutover', 'completionTimeoutSecondsPerGiB', 'onCompletionTimeout', 'destinationDeadlineSeconds',
+];
+const CONVERGENCE_FIELDS: readonly (keyof ConvergencePolicy)[] = ['dirtyBlockThreshold', 'maxRounds', 'onStall'];
+
+function knownFields(what: string, value: object, known: readonly string[]): void {
+  const unknown = Object.keys(value).filter((k) => !known.includes(k));
+  if (unknown.length > 0) invalid(`${what} has unknown field ${unknown.map((k) => JSON.stringify(k)).join(', ')}: the fields are ${known.join(', ')}`);
+}
+
+/** A data-plane limit: a positive number of bytes per second, or null for unlimited. */
+export function bandwidthError(bw: unknown): string | null {
+  if (bw === null || (typeof bw === 'number' && bw > 0 && Number.isFinite(bw))) return null;
+  return `bandwidthBytesPerSecond must be a positive number of bytes per second, or null for unlimited (got ${JSON.stringify(bw)})`;
+}
+
 export function validateInput(input: MigrateVmInput): MigrationConfig {
-  if (!input || typeof input !== 'object') invalid('the input must be an object with vmId, sourceHost and destinationHosts');
+  if (!input || typeof input !== 'object' || Array.isArray(input)) invalid('the input must be an object with vmId, sourceHost and destinationHosts');
+  knownFields('the input', input, INPUT_FIELDS);
   if (!NAME.test(String(input.vmId ?? ''))) invalid(`vmId ${JSON.stringify(input.vmId)} is not a valid VM id: use 1-63 of a-z, 0-9, '.', '_', '-'`);
   if (!NAME.test(String(input.sourceHost ?? ''))) invalid(`sourceHost ${JSON.stringify(input.sourceHost)} is not a valid host name`);
   const dests = input.destinationHosts;
@@ -56,8 +75,11 @@ export function validateInput(input: MigrateVmInput): MigrationConfig {
     invalid(`blockBytes must be a power of two between ${MIN_BLOCK_BYTES} and ${MAX_BLOCK_BYTES} (got ${blockBytes})`);
   }
   const conv = input.convergence ?? {};
+  if (typeof conv !== 'object' || conv === null || Array.isArray(conv)) invalid(`convergence must be an object with ${CONVERGENCE_FIELDS.join(', ')} (got ${JSON.stringify(conv)})`);
+  knownFields('convergence', conv, CONVERGENCE_FIELDS);
   const bw = input.bandwidthBytesPerSecond;
-  if (bw !== undefined && bw !== null && (!(bw > 0) || !Number.isFinite(bw))) invalid(`bandwidthBytesPerSecond must be a positive number or null (got ${bw})`);
+  const bwError = bw === undefined ? null : bandwidthError(bw);
+  if (bwError) invalid(bwError);
   return {
     vmId: input.vmId,
     sourceHost: input.sourceHost,

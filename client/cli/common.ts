@@ -1,5 +1,6 @@
 // What every client command shares: connection flags, exit codes, JSON output and error reporting.
-import { Command, CommanderError } from 'commander';
+import { Command, CommanderError, InvalidArgumentError } from 'commander';
+import { hostName, vmId } from '../../common/types';
 import { connectFerry } from '../connection';
 import { FerryRequestError } from '../errors';
 import type { FerryClient } from '../ferry-client';
@@ -42,6 +43,20 @@ export function withConnectionFlags(cmd: Command): Command {
     .option('--tls-ca <file>', 'CA of the server certificate (env TEMPORAL_TLS_SERVER_CA_CERT_PATH)')
     .option('--tls-server-name <name>', 'server name to verify, SNI (env TEMPORAL_TLS_SERVER_NAME)');
 }
+
+/** Commander argument parsers for names: a malformed one is a usage error (exit 2), before any request. */
+function nameArg(check: (text: string) => unknown): (text: string) => string {
+  return (text) => {
+    try {
+      check(text);
+    } catch (err) {
+      throw new InvalidArgumentError((err as Error).message);
+    }
+    return text;
+  };
+}
+export const vmIdArg = nameArg(vmId);
+export const hostArg = nameArg(hostName);
 
 export function connect(flags: ConnectionFlags): Promise<FerryClient> {
   const fileTls = flags.tlsCert || flags.tlsKey || flags.tlsCa || flags.tlsServerName;

@@ -1,7 +1,7 @@
 // `ferry abort`, `ferry approve`, `ferry bandwidth`: steer a running migration.
 import { Command } from 'commander';
 import { formatBytes } from './progress-view';
-import { EXIT, ferryAction, printJson, withConnectionFlags } from './common';
+import { EXIT, ferryAction, printJson, vmIdArg, withConnectionFlags } from './common';
 import { waitAndReport } from './migrate';
 import { parseRate } from './units';
 
@@ -9,7 +9,7 @@ export function abortCommand(): Command {
   return withConnectionFlags(
     new Command('abort')
       .description('roll a migration back: the VM keeps running on its source (refused past the commit point)')
-      .argument('<vm>', 'VM id')
+      .argument('<vm>', 'VM id', vmIdArg)
       .option('--reason <text>', 'why; recorded in the report', 'aborted by operator')
       .option('--wait', 'wait for the rollback to finish and print the report (exit 0 once rolled back)')
       .option('--json', 'print JSON'),
@@ -30,7 +30,7 @@ export function abortCommand(): Command {
 
 export function approveCommand(): Command {
   return withConnectionFlags(
-    new Command('approve').description('approve the switchover of a migration started with --cutover manual').argument('<vm>', 'VM id'),
+    new Command('approve').description('approve the switchover of a migration started with --cutover manual').argument('<vm>', 'VM id', vmIdArg),
   ).action(
     ferryAction(async (ferry, vmId: string) => {
       await ferry.getMigration(vmId).approveCutover();
@@ -43,7 +43,7 @@ export function bandwidthCommand(): Command {
   return withConnectionFlags(
     new Command('bandwidth')
       .description('change the data-plane limit of a running migration')
-      .argument('<vm>', 'VM id')
+      .argument('<vm>', 'VM id', vmIdArg)
       .argument('<rate>', 'e.g. 100MiB/s, 1Gbit/s, or unlimited', parseRate),
   ).action(
     ferryAction(async (ferry, vmId: string, rate: number | null) => {

@@ -7,6 +7,7 @@ import { exitCodeFor } from './common';
 import { abortCommand, approveCommand, bandwidthCommand } from './control';
 import { listCommand, migrateCommand, statusCommand } from './migrate';
 import { serverCommand } from './server';
+import { slotsCommand } from './slots';
 import { vmCommand } from './vm';
 
 const EPILOG = `
@@ -43,6 +44,7 @@ const program = new Command('ferry')
   .addCommand(abortCommand())
   .addCommand(approveCommand())
   .addCommand(bandwidthCommand())
+  .addCommand(slotsCommand())
   .addHelpText('after', EPILOG);
 
 /** Settings commander copies only to commands made with .command(), applied to the whole tree. */

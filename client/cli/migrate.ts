@@ -1,15 +1,14 @@
 // `ferry migrate`, `ferry status` and `ferry list`: start, watch and find migrations.
 import { Command, InvalidArgumentError, Option } from 'commander';
 import type { MigrateVmInput, MigrationPhase, MigrationProgress, MigrationReport } from '../../common/migration';
-import { hostName } from '../../common/types';
 import type { FerryClient, MigrationHandle, MigrationState } from '../ferry-client';
 import { FerryRequestError } from '../errors';
 import { followMigration, formatBytes, formatReport } from './progress-view';
-import { EXIT, ferryAction, printJson, table, withConnectionFlags } from './common';
+import { EXIT, ferryAction, hostArg, printJson, table, vmIdArg, withConnectionFlags } from './common';
 import { parseRate, parseSize } from './units';
 
 const PHASES: MigrationPhase[] = [
-  'validating', 'preparing', 'disk-precopy', 'disk-dirty-rounds', 'memory-precopy', 'awaiting-cutover',
+  'validating', 'waiting-for-slot', 'preparing', 'disk-precopy', 'disk-dirty-rounds', 'memory-precopy', 'awaiting-cutover',
   'switchover', 'postcopy', 'finalizing', 'rolling-back', 'completed', 'rolled-back', 'failed',
 ];
 
@@ -29,14 +28,7 @@ interface MigrateFlags {
 function hostList(text: string): string[] {
   const hosts = text.split(',').map((h) => h.trim()).filter(Boolean);
   if (hosts.length === 0) throw new InvalidArgumentError('name at least one destination host');
-  for (const h of hosts) {
-    try {
-      hostName(h);
-    } catch (err) {
-      throw new InvalidArgumentError((err as Error).message);
-    }
-  }
-  return hosts;
+  return hosts.map(hostArg);
 }
 
 function outcomeExit(report: MigrationReport): number {
@@ -121,9 +113,9 @@ export function migrateCommand(): Command {
   return withConnectionFlags(
     new Command('migrate')
       .description('live-migrate a VM with its disk and memory to another host')
-      .argument('<vm>', 'VM id')
+      .argument('<vm>', 'VM id', vmIdArg)
       .requiredOption('--to <host[,host...]>', 'destination host, or candidates tried in order', hostList)
-      .option('--from <host>', 'host the VM runs on (default: the destination of its last completed migration)')
+      .option('--from <host>', 'host the VM runs on (default: the destination of its last completed migration)', hostArg)
       .addOption(new Option('--mode <mode>', 'tpm: resume at once, stale blocks follow (short downtime); precopy: copy them in the freeze').choices(['tpm', 'precopy']))
       .addOption(new Option('--incremental <policy>', 'send only blocks written since the last migration between these hosts').choices(['auto', 'off', 'require']))
       .option('--bandwidth <rate>', 'data-plane limit, e.g. 100MiB/s, 1Gbit/s, unlimited (change it later: ferry bandwidth)', parseRate)
@@ -166,7 +158,7 @@ export function statusCommand(): Command {
   return withConnectionFlags(
     new Command('status')
       .description("show a VM's latest migration: its progress, or its report once it has ended (exit code: that of its outcome)")
-      .argument('<vm>', 'VM id')
+      .argument('<vm>', 'VM id', vmIdArg)
       .option('--follow', 'follow a running migration to its end (progress bar on stderr), then show it')
       .option('--json', 'print JSON on stdout, no progress bar'),
   ).action(

@@ -3,7 +3,7 @@ import { Command, Option } from 'commander';
 import type { VmSummary } from '../../activities';
 import { PAGE_BYTES, SECTOR_BYTES, WORKLOADS, type Workload } from '../../common/types';
 import { formatBytes } from './progress-view';
-import { ferryAction, printJson, table, withConnectionFlags } from './common';
+import { ferryAction, hostArg, printJson, table, vmIdArg, withConnectionFlags } from './common';
 import { parseCount, sizeMultipleOf } from './units';
 
 interface CreateFlags {
@@ -36,8 +36,8 @@ export function vmCommand(): Command {
     withConnectionFlags(
       new Command('create')
         .description('create a VM on a host and start its guest workload')
-        .argument('<vm>', 'VM id (a-z, 0-9, ".", "_", "-")')
-        .requiredOption('--host <host>', 'host whose agent creates the VM')
+        .argument('<vm>', 'VM id (a-z, 0-9, ".", "_", "-")', vmIdArg)
+        .requiredOption('--host <host>', 'host whose agent creates the VM', hostArg)
         .requiredOption('--disk <size>', 'disk size, a whole number of 512-byte sectors (e.g. 1GiB)', sizeMultipleOf(SECTOR_BYTES, '512-byte sectors'))
         .requiredOption('--memory <size>', 'memory size, a whole number of 4 KiB pages (e.g. 256MiB)', sizeMultipleOf(PAGE_BYTES, '4 KiB pages'))
         .addOption(new Option('--workload <name>', 'guest workload').choices(WORKLOADS).makeOptionMandatory())
@@ -64,7 +64,7 @@ export function vmCommand(): Command {
 
   vm.addCommand(
     withConnectionFlags(
-      new Command('list').description('list the VMs of a host').requiredOption('--host <host>', 'host to ask').option('--json', 'print JSON'),
+      new Command('list').description('list the VMs of a host').requiredOption('--host <host>', 'host to ask', hostArg).option('--json', 'print JSON'),
     ).action(
       ferryAction(async (ferry, f: { host: string; json?: boolean }) => {
         const vms = await ferry.hostCommand(f.host, 'vmList');
@@ -80,8 +80,8 @@ export function vmCommand(): Command {
     withConnectionFlags(
       new Command('inspect')
         .description('show the state of one VM: process, ownership epoch, guest counters')
-        .argument('<vm>', 'VM id')
-        .requiredOption('--host <host>', 'host the VM is on')
+        .argument('<vm>', 'VM id', vmIdArg)
+        .requiredOption('--host <host>', 'host the VM is on', hostArg)
         .option('--json', 'print JSON'),
     ).action(
       ferryAction(async (ferry, vmId: string, f: { host: string; json?: boolean }) => {
@@ -96,8 +96,8 @@ export function vmCommand(): Command {
     withConnectionFlags(
       new Command('start')
         .description('start a VM whose process is not running (after a crash of the VM process, say)')
-        .argument('<vm>', 'VM id')
-        .requiredOption('--host <host>', 'host the VM is on')
+        .argument('<vm>', 'VM id', vmIdArg)
+        .requiredOption('--host <host>', 'host the VM is on', hostArg)
         .option('--json', 'print JSON'),
     ).action(
       ferryAction(async (ferry, vmId: string, f: { host: string; json?: boolean }) => {
@@ -110,7 +110,7 @@ export function vmCommand(): Command {
 
   vm.addCommand(
     withConnectionFlags(
-      new Command('destroy').description('stop a VM and delete its disk, memory and ownership record').argument('<vm>', 'VM id').requiredOption('--host <host>', 'host the VM is on'),
+      new Command('destroy').description('stop a VM and delete its disk, memory and ownership record').argument('<vm>', 'VM id', vmIdArg).requiredOption('--host <host>', 'host the VM is on', hostArg),
     ).action(
       ferryAction(async (ferry, vmId: string, f: { host: string }) => {
         await ferry.hostCommand(f.host, 'vmDestroy', { vmId });

@@ -5,10 +5,12 @@
 // Memory layout: bytes [0, 4*blocks) hold the guest's version table (uint32 LE per 4 KiB guest block),
 // so the table migrates with the memory; the data area (from the next page on) receives 16 bytes per
 // operation at a pseudo-random place, so memory gets dirtied like a real guest's.
+import { constants as bufferConstants } from 'node:buffer';
 import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import * as fs from 'node:fs';
+import * as os from 'node:os';
 import * as path from 'node:path';
 import { PAGE_BYTES, SECTOR_BYTES, WORKLOADS, type VmId, type Workload } from '../../common/types';
 import type { VmSpec } from '../driver';
@@ -21,6 +23,8 @@ const MIXED_DRIFT_OPS = 8; // ... that moves one block every 8 operations
 const HOT_SET_BLOCKS = 256; // readmostly: 1 MiB hot set
 const MEM_STAMP_BYTES = 16;
 export const MAX_DISK_BYTES = 2 ** 44; // 2^32 guest blocks: block numbers stay 32-bit
+/** The memory is one buffer in the VM process: it must fit in a Buffer and in this host's RAM. */
+export const maxMemoryBytes = (): number => Math.min(bufferConstants.MAX_LENGTH, os.totalmem());
 
 export interface GuestLayout {
   /** 4 KiB guest blocks (the last may be partial). */
@@ -58,6 +62,9 @@ export function validateSpec(spec: VmSpec): void {
   }
   if (!isInt(spec.memoryBytes, PAGE_BYTES) || spec.memoryBytes % PAGE_BYTES !== 0) {
     bad(`memoryBytes ${spec.memoryBytes}: use a whole number of ${PAGE_BYTES}-byte pages`);
+  }
+  if (spec.memoryBytes > maxMemoryBytes()) {
+    bad(`memoryBytes ${spec.memoryBytes} is more than this host can give one VM (${maxMemoryBytes()} bytes): use less memory or another host`);
   }
   const min = minMemoryBytes(spec.diskBytes);
   if (spec.memoryBytes < min) {

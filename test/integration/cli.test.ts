@@ -1,8 +1,6 @@
 // The `ferry` CLI as people and scripts run it: a child process against the test server and real agents.
-import { spawn } from 'node:child_process';
-import path from 'node:path';
 import { startCluster, testVm, uniqueHosts } from '../support/cluster';
-import { testTemporalAddress } from '../support/temporal';
+import { ferry as runFerry, inBatches, type Run } from '../support/cli';
 import type { LocalCluster } from '../../harness/cluster';
 import type { FerryClient } from '../../client/ferry-client';
 import type { MigrationReport } from '../../common/migration';
@@ -12,31 +10,7 @@ import { parseRate, parseSize } from '../../client/cli/units';
 
 jest.setTimeout(120_000);
 
-const REPO = path.resolve(__dirname, '..', '..');
-
-interface Run {
-  code: number | null;
-  stdout: string;
-  stderr: string;
-}
-
-function ferry(...args: string[]): Promise<Run> {
-  return new Promise((resolve, reject) => {
-    const env: NodeJS.ProcessEnv = { ...process.env, TEMPORAL_ADDRESS: testTemporalAddress(), TEMPORAL_NAMESPACE: 'default' };
-    for (const k of Object.keys(env)) if (k.startsWith('TEMPORAL_TLS') || k === 'TEMPORAL_API_KEY') delete env[k];
-    const child = spawn(process.execPath, ['--import', 'tsx', 'client/cli/main.ts', ...args], { cwd: REPO, env, stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
-    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-    const timer = setTimeout(() => child.kill('SIGKILL'), 100_000);
-    child.once('error', reject);
-    child.once('close', (code) => {
-      clearTimeout(timer);
-      resolve({ code, stdout, stderr });
-    });
-  });
-}
+const ferry = (...args: string[]): Promise<Run> => runFerry(args);
 
 /** The exit code, with the output in the failure message when it is not the expected one. */
 function exitOf(run: Run): number | string {
@@ -72,13 +46,6 @@ describe('parsing, in process', () => {
     expect(() => resolveConnection({ env: { TEMPORAL_TLS_CLIENT_CERT_PATH: '/c.pem' } })).toThrow(/needs both a client certificate and its key/);
   });
 });
-
-/** Run independent CLI invocations a few at a time (each is a Node process). */
-async function inBatches<T, R>(items: T[], fn: (item: T) => Promise<R>, size = 5): Promise<R[]> {
-  const out: R[] = [];
-  for (let i = 0; i < items.length; i += size) out.push(...(await Promise.all(items.slice(i, i + size).map(fn))));
-  return out;
-}
 
 describe('without a server', () => {
   const commands = [[], ['server'], ['worker'], ['vm'], ['vm', 'create'], ['vm', 'list'], ['vm', 'inspect'], ['vm', 'destroy'], ['migrate'], ['status'], ['list'], ['abort'], ['approve'], ['bandwidth']];

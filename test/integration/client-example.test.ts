@@ -1,34 +1,12 @@
 // examples/migrate.ts, the README's ten-line program, run as a platform team would run it.
-import { spawn } from 'node:child_process';
-import path from 'node:path';
 import { startCluster, testVm, uniqueHosts } from '../support/cluster';
-import { testTemporalAddress } from '../support/temporal';
+import { runScript, type Run } from '../support/cli';
 import type { LocalCluster } from '../../harness/cluster';
 import type { FerryClient } from '../../client/ferry-client';
 
 jest.setTimeout(400_000);
 
-const REPO = path.resolve(__dirname, '..', '..');
-
-function example(args: string[], env: Record<string, string> = {}): Promise<{ code: number | null; stdout: string; stderr: string }> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, ['--import', 'tsx', 'examples/migrate.ts', ...args], {
-      cwd: REPO,
-      env: { ...process.env, TEMPORAL_ADDRESS: testTemporalAddress(), TEMPORAL_NAMESPACE: 'default', ...env },
-      stdio: ['ignore', 'pipe', 'pipe'],
-    });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
-    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-    const timer = setTimeout(() => child.kill('SIGKILL'), 180_000);
-    child.once('error', reject);
-    child.once('close', (code) => {
-      clearTimeout(timer);
-      resolve({ code, stdout, stderr });
-    });
-  });
-}
+const example = (args: string[], env: Record<string, string> = {}): Promise<Run> => runScript('examples/migrate.ts', args, env, 180_000);
 
 const [A, B] = uniqueHosts('a', 'b');
 let cluster: LocalCluster;

@@ -21,7 +21,8 @@ import {
   type SessionHandler,
   type SessionIdentity,
 } from '../../dataplane';
-import { decodeMeta, encodeFrame, encodeMeta, FrameDecoder, FrameKind, PROTOCOL_VERSION } from '../../dataplane/frame';
+import { FrameKind, PROTOCOL_VERSION } from '../../dataplane/frame';
+import { RawPeer } from '../support/dataplane-peer';
 
 const BLOCK = 64 * 1024;
 const SECRET = randomBytes(32);
@@ -223,46 +224,6 @@ function noSecretIn(logs: LogLine[]): void {
   for (const form of [SECRET.toString('hex'), SECRET.toString('base64'), SECRET.toString('latin1')]) expect(text).not.toContain(form);
 }
 
-/** Speaks the handshake by hand, for peers that misbehave on purpose. */
-class RawPeer {
-  readonly socket: net.Socket;
-  readonly frames: { kind: number; seq: number; meta: Record<string, unknown> }[] = [];
-  private readonly decoder = new FrameDecoder({ maxMetaBytes: 65536, maxDataBytes: 1 << 20 });
-  private waiters: (() => void)[] = [];
-  closed = false;
-
-  constructor(port: number) {
-    this.socket = net.connect(port, '127.0.0.1');
-    this.socket.on('data', (chunk) => {
-      for (const f of this.decoder.push(chunk)) this.frames.push({ kind: f.kind, seq: f.seq, meta: decodeMeta(f.meta) });
-      this.waiters.splice(0).forEach((w) => w());
-    });
-    this.socket.on('error', () => undefined);
-    this.socket.on('close', () => {
-      this.closed = true;
-      this.waiters.splice(0).forEach((w) => w());
-    });
-    cleanups.push(() => void this.socket.destroy());
-  }
-
-  send(kind: FrameKind, tag: number, seq: number, meta: Record<string, unknown>, data?: Buffer): void {
-    for (const p of encodeFrame({ kind, tag, seq, type: kind === FrameKind.MSG ? MSG_BLOCK : 0, meta: encodeMeta(meta), data })) this.socket.write(p);
-  }
-
-  async next(kind: number): Promise<{ kind: number; seq: number; meta: Record<string, unknown> }> {
-    for (;;) {
-      const f = this.frames.find((x) => x.kind === kind);
-      if (f) return f;
-      if (this.closed) throw new Error(`connection closed before frame kind ${kind}`);
-      await new Promise<void>((resolve) => this.waiters.push(resolve));
-    }
-  }
-
-  async waitClosed(): Promise<void> {
-    while (!this.closed) await new Promise<void>((resolve) => this.waiters.push(resolve));
-  }
-}
-
 describe('data plane', () => {
   it('1) copies 2000 blocks of 64 KiB (random and zero) into a file with equal hashes', async () => {
     const image = sourceImage(2000);
@@ -296,6 +257,7 @@ describe('data plane', () => {
 
     // A client that ignores the server's proof and answers with a forged one: the server refuses it.
     const rogue = new RawPeer(server.port);
+    cleanups.push(() => rogue.destroy());
     rogue.send(FrameKind.HELLO, sessionTag(IDENTITY), 0, {
       version: PROTOCOL_VERSION,
       identity: IDENTITY,
@@ -340,6 +302,7 @@ describe('data plane', () => {
 
     // An authenticated peer that sends a frame tagged for another migration: refused, nothing applied.
     const peer = new RawPeer(server.port);
+    cleanups.push(() => peer.destroy());
     const tag = sessionTag(IDENTITY);
     const clientNonce = randomBytes(32).toString('hex');
     peer.send(FrameKind.HELLO, tag, 0, { version: PROTOCOL_VERSION, identity: IDENTITY, clientNonce, sessionId: 'raw-session-1', lastAckedSeq: 0 });

@@ -1,4 +1,6 @@
 import { randomBytes } from 'node:crypto';
+import fc from 'fast-check';
+import { FUZZ_SEED, boundedRun, chunkSizes, chunked, mutated, randomBytes as randomInput, resealedFrames, spliced } from '../support/fuzz';
 import { DataPlaneError } from '../../dataplane/api';
 import {
   decodeMeta,
@@ -189,69 +191,87 @@ describe('frame decoder errors', () => {
   });
 });
 
-describe('frame decoder fuzz', () => {
-  it('either decodes or throws DataPlaneError for random and mutated input, for ~3 s', () => {
-    const valid = Buffer.concat(
-      Array.from({ length: 20 }, (_, i) =>
-        bytes({
-          kind: ((i % 13) + 1) as OutFrame['kind'],
-          tag: TAG,
-          seq: i,
-          type: i,
-          meta: i % 3 ? encodeMeta({ i, s: 'x'.repeat(i * 10) }) : undefined,
-          data: i % 4 === 0 ? Buffer.alloc(3000) : randomBytes(i * 500),
-          zero: i % 4 === 0,
-        }),
-      ),
-    );
-    const deadline = Date.now() + 3000;
-    let runs = 0;
-    let decoded = 0;
-    const codes = new Map<string, number>();
-    // Bounded in time, but never fewer than 300 inputs however slow the machine is.
-    while (runs < 300 || Date.now() < deadline) {
-      runs++;
-      let input: Buffer;
-      const mode = runs % 4;
-      if (mode === 0) {
-        input = randomBytes(Math.floor(Math.random() * 5000));
-      } else {
-        input = Buffer.from(valid);
-        const flips = 1 + Math.floor(Math.random() * 4);
-        for (let k = 0; k < flips; k++) input[Math.floor(Math.random() * input.length)] = Math.floor(Math.random() * 256);
-        if (mode === 2) input = input.subarray(0, Math.floor(Math.random() * input.length));
-        if (mode === 3) {
-          // Mutate a header and re-seal it, so that the checks behind the checksums are reached too.
-          for (let k = 4; k < 32; k++) if (Math.random() < 0.1) input[k] = Math.floor(Math.random() * 256);
-          if (Math.random() < 0.5) input[4] = 1; // keep the version, to get past it more often
-          const metaEnd = HEADER_BYTES + input.readUInt32BE(24);
-          const dataLen = input.readUInt16BE(6) & Flags.ZERO ? 0 : input.readUInt32BE(28);
-          if (metaEnd + dataLen <= input.length) sealFrame(input.subarray(0, metaEnd), input.subarray(metaEnd, metaEnd + dataLen));
-          else sealFrame(input.subarray(0, HEADER_BYTES));
-        }
-      }
-      const d = new FrameDecoder({ expectedTag: Math.random() < 0.5 ? TAG : null });
-      try {
-        for (let i = 0; i < input.length; ) {
-          const n = 1 + Math.floor(Math.random() * 9000);
-          for (const f of d.push(input.subarray(i, i + n))) {
-            decoded++;
-            try {
-              decodeMeta(f.meta);
-            } catch (err) {
-              if (!(err instanceof DataPlaneError)) throw err;
-            }
-          }
-          i += n;
-        }
-        expect(d.pendingBytes).toBeLessThanOrEqual(input.length);
-      } catch (err) {
-        if (!(err instanceof DataPlaneError)) throw err;
-        codes.set(err.code, (codes.get(err.code) ?? 0) + 1);
-      }
+describe(`frame decoder fuzz (fast-check, seed ${FUZZ_SEED})`, () => {
+  const valid: Buffer[] = Array.from({ length: 13 }, (_, i) =>
+    bytes({
+      kind: (i + 1) as OutFrame['kind'],
+      tag: TAG,
+      seq: i,
+      type: i,
+      meta: i % 3 ? encodeMeta({ i, s: 'x'.repeat(i * 10) }) : undefined,
+      data: i % 4 === 0 ? Buffer.alloc(3000) : Buffer.alloc(i * 300, i),
+      zero: i % 4 === 0,
+    }),
+  );
+  const LIMITS = { maxMetaBytes: 4096, maxDataBytes: 64 * 1024 };
+  const hostile = fc.oneof(randomInput, mutated(valid), resealedFrames(valid), spliced(fc.oneof(fc.constantFrom(...valid), mutated(valid))));
+
+  /** The largest buffer allocated while `fn` runs (Buffer.alloc/allocUnsafe, which the decoder uses). */
+  function largestAllocation(fn: () => void): number {
+    const { alloc, allocUnsafe } = Buffer;
+    let largest = 0;
+    Buffer.alloc = ((n: number, ...rest: never[]) => ((largest = Math.max(largest, n)), alloc.call(Buffer, n, ...rest))) as typeof Buffer.alloc;
+    Buffer.allocUnsafe = ((n: number) => ((largest = Math.max(largest, n)), allocUnsafe.call(Buffer, n))) as typeof Buffer.allocUnsafe;
+    try {
+      fn();
+    } finally {
+      Buffer.alloc = alloc;
+      Buffer.allocUnsafe = allocUnsafe;
     }
-    expect(decoded).toBeGreaterThan(0);
-    expect(codes.get('bad_magic')).toBeGreaterThan(0);
-    expect(codes.get('bad_checksum')).toBeGreaterThan(0);
+    return largest;
+  }
+
+  it('random and mutated streams: only DataPlaneError, no allocation past the limits, nothing held past the input (~3 s)', () => {
+    let runs = 0;
+    const codes = new Map<string, number>();
+    fc.assert(
+      fc.property(hostile, chunkSizes, fc.boolean(), (input, sizes, tagged) => {
+        runs++;
+        const d = new FrameDecoder({ expectedTag: tagged ? TAG : null, ...LIMITS });
+        const largest = largestAllocation(() => {
+          try {
+            for (const chunk of chunked(input, sizes)) {
+              for (const f of d.push(chunk)) {
+                expect(f.meta.length).toBeLessThanOrEqual(LIMITS.maxMetaBytes);
+                expect(f.data.length).toBeLessThanOrEqual(LIMITS.maxDataBytes);
+              }
+            }
+            expect(d.pendingBytes).toBeLessThanOrEqual(input.length);
+          } catch (err) {
+            if (!(err instanceof DataPlaneError)) throw err;
+            codes.set(err.code, (codes.get(err.code) ?? 0) + 1);
+          }
+        });
+        // A declared length is believed only up to the limits: a hostile header cannot make us allocate more.
+        expect(largest).toBeLessThanOrEqual(Math.max(input.length, LIMITS.maxDataBytes + LIMITS.maxMetaBytes));
+      }),
+      boundedRun(3000),
+    );
+    expect(runs).toBeGreaterThanOrEqual(300);
+    // Each layer of checks was reached, not only the first.
+    expect([...codes.keys()]).toEqual(expect.arrayContaining(['bad_magic', 'bad_version', 'bad_checksum', 'too_large', 'bad_kind', 'bad_flags', 'bad_tag']));
+  });
+
+  it('valid frames round-trip under any chunking', () => {
+    const frame = fc.record({
+      kind: fc.integer({ min: 1, max: 13 }),
+      tag: fc.nat(0xffffffff),
+      seq: fc.maxSafeNat(),
+      type: fc.nat(0xffff),
+      meta: fc.option(fc.dictionary(fc.string({ maxLength: 8 }), fc.jsonValue({ maxDepth: 2 }), { maxKeys: 4 }), { nil: undefined }),
+      data: fc.uint8Array({ maxLength: 5000 }).map((b) => Buffer.from(b)),
+    });
+    fc.assert(
+      fc.property(fc.array(frame, { minLength: 1, maxLength: 5 }), chunkSizes, (frames, sizes) => {
+        const stream = Buffer.concat(frames.map((f) => bytes({ ...f, kind: f.kind as OutFrame['kind'], meta: encodeMeta(f.meta), zero: f.data.length > 0 && f.data.every((b) => b === 0) })));
+        const d = new FrameDecoder();
+        const out = chunked(stream, sizes).flatMap((c) => d.push(c));
+        expect(out.map((f) => [f.kind, f.tag, f.seq, f.type, decodeMeta(f.meta), f.data.toString('hex')])).toEqual(
+          frames.map((f) => [f.kind, f.tag, f.seq, f.type, JSON.parse(JSON.stringify(f.meta ?? {})), f.data.toString('hex')]),
+        );
+        expect(d.pendingBytes).toBe(0);
+      }),
+      { seed: FUZZ_SEED, numRuns: 300 },
+    );
   });
 });

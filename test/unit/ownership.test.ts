@@ -49,6 +49,13 @@ describe('ownership epochs', () => {
     await expect(store.recordIncoming('vm1', 3, 'm1')).resolves.toMatchObject({ state: 'incoming', epoch: 3 });
   });
 
+  it('a fence for a refused prepare leaves a VM this host runs itself untouched', async () => {
+    await store.claimNew('vm1');
+    await expect(store.recordIncoming('vm1', 2, 'm1')).rejects.toThrow(/already holds VM vm1/);
+    await store.abortIncoming('vm1', 2, 'm1');
+    expect(await store.get('vm1')).toMatchObject({ state: 'running', epoch: 1, migrationId: null });
+  });
+
   it('is idempotent for retried transitions', async () => {
     await store.recordIncoming('vm1', 2, 'm1');
     await store.recordIncoming('vm1', 2, 'm1');

@@ -1,5 +1,5 @@
 import { ApplicationFailure } from '@temporalio/common';
-import { validateInput } from '../../workflows/validate';
+import { bandwidthError, validateInput } from '../../workflows/validate';
 import type { MigrateVmInput } from '../../common/migration';
 
 const ok: MigrateVmInput = { vmId: 'vm1', sourceHost: 'a', destinationHosts: ['b'] };
@@ -14,6 +14,11 @@ function refusal(input: unknown): ApplicationFailure {
 }
 
 describe('migrateVm input validation', () => {
+  it('accepts a live bandwidth of null or a positive number, and names the fix otherwise', () => {
+    expect([null, 1, 125e6].map(bandwidthError)).toEqual([null, null, null]);
+    for (const bad of [0, -1, NaN, Infinity, '5', undefined]) expect(bandwidthError(bad)).toMatch(/positive number of bytes per second, or null for unlimited/);
+  });
+
   it('fills defaults for a minimal input', () => {
     expect(validateInput(ok)).toMatchObject({ mode: 'tpm', incremental: 'auto', blockBytes: 65536, cutover: 'auto' });
   });
@@ -33,6 +38,15 @@ describe('migrateVm input validation', () => {
     ['zero max rounds', { ...ok, convergence: { maxRounds: 0 } }, /maxRounds/],
     ['unknown cutover', { ...ok, cutover: 'later' }, /cutover must be one of auto, manual/],
     ['not an object', null, /must be an object/],
+    ['an array', [ok], /must be an object/],
+    ['a misspelt field', { ...ok, bandwith: 1000 }, /unknown field "bandwith": the fields are vmId, sourceHost/],
+    ['a misspelt convergence field', { ...ok, convergence: { maxRound: 3 } }, /convergence has unknown field "maxRound"/],
+    ['convergence not an object', { ...ok, convergence: 'fast' }, /convergence must be an object/],
+    ['bandwidth as a string', { ...ok, bandwidthBytesPerSecond: '100MB' }, /positive number of bytes per second, or null for unlimited/],
+    ['infinite bandwidth', { ...ok, bandwidthBytesPerSecond: Infinity }, /bandwidthBytesPerSecond/],
+    ['zero downtime target', { ...ok, downtimeTargetMs: 0 }, /downtimeTargetMs must be a number >= 1 \(got 0\)/],
+    ['non-integer block size', { ...ok, blockBytes: 65536.5 }, /blockBytes must be an integer/],
+    ['destinations not a list', { ...ok, destinationHosts: 'b' }, /destinationHosts must name at least one/],
   ])('refuses %s, non-retryably, naming the fix', (_name, input, message) => {
     const err = refusal(input);
     expect(err).toBeInstanceOf(ApplicationFailure);

@@ -1,0 +1,80 @@
+// admission: a counting semaphore for one scope (the cluster, or one host). Migrations ask for a
+// slot with a signal (sent by an activity with signal-with-start), wait for the grant signal, and
+// release with a signal when they finish. Slots of runs that ended without releasing are reclaimed.
+import {
+  condition,
+  continueAsNew,
+  getExternalWorkflowHandle,
+  proxyActivities,
+  setHandler,
+  workflowInfo,
+} from '@temporalio/workflow';
+import type { ControlActivities } from '../activities/control';
+import {
+  admissionStateQuery,
+  releaseSlotSignal,
+  requestSlotSignal,
+  slotGrantedSignal,
+  type AdmissionState,
+  type SlotHolder,
+  type SlotRequest,
+} from './definitions';
+
+const { closedRuns } = proxyActivities<ControlActivities>({ startToCloseTimeout: '1 minute', retry: { maximumInterval: '30 seconds' } });
+
+/** While someone waits and every slot is taken, check this often whether a holder's run has ended. */
+const RECLAIM_INTERVAL = '15 seconds';
+
+const same = (a: SlotHolder, b: SlotHolder) => a.workflowId === b.workflowId && a.runId === b.runId;
+
+export async function admission(state: AdmissionState): Promise<void> {
+  const regrant: SlotRequest[] = [];
+  setHandler(admissionStateQuery, () => state);
+  setHandler(requestSlotSignal, (req) => {
+    state.limit = req.limit;
+    const held = state.holders.find((h) => same(h.holder, req.holder));
+    if (held) {
+      held.ticket = req.ticket; // a retried request: grant again, the first grant may have been lost
+      regrant.push(held);
+    } else {
+      state.waiting = state.waiting.filter((w) => !same(w.holder, req.holder));
+      state.waiting.push(req);
+    }
+  });
+  setHandler(releaseSlotSignal, (holder) => {
+    state.holders = state.holders.filter((h) => !same(h.holder, holder));
+    state.waiting = state.waiting.filter((w) => !same(w.holder, holder));
+  });
+
+  while (!workflowInfo().continueAsNewSuggested) {
+    await condition(() => regrant.length > 0 || canGrant() || starved(), RECLAIM_INTERVAL);
+    for (const req of regrant.splice(0)) await grant(req);
+    while (canGrant()) {
+      const next = state.waiting.shift()!;
+      state.holders.push(next);
+      await grant(next);
+    }
+    if (starved()) {
+      const ended = await closedRuns(state.holders.map((h) => h.holder));
+      state.holders = state.holders.filter((h) => !ended.some((e) => same(e, h.holder)));
+    }
+    if (state.holders.length === 0 && state.waiting.length === 0) return; // idle: the next request starts a fresh run
+  }
+  await continueAsNew<typeof admission>(state);
+
+  function canGrant(): boolean {
+    return state.waiting.length > 0 && state.holders.length < state.limit;
+  }
+  function starved(): boolean {
+    return state.waiting.length > 0 && state.holders.length >= state.limit;
+  }
+
+  async function grant(req: SlotRequest): Promise<void> {
+    try {
+      await getExternalWorkflowHandle(req.holder.workflowId, req.holder.runId).signal(slotGrantedSignal, { scope: state.scope, ticket: req.ticket });
+    } catch {
+      // The run has ended: its slot is free again.
+      state.holders = state.holders.filter((h) => !same(h.holder, req.holder));
+    }
+  }
+}
