@@ -19,6 +19,7 @@ import { DestinationUnreachable, type MigrationRef, type Progress, type Source }
 import { isHypervisorError } from '../hypervisor';
 import { DEFAULTS } from '../common/migration';
 import { BaseInUse, BaseStore, type BaseRecord } from '../migration/bases';
+import type { AgentMetrics } from '../worker/metrics';
 
 /** Hypervisor refusals that no retry can change. */
 const PERMANENT_HYPERVISOR_ERRORS = ['VmNotFound', 'VmExists', 'InvalidArgument', 'CommandNotFound'];
@@ -32,6 +33,7 @@ export interface HostDeps {
   source: Source;
   destination: Destination;
   log: Logger;
+  metrics: AgentMetrics;
   /** How many migrations may run at once touching this host, and in the whole cluster. */
   limits: { host: number; cluster: number };
 }
@@ -57,7 +59,7 @@ function asVmId(value: string): VmId {
 }
 
 export function createActivities(deps: HostDeps) {
-  const { driver, ownership, source, destination, log } = deps;
+  const { driver, ownership, source, destination, log, metrics } = deps;
   const bases = new BaseStore(deps.home);
 
   async function summary(vmId: string): Promise<VmSummary> {
@@ -224,7 +226,7 @@ export function createActivities(deps: HostDeps) {
       return precopyTransfer(input.ref, () => withHeartbeat((from, report, signal) => source.copyMemory(input.ref, input.full, from, report, signal)));
     },
 
-    async setThrottle(input: { vmId: string; fraction: number }): Promise<void> {
+    async setThrottle(input: { migrationId: string; vmId: string; fraction: number }): Promise<void> {
       await guard(() => source.setThrottle(input.vmId, input.fraction));
     },
 
@@ -236,15 +238,25 @@ export function createActivities(deps: HostDeps) {
       return withHeartbeat((_from, report) => source.postcopy(ref, report));
     },
 
-    async rollbackSource(input: { ref: MigrationRef | null; vmId: string; migrationId: string }) {
-      return guard(() => source.rollback(input.ref, input.vmId, input.migrationId));
+    /** `final`: the migration ends with this rollback (no other destination is tried). */
+    async rollbackSource(input: { ref: MigrationRef | null; vmId: string; migrationId: string; final: boolean; startedAtMs: number }) {
+      const result = await guard(() => source.rollback(input.ref, input.vmId, input.migrationId));
+      if (input.final) metrics.migrationEnded({ migrationId: input.migrationId, role: 'source', outcome: 'rolled-back', durationSeconds: secondsSince(input.startedAtMs) });
+      return result;
     },
 
-    async finalizeSource(input: { vmId: string; migrationId: string; blockBytes: number }): Promise<void> {
+    async finalizeSource(input: { vmId: string; migrationId: string; blockBytes: number; startedAtMs: number }): Promise<void> {
       await guard(() => source.finalize(input));
+      metrics.migrationEnded({ migrationId: input.migrationId, role: 'source', outcome: 'completed', durationSeconds: secondsSince(input.startedAtMs) });
     },
 
-    async setBandwidth(input: { migrationId: string; bytesPerSecond: number | null }): Promise<void> {
+    /** The workflow failed (neither completed nor rolled back): record it where the migration started. */
+    async migrationFailed(input: { vmId: string; migrationId: string; reason: string; startedAtMs: number }): Promise<void> {
+      log.error({ reason: input.reason }, 'migration failed');
+      metrics.migrationEnded({ migrationId: input.migrationId, role: 'source', outcome: 'failed', durationSeconds: secondsSince(input.startedAtMs) });
+    },
+
+    async setBandwidth(input: { migrationId: string; vmId: string; bytesPerSecond: number | null }): Promise<void> {
       source.setBandwidth(input.migrationId, input.bytesPerSecond);
     },
 
@@ -259,17 +271,29 @@ export function createActivities(deps: HostDeps) {
 
     async abortDestination(input: { migrationId: string; vmId: string; epoch: number }): Promise<void> {
       await guard(() => destination.abort(input.migrationId, input.vmId, input.epoch));
+      metrics.migrationEnded({ migrationId: input.migrationId, role: 'destination', outcome: 'rolled-back' });
     },
 
     async finishDestination(input: { migrationId: string; vmId: string }): Promise<{ downtimeMs: number | null; fetches: number; staleWaits: number }> {
       const { fetches } = await destination.finish(input.migrationId);
       const s = await driver.inspect(asVmId(input.vmId));
+      metrics.migrationEnded({
+        migrationId: input.migrationId,
+        role: 'destination',
+        outcome: 'completed',
+        downtimeSeconds: s.resumeGapMs === null ? null : s.resumeGapMs / 1000,
+        onDemandFetches: fetches,
+      });
       return { downtimeMs: s.resumeGapMs === null ? null : Math.round(s.resumeGapMs * 10) / 10, fetches, staleWaits: s.staleWaits };
     },
   };
 }
 
 export type Activities = ReturnType<typeof createActivities>;
+
+function secondsSince(ms: number): number {
+  return Math.max(0, (Date.now() - ms) / 1000);
+}
 
 /** Errors a retry cannot fix become non-retryable failures with their own type. */
 async function guard<T>(fn: () => Promise<T>): Promise<T> {

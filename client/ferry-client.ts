@@ -219,6 +219,8 @@ export class FerryClient {
         taskQueue: MIGRATION_TASK_QUEUE,
         workflowId: migrationWorkflowId(input.vmId),
         args: [input],
+        // Shown as the Summary in the Web UI (the workflow keeps the Current Details up to date).
+        staticSummary: `migrate ${input.vmId} from ${input.sourceHost} to ${(input.destinationHosts ?? []).join(' or ')} (${input.mode ?? 'tpm'})`,
         typedSearchAttributes: [
           { key: SearchAttributes.vmId, value: String(input.vmId) },
           { key: SearchAttributes.sourceHost, value: String(input.sourceHost) },

@@ -22,6 +22,27 @@ export interface Message {
   zero?: boolean;
 }
 
+/** What the data plane does, for metrics. All calls are synchronous and must not throw. */
+export interface DataPlaneObserver {
+  /** A message went onto the wire (payload bytes; a ZERO-flagged payload counts 0; a resend counts again). */
+  sent?(identity: SessionIdentity, type: number, bytes: number): void;
+  /** A message arrived from the wire (payload bytes, as for sent). */
+  received?(identity: SessionIdentity, type: number, bytes: number): void;
+  /** A connection or handshake failed; `code` is the DataPlaneError code (see errorReason). */
+  error?(code: string): void;
+}
+
+/** The operator's view of an error code: what went wrong, in four words. */
+export type DataPlaneErrorReason = 'auth' | 'crc' | 'protocol' | 'connection' | 'refused';
+
+export function errorReason(code: string): DataPlaneErrorReason {
+  if (code === 'auth_failed') return 'auth';
+  if (code === 'bad_checksum' || code === 'corrupt_frame') return 'crc';
+  if (code === 'refused') return 'refused';
+  if (code === 'connect_failed' || code === 'disconnected' || code === 'timeout' || code === 'connection') return 'connection';
+  return 'protocol';
+}
+
 export type LogFn = (level: 'info' | 'warn' | 'error', msg: string, fields?: Record<string, unknown>) => void;
 
 export interface TlsOptions {
@@ -72,6 +93,7 @@ export interface ConnectOptions {
   reconnectTimeoutMs?: number;
   /** Called on every reconnect attempt failure, for logging. */
   onReconnectError?: (err: Error) => void;
+  observer?: DataPlaneObserver;
   /** Handshake (connect + authenticate) timeout per attempt (default 10 s). */
   handshakeTimeoutMs?: number;
   /** A PING is sent after this much idle time; a connection silent for 3x this long is dropped and resumed (default 5 s). */
@@ -101,6 +123,7 @@ export interface ServerOptions {
   port: number; // 0 = pick a free port
   secret: Buffer;
   tls?: TlsOptions;
+  observer?: DataPlaneObserver;
   /** Decide whether to accept a session (after authentication); throw DataPlaneRefused to refuse with a reason. */
   accept(identity: SessionIdentity, remoteAddress: string): Promise<SessionHandler>;
   log?: LogFn;

@@ -255,6 +255,7 @@ class ClientSession implements DataPlaneSession {
       }
       writeParts(conn.socket, parts);
       conn.lastTx = performance.now();
+      this.opts.observer?.sent?.(this.identity, e.type, e.data.length);
       this.writeIdx++;
       this.counters.bytesSent += e.data.length;
       if (!e.written) {
@@ -378,6 +379,7 @@ class ClientSession implements DataPlaneSession {
         if (settled) return;
         settled = true;
         clearTimeout(timer);
+        this.opts.observer?.error?.(err.code);
         if (goodbye) {
           socket.end();
           setTimeout(() => socket.destroy(), 1000).unref();
@@ -475,6 +477,7 @@ class ClientSession implements DataPlaneSession {
     }
     if (resumeSeq >= this.nextSeq) {
       conn.socket.destroy();
+      this.opts.observer?.error?.('protocol');
       this.fail(new DataPlaneError('protocol', `server claims to have applied seq ${resumeSeq}, but only ${this.nextSeq - 1} were sent`));
       return;
     }
@@ -507,6 +510,7 @@ class ClientSession implements DataPlaneSession {
           if (f.seq > 0) {
             this.onResponse(f.seq, null, err);
           } else if (FATAL.has(err.code)) {
+            this.opts.observer?.error?.(err.code);
             this.fail(err);
           } else {
             this.connectionLost(conn, err);
@@ -553,6 +557,7 @@ class ClientSession implements DataPlaneSession {
     conn.socket.destroy();
     if (this.conn !== conn) return;
     this.conn = null;
+    this.opts.observer?.error?.(err instanceof DataPlaneError ? err.code : 'connection');
     if (this.pumpTimer) {
       clearTimeout(this.pumpTimer);
       this.pumpTimer = null;

@@ -14,7 +14,7 @@ import {
   type SessionIdentity,
 } from './api';
 import { checkSecret, computeProof, newNonce, parseHello, proofMatches, sameIdentity, sessionTag, type Hello } from './auth';
-import { decodeMeta, encodeFrame, encodeMeta, FrameDecoder, FrameKind, HEADER_BYTES, MAX_DATA_BYTES, MAX_META_BYTES, PROTOCOL_VERSION, type Frame } from './frame';
+import { decodeMeta, encodeFrame, encodeMeta, Flags, FrameDecoder, FrameKind, HEADER_BYTES, MAX_DATA_BYTES, MAX_META_BYTES, PROTOCOL_VERSION, type Frame } from './frame';
 import { frameToMessage, payloadOf, prepareMessage, type PreparedMessage } from './message';
 import { tuneSocket, writeParts } from './transport';
 
@@ -165,6 +165,7 @@ class Server {
     const timer = setTimeout(() => {
       if (conn.phase === 'ready' || conn.phase === 'dead') return;
       this.log('warn', 'data-plane handshake timed out', { remote });
+      this.opts.observer?.error?.('timeout');
       this.kill(conn, 'timeout', 'handshake timed out');
     }, this.handshakeTimeout);
     timer.unref();
@@ -172,7 +173,10 @@ class Server {
       conn.lastRx = Date.now();
       this.onData(conn, chunk);
     });
-    socket.on('error', (err) => this.log('info', 'data-plane connection error', { remote, error: err.message }));
+    socket.on('error', (err) => {
+      this.opts.observer?.error?.('connection');
+      this.log('info', 'data-plane connection error', { remote, error: err.message });
+    });
     socket.on('close', () => {
       clearTimeout(timer);
       if (conn.silenceCheck) clearInterval(conn.silenceCheck);
@@ -194,6 +198,7 @@ class Server {
     } catch (err) {
       const e = err instanceof DataPlaneError ? err : new DataPlaneError('protocol', errorMessage(err));
       const established = conn.phase === 'ready';
+      this.opts.observer?.error?.(e.code);
       // Nothing of a bad frame is applied; the client reconnects and resends from the last ack.
       this.log('warn', established ? 'corrupt data-plane frame refused' : 'bad data-plane frame before authentication', {
         ...this.fields(conn),
@@ -210,6 +215,7 @@ class Server {
       } catch (err) {
         const e = err instanceof DataPlaneError ? err : new DataPlaneError('protocol', errorMessage(err));
         this.log('warn', 'data-plane protocol error', { ...this.fields(conn), code: e.code, error: e.message });
+        this.opts.observer?.error?.(e.code);
         this.kill(conn, e.code, e.message);
       }
     }
@@ -250,6 +256,7 @@ class Server {
     if (f.kind === FrameKind.ERROR) {
       const meta = decodeMeta(f.meta);
       this.log('warn', 'data-plane client rejected our proof (wrong secret on one side?)', { ...this.fields(conn), code: meta.code });
+      this.opts.observer?.error?.('auth_failed');
       this.kill(conn, null, '');
       return;
     }
@@ -257,6 +264,7 @@ class Server {
     const expected = computeProof(this.secret, 'ferry-client', hello.clientNonce, conn.serverNonce, hello.sessionId, hello.identity);
     if (!proofMatches(expected, decodeMeta(f.meta).proof)) {
       this.log('warn', 'data-plane authentication failed (wrong secret?)', this.fields(conn));
+      this.opts.observer?.error?.('auth_failed');
       this.kill(conn, 'auth_failed', 'authentication failed');
       return;
     }
@@ -287,6 +295,7 @@ class Server {
     } catch (err) {
       const reason = errorMessage(err);
       this.log(err instanceof DataPlaneError ? 'warn' : 'error', 'data-plane session refused', { ...this.fields(conn), reason });
+      this.opts.observer?.error?.('refused');
       this.kill(conn, 'refused', reason);
       return;
     }
@@ -319,6 +328,7 @@ class Server {
       const silent = Date.now() - conn.lastRx;
       if (silent <= silence) return;
       this.log('warn', 'data-plane client went silent; dropping the connection', { ...this.fields(conn), silentMs: silent });
+      this.opts.observer?.error?.('timeout');
       conn.phase = 'dead';
       conn.socket.destroy();
     }, silence / 2);
@@ -332,6 +342,7 @@ class Server {
     switch (f.kind) {
       case FrameKind.MSG:
       case FrameKind.REQUEST:
+        this.opts.observer?.received?.(s.identity, f.type, f.flags & Flags.ZERO ? 0 : f.data.length);
         s.queue.push({ kind: f.kind, seq: f.seq, msg: frameToMessage(f) });
         void this.drain(s);
         return;
@@ -381,6 +392,7 @@ class Server {
       this.log('warn', 'response of a resent request was forgotten; running the request again', { seq: w.seq, sessionId: s.id });
     } else if (w.seq !== s.lastApplied + 1) {
       this.log('error', 'data-plane sequence gap', { sessionId: s.id, expected: s.lastApplied + 1, got: w.seq });
+      this.opts.observer?.error?.('protocol');
       s.queue = [];
       if (s.conn) this.kill(s.conn, 'protocol', `sequence gap: expected ${s.lastApplied + 1}, got ${w.seq}`);
       return;
@@ -447,7 +459,7 @@ class Server {
     if (s.ackTimer) clearTimeout(s.ackTimer);
     if (s.conn) this.kill(s.conn, null, '');
     s.conn = null;
-    this.log('info', 'data-plane session ended', { sessionId: s.id, reason, migrationId: s.identity.migrationId, stream: s.identity.stream });
+    this.log('info', 'data-plane session ended', { sessionId: s.id, reason, migrationId: s.identity.migrationId, vmId: s.identity.vmId, stream: s.identity.stream });
     try {
       s.handler.onClose?.(s.view);
     } catch (err) {

@@ -35,6 +35,8 @@ export interface AgentProcess {
   dataPort: number;
   process: ChildProcess;
   dataAddress: string;
+  /** Port of the agent's Prometheus /metrics, when the cluster serves metrics. */
+  metricsPort: number | null;
 }
 
 export interface ClusterOptions {
@@ -47,6 +49,8 @@ export interface ClusterOptions {
   env?: Record<string, string>;
   /** Extra environment for one host's agent, on every (re)start (e.g. the address it advertises). */
   hostEnv?: (host: string) => Record<string, string>;
+  /** Serve Prometheus metrics from every agent (on a free port: AgentProcess.metricsPort). */
+  metrics?: boolean;
 }
 
 export class LocalCluster {
@@ -102,6 +106,7 @@ export class LocalCluster {
         '--data-listen', `127.0.0.1:${port}`,
         '--temporal-address', this.opts.temporalAddress,
         '--namespace', this.opts.namespace ?? 'default',
+        ...(this.opts.metrics ? ['--metrics-port', '0'] : []),
       ],
       {
         cwd: REPO,
@@ -118,7 +123,7 @@ export class LocalCluster {
       },
     );
     child.stderr!.pipe(log);
-    const ready = await new Promise<{ dataAddress: string }>((resolve, reject) => {
+    const ready = await new Promise<{ dataAddress: string; metricsPort: number | null }>((resolve, reject) => {
       let buf = '';
       const timer = setTimeout(() => reject(new Error(`agent ${host} did not become ready in 60 s; see ${home}/agent.log`)), 60_000);
       child.stdout!.on('data', (chunk: Buffer) => {
@@ -130,7 +135,7 @@ export class LocalCluster {
           buf = buf.slice(nl + 1);
           if (line.includes('"agent ready"')) {
             clearTimeout(timer);
-            resolve(JSON.parse(line) as { dataAddress: string });
+            resolve(JSON.parse(line) as { dataAddress: string; metricsPort: number | null });
           }
         }
       });
@@ -139,7 +144,7 @@ export class LocalCluster {
         reject(new Error(`agent ${host} exited (${code ?? signal}) before it was ready; see ${home}/agent.log`));
       });
     });
-    const agent: AgentProcess = { host, home, dataPort: port, process: child, dataAddress: ready.dataAddress };
+    const agent: AgentProcess = { host, home, dataPort: port, process: child, dataAddress: ready.dataAddress, metricsPort: ready.metricsPort };
     this.agents.set(host, agent);
     return agent;
   }

@@ -2,7 +2,7 @@
 // Every step is idempotent for (migration, epoch): a retried activity calls the same function again
 // with the cursor of its last heartbeat.
 import type { BitmapSnapshot, DiskAccess, HypervisorDriver, PageRun, VmHandle } from '../hypervisor/driver';
-import type { DataPlaneSession, TlsOptions } from '../dataplane/api';
+import type { DataPlaneObserver, DataPlaneSession, TlsOptions } from '../dataplane/api';
 import { connect } from '../dataplane';
 import { PAGE_BYTES, vmId as asVmId } from '../common/types';
 import type { Logger } from '../common/log';
@@ -75,6 +75,7 @@ export class Source {
       tls?: TlsOptions;
       log: Logger;
       home: string;
+      observer?: DataPlaneObserver;
     },
   ) {
     this.bases = new BaseStore(deps.home);
@@ -548,6 +549,7 @@ export class Source {
         identity: { migrationId: ref.migrationId, epoch: ref.epoch, vmId: ref.vmId, stream },
         bandwidthBytesPerSecond: bw,
         windowBytes: WINDOW_BYTES,
+        observer: this.deps.observer,
         onReconnectError: (err) => this.deps.log.warn({ migrationId: ref.migrationId, err: err.message }, 'data plane reconnect failed'),
       });
     } catch (err) {

@@ -7,46 +7,69 @@ import { createControlActivities } from '../activities/control';
 import { listen } from '../dataplane';
 import { SimDriver } from '../hypervisor';
 import { MIGRATION_TASK_QUEUE, hostTaskQueue } from '../common/types';
-import { createLogger, type Logger } from '../common/log';
+import { createLogger, withLogContext, type Logger } from '../common/log';
 import { Destination } from '../migration/destination';
 import { OwnershipStore } from '../migration/ownership';
 import { Source } from '../migration/source';
 import type { AgentConfig } from './config';
+import { createAgentMetrics, serveMetrics, type AgentMetrics, type MetricsServer } from './metrics';
+import { logContextInterceptor } from '../activities/log-context';
 
 export interface RunningAgent {
   host: string;
   dataAddress: string;
+  /** Port of /metrics, or null when metrics are off. */
+  metricsPort: number | null;
+  metrics: AgentMetrics;
   log: Logger;
   /** Resolves when the workers stop; rejects if one fails. */
   done: Promise<void>;
   shutdown(): Promise<void>;
 }
 
-export async function startAgent(config: AgentConfig, log: Logger = createLogger({ host: config.host })): Promise<RunningAgent> {
+export interface AgentOptions {
+  log?: Logger;
+  /** Where the Temporal SDK's Runtime exports its metrics (worker/runtime.ts), merged into /metrics. */
+  temporalMetricsUrl?: string | null;
+}
+
+export async function startAgent(config: AgentConfig, opts: AgentOptions = {}): Promise<RunningAgent> {
+  const log = opts.log ?? createLogger({ host: config.host });
+  const metrics = createAgentMetrics(config.host);
   await fs.mkdir(config.home, { recursive: true });
   const driver = new SimDriver({ home: config.home });
   const ownership = new OwnershipStore(config.home);
   const destination = new Destination({ driver, ownership, home: config.home, log });
   await destination.recover();
-  const source = new Source({ driver, ownership, secret: config.dataSecret, tls: config.dataTls, log, home: config.home });
+  const source = new Source({ driver, ownership, secret: config.dataSecret, tls: config.dataTls, log, home: config.home, observer: metrics.dataPlane('client') });
 
   const server = await listen({
     host: config.dataListenHost,
     port: config.dataListenPort,
     secret: config.dataSecret,
     tls: config.dataTls,
-    accept: (identity) => destination.accept(identity),
+    accept: async (identity) => {
+      // Every line logged while applying this session's messages names its migration and VM.
+      const handler = await destination.accept(identity);
+      const fields = { migrationId: identity.migrationId, vmId: identity.vmId };
+      return {
+        onMessage: (session, msg) => withLogContext(fields, () => handler.onMessage(session, msg)),
+        onClose: handler.onClose && ((session) => withLogContext(fields, () => handler.onClose!(session))),
+      };
+    },
+    observer: metrics.dataPlane('server'),
     log: (level, msg, fields) => log[level](fields ?? {}, msg),
   });
   const dataAddress = config.dataAdvertise ?? `${config.dataListenHost}:${server.port}`;
 
   const connection = await NativeConnection.connect({ address: config.temporal.address, tls: config.temporal.tls, apiKey: config.temporal.apiKey });
-  const activities = createActivities({ host: config.host, home: config.home, dataAddress, driver, ownership, source, destination, log, limits: config.limits });
+  const activities = createActivities({ host: config.host, home: config.home, dataAddress, driver, ownership, source, destination, log, metrics, limits: config.limits });
   const hostWorker = await Worker.create({
     connection,
     namespace: config.temporal.namespace,
     taskQueue: hostTaskQueue(config.host),
     activities,
+    interceptors: { activity: [logContextInterceptor] },
     maxConcurrentActivityTaskExecutions: 64,
   });
   const workflowWorker = await Worker.create({
@@ -59,13 +82,21 @@ export async function startAgent(config: AgentConfig, log: Logger = createLogger
       : { workflowsPath: require.resolve('../workflows') }),
   });
 
+  let metricsServer: MetricsServer | null = null;
+  if (config.metricsPort !== null) {
+    metricsServer = await serveMetrics({ port: config.metricsPort, metrics, temporalMetricsUrl: opts.temporalMetricsUrl ?? null, log });
+  }
+  const metricsPort = metricsServer?.port ?? null;
+
   const done = Promise.all([hostWorker.run(), workflowWorker.run()]).then(() => undefined);
-  log.info({ host: config.host, taskQueue: hostTaskQueue(config.host), dataAddress, home: config.home, pid: process.pid }, 'agent ready');
+  log.info({ taskQueue: hostTaskQueue(config.host), dataAddress, metricsPort, home: config.home, pid: process.pid }, 'agent ready');
 
   let stopping: Promise<void> | null = null;
   return {
     host: config.host,
     dataAddress,
+    metricsPort,
+    metrics,
     log,
     done,
     shutdown() {
@@ -74,6 +105,7 @@ export async function startAgent(config: AgentConfig, log: Logger = createLogger
         workflowWorker.shutdown();
         await done.catch(() => undefined);
         await server.close();
+        await metricsServer?.close();
         await connection.close();
       })();
       return stopping;

@@ -36,8 +36,10 @@ export function workerCommand(): Command {
         throw err;
       }
       // Loaded here, not at the top: every other ferry command starts faster without the worker SDK.
-      const { startAgent } = await import('./agent');
-      const agent = await startAgent(config);
+      const [{ startAgent }, { installTemporalRuntime }, { createLogger }] = await Promise.all([import('./agent'), import('./runtime'), import('../common/log')]);
+      const log = createLogger({ host: config.host });
+      const temporalMetricsUrl = await installTemporalRuntime({ log, metrics: config.metricsPort !== null, host: config.host });
+      const agent = await startAgent(config, { log, temporalMetricsUrl });
       const stop = (signal: string) => {
         agent.log.info({ signal }, 'shutting down');
         void agent.shutdown().then(() => process.exit(0));

@@ -65,10 +65,40 @@ function hostActivities(host: string, deadlineSeconds: number) {
 }
 
 export async function migrateVm(input: MigrateVmInput): Promise<MigrationReport> {
-  const cfg = validateInput(input);
+  const slots = new Slots();
+  try {
+    return await migrate(input, slots);
+  } catch (err) {
+    await CancellationScope.nonCancellable(() => slots.release());
+    await recordFailure(input, err);
+    throw err;
+  }
+}
+
+/** The whole run id: run ids are time-ordered, so a prefix of two quick retries can be equal. */
+function currentMigrationId(): string {
   const info = workflowInfo();
-  // The whole run id: run ids are time-ordered, so a prefix of two quick retries can be equal.
-  const migrationId = `${info.workflowId}-${info.runId}`;
+  return `${info.workflowId}-${info.runId}`;
+}
+
+/** Tell the source host, which keeps the migration's metrics, that the migration failed. Best effort, and short. */
+async function recordFailure(input: MigrateVmInput, err: unknown): Promise<void> {
+  let sourceHost: string;
+  try {
+    sourceHost = validateInput(input).sourceHost;
+  } catch {
+    return; // invalid input: the migration never reached a host
+  }
+  const { migrationFailed } = proxyActivities<Activities>({ taskQueue: hostTaskQueue(sourceHost), scheduleToCloseTimeout: '10 seconds' });
+  const reason = err instanceof Error ? err.message : String(err);
+  await CancellationScope.nonCancellable(() =>
+    migrationFailed({ vmId: input.vmId, migrationId: currentMigrationId(), reason, startedAtMs: workflowInfo().startTime.getTime() }),
+  ).catch(() => undefined);
+}
+
+async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationReport> {
+  const cfg = validateInput(input);
+  const migrationId = currentMigrationId();
   const startedAt = workflowInfo().startTime.getTime();
   const src = hostActivities(cfg.sourceHost, cfg.destinationDeadlineSeconds);
 
@@ -105,7 +135,6 @@ export async function migrateVm(input: MigrateVmInput): Promise<MigrationReport>
   };
 
   let preCommitScope: CancellationScope | null = null;
-  const slots = new Slots();
 
   setHandler(progressQuery, () => ({ ...progress, percent: maxPercent }));
   setHandler(approveCutoverSignal, () => void (approved = true));
@@ -116,7 +145,7 @@ export async function migrateVm(input: MigrateVmInput): Promise<MigrationReport>
     bandwidth = bps;
     // Later activities carry it too: a restarted source agent must not fall back to the first limit.
     if (ref) ref = { ...ref, bandwidthBytesPerSecond: bps };
-    void src.quick.setBandwidth({ migrationId, bytesPerSecond: bps }).catch(() => undefined);
+    void src.quick.setBandwidth({ migrationId, vmId: cfg.vmId, bytesPerSecond: bps }).catch(() => undefined);
   });
   setHandler(
     abortUpdate,
@@ -149,6 +178,9 @@ export async function migrateVm(input: MigrateVmInput): Promise<MigrationReport>
   }
 
   function updatePercent(): void {
+    // The report counts every round, the switchover and the postcopy: the progress shows the same.
+    progress.disk.sentBytes = report.diskBytesSent;
+    progress.memory.sentBytes = report.memoryBytesSent;
     const total = progress.disk.totalBytes + progress.memory.totalBytes;
     const done = progress.disk.sentBytes + progress.memory.sentBytes;
     const byBytes = total > 0 ? Math.min(0.9, done / (total * 1.1)) : 0;
@@ -231,7 +263,6 @@ export async function migrateVm(input: MigrateVmInput): Promise<MigrationReport>
     report.skippedBlocks = full.skippedBlocks;
     report.diskBytesSent += full.bytes;
     report.diskPrecopyResumedFromBlock = full.resumedFromBlock;
-    progress.disk.sentBytes = full.bytes;
     progress.transferBytesPerSecond = full.durationMs > 0 ? Math.round((full.bytes / full.durationMs) * 1000) : 0;
     updatePercent();
 
@@ -244,7 +275,6 @@ export async function migrateVm(input: MigrateVmInput): Promise<MigrationReport>
       const r = await src.transfer.copyDiskDirty.executeWithOptions({ ...src.options.transfer, summary: `disk precopy round ${round}` }, [ref]);
       report.diskRounds = round;
       report.diskBytesSent += r.bytes;
-      progress.disk.sentBytes += r.bytes;
       progress.disk.dirtyBlocks = r.items;
       progress.disk.remainingBytes = r.items * cfg.blockBytes;
       progress.dirtyBytesPerSecond = r.durationMs > 0 ? Math.round((r.bytes / r.durationMs) * 1000) : 0;
@@ -258,20 +288,19 @@ export async function migrateVm(input: MigrateVmInput): Promise<MigrationReport>
         throttle = Math.min(0.8, throttle + 0.2);
         report.throttled = true;
         stalls = 0;
-        await src.quick.setThrottle({ vmId: cfg.vmId, fraction: throttle });
+        await src.quick.setThrottle({ migrationId, vmId: cfg.vmId, fraction: throttle });
       }
     }
 
     setPhase('memory-precopy', `copying the memory of ${cfg.vmId}`);
     const memFull = await src.transfer.copyMemory.executeWithOptions({ ...src.options.transfer, summary: 'memory precopy: full pass' }, [{ ref, full: true }]);
     report.memoryBytesSent += memFull.bytes;
-    progress.memory.sentBytes = memFull.bytes;
+    updatePercent();
     const memRate = memFull.durationMs > 0 ? memFull.bytes / memFull.durationMs : Infinity; // bytes per ms
     for (let round = 1; round <= 10 && !forceSwitchover; round++) {
       const r = await src.transfer.copyMemory.executeWithOptions({ ...src.options.transfer, summary: `memory precopy round ${round}` }, [{ ref, full: false }]);
       report.memoryRounds = round;
       report.memoryBytesSent += r.bytes;
-      progress.memory.sentBytes += r.bytes;
       progress.memory.dirtyPages = r.items;
       progress.memory.remainingBytes = r.items * PAGE_BYTES;
       updatePercent();
@@ -307,7 +336,7 @@ export async function migrateVm(input: MigrateVmInput): Promise<MigrationReport>
         // The guest dirties memory faster than a round moves it: hold it back (auto-converge) to meet the downtime target.
         throttle = Math.min(0.8, throttle + 0.2);
         report.throttled = true;
-        await src.quick.setThrottle({ vmId: cfg.vmId, fraction: throttle });
+        await src.quick.setThrottle({ migrationId, vmId: cfg.vmId, fraction: throttle });
       }
     }
   }
@@ -336,7 +365,8 @@ export async function migrateVm(input: MigrateVmInput): Promise<MigrationReport>
     }
   }
 
-  async function rollBack(dest: string | null, reason: string): Promise<void> {
+  /** `final`: the migration ends rolled back (no other destination will be tried). */
+  async function rollBack(dest: string | null, reason: string, final: boolean): Promise<void> {
     setPhase('rolling-back', `rolling back: ${reason}`);
     await CancellationScope.nonCancellable(async () => {
       if (dest) {
@@ -353,7 +383,7 @@ export async function migrateVm(input: MigrateVmInput): Promise<MigrationReport>
       }
       for (;;) {
         try {
-          await src.quick.rollbackSource({ ref, vmId: cfg.vmId, migrationId });
+          await src.quick.rollbackSource({ ref, vmId: cfg.vmId, migrationId, final, startedAtMs: startedAt });
           return;
         } catch (err) {
           // A paused source with an unreachable destination must wait: resuming could make two copies.
@@ -376,8 +406,9 @@ export async function migrateVm(input: MigrateVmInput): Promise<MigrationReport>
       await preCommitScope.run(() => precopy(dest));
     } catch (err) {
       const reason = abortReason ?? failureMessage(err, dest, cfg.destinationDeadlineSeconds);
-      await rollBack(dest, reason);
-      if (abortReason !== null || isCancellation(err)) return finish('rolled-back', reason);
+      const final = abortReason !== null || isCancellation(err);
+      await rollBack(dest, reason, final);
+      if (final) return finish('rolled-back', reason);
       report.failedDestinations.push({ host: dest, reason });
       await releaseHostSlots();
       continue;
@@ -387,7 +418,7 @@ export async function migrateVm(input: MigrateVmInput): Promise<MigrationReport>
     setPhase('switchover', `freeze-and-copy to ${dest}`);
     const sw = await CancellationScope.nonCancellable(() => switchover(dest));
     if (sw.outcome === 'aborted') {
-      await rollBack(dest, sw.reason);
+      await rollBack(dest, sw.reason, false);
       report.failedDestinations.push({ host: dest, reason: sw.reason });
       await releaseHostSlots();
       continue;
@@ -407,13 +438,13 @@ export async function migrateVm(input: MigrateVmInput): Promise<MigrationReport>
     // Independent steps on two hosts: one round trip for both.
     const [done] = await Promise.all([
       dst.rollForward.finishDestination({ migrationId, vmId: cfg.vmId }),
-      src.rollForward.finalizeSource({ vmId: cfg.vmId, migrationId, blockBytes: cfg.blockBytes }),
+      src.rollForward.finalizeSource({ vmId: cfg.vmId, migrationId, blockBytes: cfg.blockBytes, startedAtMs: startedAt }),
     ]);
     report.downtimeMs = done.downtimeMs;
     report.onDemandFetches = done.fetches;
     return finish('completed');
   }
-  await rollBack(null, 'no destination left');
+  await rollBack(null, 'no destination left', true);
   return finish('rolled-back', `every destination failed: ${report.failedDestinations.map((f) => `${f.host}: ${f.reason}`).join('; ')}`);
 
   /** Host slots go back before the next destination is tried, so that hosts are always taken in order. */

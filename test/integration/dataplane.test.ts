@@ -8,10 +8,12 @@ import * as path from 'node:path';
 import {
   connect,
   DataPlaneError,
+  errorReason,
   DataPlaneRefused,
   listen,
   sessionTag,
   type ConnectOptions,
+  type DataPlaneObserver,
   type DataPlaneServer,
   type DataPlaneSession,
   type Message,
@@ -322,12 +324,27 @@ describe('data plane', () => {
     const logs: LogLine[] = [];
     const image = sourceImage(600);
     const { target, handler } = fileTarget('t4.img', image);
-    const server = await startServer({ accept: async () => handler }, logs);
+    const seen = { server: new Map<string, number>(), client: new Map<string, number>(), sent: 0, received: 0 };
+    const observer = (side: 'server' | 'client'): DataPlaneObserver => ({
+      error: (code) => seen[side].set(errorReason(code), (seen[side].get(errorReason(code)) ?? 0) + 1),
+      sent: (_id, _type, bytes) => void (seen.sent += bytes),
+      received: (_id, _type, bytes) => void (seen.received += bytes),
+    });
+    const server = await startServer({ accept: async () => handler, observer: observer('server') }, logs);
     const proxy = new FaultProxy(server.port);
     await proxy.start();
     proxy.flipAt = 10 * 1024 * 1024 + 12345;
-    const session = await startClient(proxy.port);
+    const session = await startClient(proxy.port, { observer: observer('client') });
     await sendImage(session, image);
+    // Both sides count the corrupt frame; every byte went out (resends again) and what arrived was counted.
+    expect(seen.server.get('crc')).toBe(1);
+    expect(seen.client.get('crc')).toBe(1);
+    let payload = 0; // all-zero blocks travel as a flag
+    for (let off = 0; off < image.length; off += BLOCK) if (image.subarray(off, off + BLOCK).some((x) => x !== 0)) payload += BLOCK;
+    expect(seen.sent).toBe(session.stats.bytesSent);
+    expect(seen.sent).toBeGreaterThan(payload); // the resent frames count again
+    expect(seen.received).toBeGreaterThanOrEqual(payload);
+    expect(seen.received).toBeLessThanOrEqual(seen.sent);
     expect(proxy.flipAt).toBeNull(); // the byte was flipped
     expect(target.mismatches).toBe(0);
     expect(targetHash(target, image.length)).toBe(sha256(image));

@@ -10,8 +10,12 @@ import type { VmSpec } from '../../hypervisor/driver';
 import { vmId as asVmId, type Workload } from '../../common/types';
 import { testTemporalAddress } from './temporal';
 
-export async function startCluster(hosts: string[], env?: Record<string, string>): Promise<{ cluster: LocalCluster; ferry: FerryClient }> {
-  const cluster = await LocalCluster.start({ temporalAddress: testTemporalAddress(), hosts, env });
+export async function startCluster(
+  hosts: string[],
+  env?: Record<string, string>,
+  opts: { metrics?: boolean } = {},
+): Promise<{ cluster: LocalCluster; ferry: FerryClient }> {
+  const cluster = await LocalCluster.start({ temporalAddress: testTemporalAddress(), hosts, env, ...opts });
   return { cluster, ferry: new FerryClient(cluster.client) };
 }
 

@@ -1,21 +1,25 @@
 /**
- * Jest global setup: one real Temporal dev server for the whole run (headless, in-memory, free
- * ports). Test files find it through FERRY_TEST_TEMPORAL_ADDRESS, which jest workers inherit.
- * If FERRY_TEST_TEMPORAL_ADDRESS is already set, that server is used and nothing is started.
+ * Jest global setup: one real Temporal dev server for the whole run (in-memory, free ports, with its
+ * Web UI). Test files find it through FERRY_TEST_TEMPORAL_ADDRESS and the UI through
+ * FERRY_TEST_TEMPORAL_UI, which jest workers inherit. If FERRY_TEST_TEMPORAL_ADDRESS is already set,
+ * that server is used and nothing is started (set FERRY_TEST_TEMPORAL_UI too for the UI test).
  */
 import { defineSearchAttributeKey, SearchAttributeType } from '@temporalio/common';
 import {
   ensureTemporalCli,
   FERRY_SEARCH_ATTRIBUTES,
+  freePort,
   startDevServer,
   type SearchAttributeTypeName,
 } from '../../scripts/temporal-cli';
 
 export const ADDRESS_ENV = 'FERRY_TEST_TEMPORAL_ADDRESS';
+export const UI_ENV = 'FERRY_TEST_TEMPORAL_UI';
 export const HANDLE_KEY = '__ferryTestTemporalServer';
 
 export interface TestServerHandle {
   address: string;
+  uiUrl: string | null;
   stop(): Promise<void>;
 }
 
@@ -29,8 +33,9 @@ export default async function globalSetup(): Promise<void> {
     return;
   }
   const cli = await ensureTemporalCli({ log });
-  const handle = cli.route === 'sdk' ? await startWithSdkDownload() : await startDevServer({ cliPath: cli.path, uiPort: null, log: quietLog });
+  const handle = cli.route === 'sdk' ? await startWithSdkDownload() : await startDevServer({ cliPath: cli.path, log: quietLog });
   process.env[ADDRESS_ENV] = handle.address;
+  if (handle.uiUrl) process.env[UI_ENV] = handle.uiUrl;
   (globalThis as Record<string, unknown>)[HANDLE_KEY] = handle;
 }
 
@@ -42,12 +47,15 @@ function quietLog(line: string): void {
 async function startWithSdkDownload(): Promise<TestServerHandle> {
   // Loaded only here: it pulls in the SDK's native bridge, which the usual route does not need.
   const { TestWorkflowEnvironment } = await import('@temporalio/testing');
+  const uiPort = await freePort();
   const env = await TestWorkflowEnvironment.createLocal({
     server: {
+      ui: true,
+      uiPort,
       searchAttributes: Object.entries(FERRY_SEARCH_ATTRIBUTES).map(([name, type]) => defineSearchAttributeKey(name, sdkType(type))),
     },
   });
-  return { address: env.address, stop: () => env.teardown() };
+  return { address: env.address, uiUrl: `http://127.0.0.1:${uiPort}`, stop: () => env.teardown() };
 }
 
 function sdkType(type: SearchAttributeTypeName): SearchAttributeType {

@@ -1,5 +1,5 @@
 /** Jest global teardown: stops the server that global setup started (if it started one). */
-import { ADDRESS_ENV, HANDLE_KEY, type TestServerHandle } from './global-setup';
+import { ADDRESS_ENV, HANDLE_KEY, UI_ENV, type TestServerHandle } from './global-setup';
 
 export default async function globalTeardown(): Promise<void> {
   const store = globalThis as Record<string, unknown>;
@@ -7,5 +7,6 @@ export default async function globalTeardown(): Promise<void> {
   if (!handle) return;
   delete store[HANDLE_KEY];
   delete process.env[ADDRESS_ENV];
+  delete process.env[UI_ENV];
   await handle.stop();
 }
