@@ -2,26 +2,15 @@
 // stale incoming shell is fenced and removed, and the host can receive the VM again.
 import path from 'node:path';
 import { promises as fs } from 'node:fs';
-import { startCluster, testVm, expectGuestCorrect, waitForProgress, uniqueHosts } from '../support/cluster';
-import type { LocalCluster } from '../../harness/cluster';
-import type { FerryClient } from '../../client/ferry-client';
+import { useCluster, testVm, expectGuestCorrect, waitForProgress, uniqueHosts } from '../support/cluster';
 
 const [a, b] = uniqueHosts('a', 'b');
 jest.setTimeout(300_000);
 
-let cluster: LocalCluster;
-let ferry: FerryClient;
-
-beforeAll(async () => {
-  ({ cluster, ferry } = await startCluster([a, b]));
-});
-
-afterAll(async () => {
-  await cluster?.stop();
-});
+const t = useCluster([a, b]);
 
 async function shells(host: string): Promise<string[]> {
-  return (await fs.readdir(path.join(cluster.home(host), 'incoming')).catch(() => [] as string[])).filter((n) => n.endsWith('.json'));
+  return (await fs.readdir(path.join(t.cluster.home(host), 'incoming')).catch(() => [] as string[])).filter((n) => n.endsWith('.json'));
 }
 
 async function until(what: string, pred: () => Promise<boolean>, timeoutMs = 120_000): Promise<void> {
@@ -34,8 +23,8 @@ async function until(what: string, pred: () => Promise<boolean>, timeoutMs = 120
 
 it('a rolled-back migration whose destination was down: the shell is cleaned up when the host returns', async () => {
   const vm = testVm('mixed', { opsPerSecond: 200, diskBytes: 32 * 1024 * 1024 });
-  await ferry.hostCommand(a, 'vmCreate', vm);
-  const handle = await ferry.migrate({
+  await t.ferry.hostCommand(a, 'vmCreate', vm);
+  const handle = await t.ferry.migrate({
     vmId: vm.vmId,
     sourceHost: a,
     destinationHosts: [b],
@@ -43,22 +32,22 @@ it('a rolled-back migration whose destination was down: the shell is cleaned up 
     destinationDeadlineSeconds: 5,
   });
   await waitForProgress(handle, 'disk precopy', (p) => p.phase === 'disk-precopy' && p.disk.sentBytes > 0);
-  await cluster.killAgent(b);
+  await t.cluster.killAgent(b);
   await handle.abort('destination down for maintenance');
   const report = await handle.result();
   expect(report.outcome).toBe('rolled-back');
 
   // The host was down: its shell (record and incoming VM process) is still there.
   expect(await shells(b)).toHaveLength(1);
-  expect((await cluster.vmProcesses(b)).map((p) => p.vmId)).toContain(vm.vmId);
+  expect((await t.cluster.vmProcesses(b)).map((p) => p.vmId)).toContain(vm.vmId);
 
-  await cluster.startAgent(b);
-  await until('the stale shell to be removed', async () => (await shells(b)).length === 0 && !(await cluster.vmProcesses(b)).some((p) => p.vmId === vm.vmId));
-  const own = JSON.parse(await fs.readFile(path.join(cluster.home(b), 'ownership', `${vm.vmId}.json`), 'utf8')) as { state: string };
+  await t.cluster.startAgent(b);
+  await until('the stale shell to be removed', async () => (await shells(b)).length === 0 && !(await t.cluster.vmProcesses(b)).some((p) => p.vmId === vm.vmId));
+  const own = JSON.parse(await fs.readFile(path.join(t.cluster.home(b), 'ownership', `${vm.vmId}.json`), 'utf8')) as { state: string };
   expect(own.state).toBe('aborted');
 
   // The VM kept running on the source with correct data, and the host can receive it again.
-  const again = await ferry.migrate({ vmId: vm.vmId, sourceHost: a, destinationHosts: [b] });
+  const again = await t.ferry.migrate({ vmId: vm.vmId, sourceHost: a, destinationHosts: [b] });
   expect((await again.result()).outcome).toBe('completed');
-  await expectGuestCorrect(ferry, b, vm);
+  await expectGuestCorrect(t.ferry, b, vm);
 });

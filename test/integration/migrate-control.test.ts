@@ -1,42 +1,32 @@
 // Operator control of a migration on real agents: abort before and after the commit, a refused
 // second migration, validation errors, and on-demand fetches during postcopy.
-import { startCluster, testVm, expectGuestCorrect as guestCorrect, waitForProgress, type TestVm, uniqueHosts } from '../support/cluster';
-import type { LocalCluster } from '../../harness/cluster';
+import { useCluster, testVm, expectGuestCorrect as guestCorrect, waitForProgress, type TestVm, uniqueHosts } from '../support/cluster';
 import { FerryRequestError, MigrationAlreadyRunning, type FerryClient, type MigrationHandle } from '../../client/ferry-client';
 import type { MigrationPhase } from '../../common/migration';
 
 const [a, b] = uniqueHosts('a', 'b');
 jest.setTimeout(300_000);
 
-let cluster: LocalCluster;
-let ferry: FerryClient;
-
-beforeAll(async () => {
-  ({ cluster, ferry } = await startCluster([a, b]));
-});
-
-afterAll(async () => {
-  await cluster?.stop();
-});
+const t = useCluster([a, b]);
 
 function waitForPhase(handle: MigrationHandle, phases: MigrationPhase[], timeoutMs = 120_000): Promise<void> {
   return waitForProgress(handle, phases.join('/'), (p) => phases.includes(p.phase), timeoutMs);
 }
 
 async function expectOnlyOn(host: string, other: string, vmId: string): Promise<void> {
-  expect((await cluster.vmProcesses(host)).map((p) => p.vmId)).toContain(vmId);
-  expect((await cluster.vmProcesses(other)).map((p) => p.vmId)).not.toContain(vmId);
+  expect((await t.cluster.vmProcesses(host)).map((p) => p.vmId)).toContain(vmId);
+  expect((await t.cluster.vmProcesses(other)).map((p) => p.vmId)).not.toContain(vmId);
 }
 
-const expectGuestCorrect = (host: string, vm: TestVm) => guestCorrect(ferry, host, vm);
+const expectGuestCorrect = (host: string, vm: TestVm) => guestCorrect(t.ferry, host, vm);
 
 describe('abort', () => {
   it.each<[MigrationPhase]>([['disk-precopy'], ['memory-precopy'], ['awaiting-cutover']])(
     'in %s rolls back: the VM keeps running on the source with correct data, the destination is fenced',
     async (phase) => {
       const vm = testVm('randwrite', { opsPerSecond: 20, memoryBytes: 16 * 1024 * 1024 });
-      await ferry.hostCommand(a, 'vmCreate', vm);
-      const handle = await ferry.migrate({
+      await t.ferry.hostCommand(a, 'vmCreate', vm);
+      const handle = await t.ferry.migrate({
         vmId: vm.vmId,
         sourceHost: a,
         destinationHosts: [b],
@@ -50,7 +40,7 @@ describe('abort', () => {
       expect(report.outcome).toBe('rolled-back');
       expect(report.reason).toContain(`test abort in ${phase}`);
       await expectOnlyOn(a, b, vm.vmId);
-      const summary = await ferry.hostCommand(a, 'vmInspect', { vmId: vm.vmId });
+      const summary = await t.ferry.hostCommand(a, 'vmInspect', { vmId: vm.vmId });
       expect(summary.state).toBe('running');
       expect(summary.ownership).toMatchObject({ state: 'running', epoch: 1 });
       await expectGuestCorrect(a, vm);
@@ -59,20 +49,20 @@ describe('abort', () => {
 
   it('leaves the VM free to migrate again to the same destination', async () => {
     const vm = testVm('randwrite', { opsPerSecond: 200 });
-    await ferry.hostCommand(a, 'vmCreate', vm);
-    const first = await ferry.migrate({ vmId: vm.vmId, sourceHost: a, destinationHosts: [b], cutover: 'manual' });
+    await t.ferry.hostCommand(a, 'vmCreate', vm);
+    const first = await t.ferry.migrate({ vmId: vm.vmId, sourceHost: a, destinationHosts: [b], cutover: 'manual' });
     await waitForPhase(first, ['awaiting-cutover']);
     await first.abort('changed my mind');
     expect((await first.result()).outcome).toBe('rolled-back');
-    const again = await ferry.migrate({ vmId: vm.vmId, sourceHost: a, destinationHosts: [b] });
+    const again = await t.ferry.migrate({ vmId: vm.vmId, sourceHost: a, destinationHosts: [b] });
     expect(await again.result()).toMatchObject({ outcome: 'completed', destinationHost: b, epoch: 2 });
     await expectGuestCorrect(b, vm);
   });
 
   it('after the commit is refused with the reason, and the migration completes', async () => {
     const vm = testVm('mixed', { opsPerSecond: 3000, memoryBytes: 2 * 1024 * 1024 });
-    await ferry.hostCommand(a, 'vmCreate', vm);
-    const handle = await ferry.migrate({
+    await t.ferry.hostCommand(a, 'vmCreate', vm);
+    const handle = await t.ferry.migrate({
       vmId: vm.vmId,
       sourceHost: a,
       destinationHosts: [b],
@@ -93,8 +83,8 @@ describe('abort', () => {
 describe('postcopy', () => {
   it('serves guest reads of stale blocks by on-demand fetch, with correct data', async () => {
     const vm = testVm('mixed', { opsPerSecond: 4000, memoryBytes: 2 * 1024 * 1024 });
-    await ferry.hostCommand(a, 'vmCreate', vm);
-    const handle = await ferry.migrate({
+    await t.ferry.hostCommand(a, 'vmCreate', vm);
+    const handle = await t.ferry.migrate({
       vmId: vm.vmId,
       sourceHost: a,
       destinationHosts: [b],
@@ -107,7 +97,7 @@ describe('postcopy', () => {
     const report = await handle.result();
     expect(report).toMatchObject({ outcome: 'completed' });
     expect(report.onDemandFetches).toBeGreaterThan(0);
-    const dest = await ferry.hostCommand(b, 'vmInspect', { vmId: vm.vmId });
+    const dest = await t.ferry.hostCommand(b, 'vmInspect', { vmId: vm.vmId });
     expect(dest.staleWaits).toBeGreaterThan(0);
     expect(dest.staleBlocks).toBe(0);
     await expectGuestCorrect(b, vm);
@@ -117,15 +107,15 @@ describe('postcopy', () => {
 describe('refusals', () => {
   it('refuses a second migration of a VM that is migrating', async () => {
     const vm = testVm('idle');
-    await ferry.hostCommand(a, 'vmCreate', vm);
-    const handle = await ferry.migrate({ vmId: vm.vmId, sourceHost: a, destinationHosts: [b], cutover: 'manual' });
-    await expect(ferry.migrate({ vmId: vm.vmId, sourceHost: a, destinationHosts: [b] })).rejects.toBeInstanceOf(MigrationAlreadyRunning);
+    await t.ferry.hostCommand(a, 'vmCreate', vm);
+    const handle = await t.ferry.migrate({ vmId: vm.vmId, sourceHost: a, destinationHosts: [b], cutover: 'manual' });
+    await expect(t.ferry.migrate({ vmId: vm.vmId, sourceHost: a, destinationHosts: [b] })).rejects.toBeInstanceOf(MigrationAlreadyRunning);
     await handle.abort('test done');
     expect((await handle.result()).outcome).toBe('rolled-back');
   });
 
   async function refusal(input: Parameters<FerryClient['migrate']>[0]): Promise<FerryRequestError> {
-    const handle = await ferry.migrate(input);
+    const handle = await t.ferry.migrate(input);
     const err = await handle.result().then(
       () => null,
       (e: unknown) => e,
@@ -154,26 +144,26 @@ describe('refusals', () => {
 
   it('refuses a VM that does not run on the named source', async () => {
     const vm = testVm('idle');
-    await ferry.hostCommand(a, 'vmCreate', vm);
+    await t.ferry.hostCommand(a, 'vmCreate', vm);
     const err = await refusal({ vmId: vm.vmId, sourceHost: b, destinationHosts: [a] });
     expect(err.type).toBe('VmNotFound');
-    await ferry.hostCommand(a, 'vmDestroy', { vmId: vm.vmId });
+    await t.ferry.hostCommand(a, 'vmDestroy', { vmId: vm.vmId });
   });
 
   it('rolls back from an unknown destination host (no agent) and says which', async () => {
     const vm = testVm('idle');
-    await ferry.hostCommand(a, 'vmCreate', vm);
-    const handle = await ferry.migrate({ vmId: vm.vmId, sourceHost: a, destinationHosts: ['nowhere'], destinationDeadlineSeconds: 3 }, { checkHosts: false });
+    await t.ferry.hostCommand(a, 'vmCreate', vm);
+    const handle = await t.ferry.migrate({ vmId: vm.vmId, sourceHost: a, destinationHosts: ['nowhere'], destinationDeadlineSeconds: 3 }, { checkHosts: false });
     const report = await handle.result();
     expect(report.outcome).toBe('rolled-back');
-    expect(report.failedDestinations[0].reason).toMatch(/host nowhere did not answer.*ferry worker --host nowhere/);
+    expect(report.failedDestinations[0].reason).toMatch(/host nowhere did not answer.*t.ferry worker --host nowhere/);
     await expectOnlyOn(a, b, vm.vmId);
   });
 
   it('tries the next destination when the first cannot take the VM', async () => {
     const vm = testVm('randwrite', { opsPerSecond: 300 });
-    await ferry.hostCommand(a, 'vmCreate', vm);
-    const handle = await ferry.migrate({ vmId: vm.vmId, sourceHost: a, destinationHosts: ['nowhere', b], destinationDeadlineSeconds: 3 }, { checkHosts: false });
+    await t.ferry.hostCommand(a, 'vmCreate', vm);
+    const handle = await t.ferry.migrate({ vmId: vm.vmId, sourceHost: a, destinationHosts: ['nowhere', b], destinationDeadlineSeconds: 3 }, { checkHosts: false });
     const report = await handle.result();
     expect(report).toMatchObject({ outcome: 'completed', destinationHost: b });
     expect(report.failedDestinations.map((f) => f.host)).toEqual(['nowhere']);

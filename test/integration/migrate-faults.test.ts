@@ -1,55 +1,45 @@
 // Crashes of host agents in the middle of a migration: the workflow resumes from the last heartbeat
 // and completes with correct data. (The full fault matrix is the chaos harness.)
-import { startCluster, testVm, expectGuestCorrect, waitForProgress, uniqueHosts } from '../support/cluster';
-import { isAlive, type LocalCluster } from '../../harness/cluster';
-import type { FerryClient } from '../../client/ferry-client';
+import { useCluster, testVm, expectGuestCorrect, waitForProgress, uniqueHosts } from '../support/cluster';
+import { isAlive } from '../../harness/cluster';
 
 const [a, b] = uniqueHosts('a', 'b');
 jest.setTimeout(300_000);
 
-let cluster: LocalCluster;
-let ferry: FerryClient;
-
-beforeAll(async () => {
-  ({ cluster, ferry } = await startCluster([a, b]));
-});
-
-afterAll(async () => {
-  await cluster?.stop();
-});
+const t = useCluster([a, b]);
 
 const waitFor = waitForProgress;
 
 async function vmPid(host: string, vmId: string): Promise<number> {
-  const p = (await cluster.vmProcesses(host)).find((v) => v.vmId === vmId);
+  const p = (await t.cluster.vmProcesses(host)).find((v) => v.vmId === vmId);
   if (!p) throw new Error(`no VM process for ${vmId} on ${host}`);
   return p.pid;
 }
 
 it('kill -9 of the source agent during the disk precopy: the VM lives on, the pass resumes from its heartbeat', async () => {
   const vm = testVm('randwrite', { opsPerSecond: 20, diskBytes: 64 * 1024 * 1024 });
-  await ferry.hostCommand(a, 'vmCreate', vm);
-  const handle = await ferry.migrate({ vmId: vm.vmId, sourceHost: a, destinationHosts: [b], bandwidthBytesPerSecond: 4 * 1024 * 1024 });
+  await t.ferry.hostCommand(a, 'vmCreate', vm);
+  const handle = await t.ferry.migrate({ vmId: vm.vmId, sourceHost: a, destinationHosts: [b], bandwidthBytesPerSecond: 4 * 1024 * 1024 });
   // The server has a heartbeat with a cursor well into the disk.
   await waitFor(handle, 'a disk-precopy heartbeat past 16 MiB', (p) => p.phase === 'disk-precopy' && p.disk.sentBytes > 16 * 1024 * 1024);
   const pid = await vmPid(a, vm.vmId);
-  await cluster.killAgent(a);
+  await t.cluster.killAgent(a);
   expect(isAlive(pid)).toBe(true);
   await new Promise((r) => setTimeout(r, 1000));
-  await cluster.startAgent(a);
+  await t.cluster.startAgent(a);
   const report = await handle.result();
   expect(report.outcome).toBe('completed');
   expect(report.diskPrecopyResumedFromBlock).toBeGreaterThan(0);
 
-  expect((await cluster.vmProcesses(a)).map((p) => p.vmId)).not.toContain(vm.vmId);
-  await expectGuestCorrect(ferry, b, vm);
+  expect((await t.cluster.vmProcesses(a)).map((p) => p.vmId)).not.toContain(vm.vmId);
+  await expectGuestCorrect(t.ferry, b, vm);
 });
 
 it('kill -9 of the destination agent during the postcopy: the VM keeps running there, reads wait, the push resumes', async () => {
   // small memory, so the slow link makes the postcopy (not the memory rounds) last seconds
   const vm = testVm('mixed', { opsPerSecond: 3000, memoryBytes: 2 * 1024 * 1024 });
-  await ferry.hostCommand(a, 'vmCreate', vm);
-  const handle = await ferry.migrate({
+  await t.ferry.hostCommand(a, 'vmCreate', vm);
+  const handle = await t.ferry.migrate({
     vmId: vm.vmId,
     sourceHost: a,
     destinationHosts: [b],
@@ -60,15 +50,15 @@ it('kill -9 of the destination agent during the postcopy: the VM keeps running t
   await handle.setBandwidth(1024 * 1024);
   await waitFor(handle, 'postcopy', (p) => p.phase === 'postcopy');
   const pid = await vmPid(b, vm.vmId);
-  await cluster.killAgent(b);
+  await t.cluster.killAgent(b);
   await new Promise((r) => setTimeout(r, 2000));
   expect(isAlive(pid)).toBe(true);
-  await cluster.startAgent(b);
+  await t.cluster.startAgent(b);
   await handle.setBandwidth(null);
   const report = await handle.result();
   expect(report.outcome).toBe('completed');
   expect(await vmPid(b, vm.vmId)).toBe(pid); // the same VM process ran throughout
 
-  expect((await cluster.vmProcesses(a)).map((p) => p.vmId)).not.toContain(vm.vmId);
-  await expectGuestCorrect(ferry, b, vm);
+  expect((await t.cluster.vmProcesses(a)).map((p) => p.vmId)).not.toContain(vm.vmId);
+  await expectGuestCorrect(t.ferry, b, vm);
 });

@@ -2,33 +2,22 @@
 // first migration left behind; every reason to fall back to a full copy is caused and reported.
 import path from 'node:path';
 import { promises as fs } from 'node:fs';
-import { startCluster, testVm, expectGuestCorrect as guestCorrect, type TestVm, uniqueHosts } from '../support/cluster';
-import type { LocalCluster } from '../../harness/cluster';
-import type { FerryClient } from '../../client/ferry-client';
+import { useCluster, testVm, expectGuestCorrect as guestCorrect, type TestVm, uniqueHosts } from '../support/cluster';
 import type { MigrateVmInput, MigrationReport } from '../../common/migration';
 
 const [a, b, c] = uniqueHosts('a', 'b', 'c');
 jest.setTimeout(300_000);
 
-let cluster: LocalCluster;
-let ferry: FerryClient;
-
-beforeAll(async () => {
-  ({ cluster, ferry } = await startCluster([a, b, c]));
-});
-
-afterAll(async () => {
-  await cluster?.stop();
-});
+const t = useCluster([a, b, c]);
 
 async function migrate(vm: TestVm, from: string, to: string, extra: Partial<MigrateVmInput> = {}): Promise<MigrationReport> {
-  const handle = await ferry.migrate({ vmId: vm.vmId, sourceHost: from, destinationHosts: [to], ...extra });
+  const handle = await t.ferry.migrate({ vmId: vm.vmId, sourceHost: from, destinationHosts: [to], ...extra });
   return handle.result();
 }
 
-const expectGuestCorrect = (host: string, vm: TestVm) => guestCorrect(ferry, host, vm);
+const expectGuestCorrect = (host: string, vm: TestVm) => guestCorrect(t.ferry, host, vm);
 
-const diskOf = (host: string, vmId: string) => path.join(cluster.home(host), 'vms', vmId, 'disk.img');
+const diskOf = (host: string, vmId: string) => path.join(t.cluster.home(host), 'vms', vmId, 'disk.img');
 
 /** Tracking blocks whose contents differ between two images. */
 async function differingBlocks(fileA: string, fileB: string, blockBytes: number): Promise<number> {
@@ -42,14 +31,14 @@ async function differingBlocks(fileA: string, fileB: string, blockBytes: number)
 
 it('moving back sends exactly the blocks written since, plus memory', async () => {
   const vm = testVm('randwrite', { opsPerSecond: 2000 });
-  await ferry.hostCommand(a, 'vmCreate', vm);
+  await t.ferry.hostCommand(a, 'vmCreate', vm);
   const first = await migrate(vm, a, b);
   expect(first).toMatchObject({ outcome: 'completed', incremental: false });
   expect(first.incrementalFallbackReason).toMatch(/no write-tracking bitmap/);
-  expect((await ferry.hostCommand(a, 'baseList')).map((b) => b.vmId)).toContain(vm.vmId);
+  expect((await t.ferry.hostCommand(a, 'baseList')).map((b) => b.vmId)).toContain(vm.vmId);
 
   // The guest writes on b, then halts: nothing changes during the migration back.
-  const haltedOnB = await ferry.hostCommand(b, 'vmRunUntil', { vmId: vm.vmId, more: 400 });
+  const haltedOnB = await t.ferry.hostCommand(b, 'vmRunUntil', { vmId: vm.vmId, more: 400 });
   const written = await differingBlocks(diskOf(a, vm.vmId), diskOf(b, vm.vmId), 65536);
   expect(written).toBeGreaterThan(0);
 
@@ -62,13 +51,13 @@ it('moving back sends exactly the blocks written since, plus memory', async () =
   expect(back.diskBytesSent).toBeLessThan(first.diskBytesSent);
   // Halted before the migration, halted after it: the target travels with the CPU state.
   await new Promise((r) => setTimeout(r, 300));
-  expect(await ferry.hostCommand(a, 'vmInspect', { vmId: vm.vmId })).toMatchObject({ state: 'halted', ops: haltedOnB.ops });
+  expect(await t.ferry.hostCommand(a, 'vmInspect', { vmId: vm.vmId })).toMatchObject({ state: 'halted', ops: haltedOnB.ops });
   await expectGuestCorrect(a, vm);
 });
 
 it('a chain a→b→a→b→a under randwrite stays byte-identical to the reference run', async () => {
   const vm = testVm('randwrite', { opsPerSecond: 1000 });
-  await ferry.hostCommand(a, 'vmCreate', vm);
+  await t.ferry.hostCommand(a, 'vmCreate', vm);
   const hops: [string, string][] = [[a, b], [b, a], [a, b], [b, a]];
   const reports: MigrationReport[] = [];
   for (const [from, to] of hops) reports.push(await migrate(vm, from, to));
@@ -80,7 +69,7 @@ it('a chain a→b→a→b→a under randwrite stays byte-identical to the refere
 describe('falls back to a full copy and says why', () => {
   it('on a third host without a base, and on a lineage mismatch', async () => {
     const vm = testVm('randwrite', { opsPerSecond: 500 });
-    await ferry.hostCommand(a, 'vmCreate', vm);
+    await t.ferry.hostCommand(a, 'vmCreate', vm);
     await migrate(vm, a, b);
     const toC = await migrate(vm, b, c);
     expect(toC).toMatchObject({ outcome: 'completed', incremental: false });
@@ -94,7 +83,7 @@ describe('falls back to a full copy and says why', () => {
 
   it('when the base was tampered with (one byte)', async () => {
     const vm = testVm('randwrite', { opsPerSecond: 500 });
-    await ferry.hostCommand(a, 'vmCreate', vm);
+    await t.ferry.hostCommand(a, 'vmCreate', vm);
     await migrate(vm, a, b);
     const fh = await fs.open(diskOf(a, vm.vmId), 'r+');
     const byte = Buffer.alloc(1);
@@ -110,7 +99,7 @@ describe('falls back to a full copy and says why', () => {
 
   it('when the block size changed', async () => {
     const vm = testVm('randwrite', { opsPerSecond: 500 });
-    await ferry.hostCommand(a, 'vmCreate', vm);
+    await t.ferry.hostCommand(a, 'vmCreate', vm);
     await migrate(vm, a, b);
     const back = await migrate(vm, b, a, { blockBytes: 32768 });
     expect(back).toMatchObject({ outcome: 'completed', incremental: false });
@@ -120,22 +109,22 @@ describe('falls back to a full copy and says why', () => {
 
   it('when the bitmap is invalid after a kill -9 of the VM process', async () => {
     const vm = testVm('randwrite', { opsPerSecond: 500 });
-    await ferry.hostCommand(a, 'vmCreate', vm);
+    await t.ferry.hostCommand(a, 'vmCreate', vm);
     await migrate(vm, a, b);
-    const proc = (await cluster.vmProcesses(b)).find((p) => p.vmId === vm.vmId)!;
+    const proc = (await t.cluster.vmProcesses(b)).find((p) => p.vmId === vm.vmId)!;
     process.kill(proc.pid, 'SIGKILL');
     await new Promise((r) => setTimeout(r, 500));
-    await ferry.hostCommand(b, 'vmStart', { vmId: vm.vmId });
+    await t.ferry.hostCommand(b, 'vmStart', { vmId: vm.vmId });
     const back = await migrate(vm, b, a);
     expect(back).toMatchObject({ outcome: 'completed', incremental: false });
     expect(back.incrementalFallbackReason).toMatch(/invalid after an unclean stop/);
-    const after = await ferry.hostCommand(a, 'vmInspect', { vmId: vm.vmId });
+    const after = await t.ferry.hostCommand(a, 'vmInspect', { vmId: vm.vmId });
     expect(after.violations).toBe(0);
   });
 
   it("with incremental 'off', and refuses with 'require' when it is not possible", async () => {
     const vm = testVm('randwrite', { opsPerSecond: 500 });
-    await ferry.hostCommand(a, 'vmCreate', vm);
+    await t.ferry.hostCommand(a, 'vmCreate', vm);
     await migrate(vm, a, b);
     const off = await migrate(vm, b, a, { incremental: 'off' });
     expect(off).toMatchObject({ outcome: 'completed', incremental: false });
@@ -149,13 +138,13 @@ describe('falls back to a full copy and says why', () => {
 
 it('lists and deletes bases; without its base the way back is a full copy', async () => {
   const vm = testVm('idle');
-  await ferry.hostCommand(a, 'vmCreate', vm);
+  await t.ferry.hostCommand(a, 'vmCreate', vm);
   await migrate(vm, a, b);
-  const bases = await ferry.hostCommand(a, 'baseList');
+  const bases = await t.ferry.hostCommand(a, 'baseList');
   expect(bases.find((b) => b.vmId === vm.vmId)).toMatchObject({ diskBytes: vm.diskBytes, blockBytes: 65536, inUseBy: null });
-  await ferry.hostCommand(a, 'baseDelete', { vmId: vm.vmId });
-  expect((await ferry.hostCommand(a, 'baseList')).map((b) => b.vmId)).not.toContain(vm.vmId);
-  await expect(ferry.hostCommand(a, 'baseDelete', { vmId: vm.vmId })).rejects.toThrow(/holds no base/);
+  await t.ferry.hostCommand(a, 'baseDelete', { vmId: vm.vmId });
+  expect((await t.ferry.hostCommand(a, 'baseList')).map((b) => b.vmId)).not.toContain(vm.vmId);
+  await expect(t.ferry.hostCommand(a, 'baseDelete', { vmId: vm.vmId })).rejects.toThrow(/holds no base/);
   // with the base gone, the way back is a full copy
   const back = await migrate(vm, b, a);
   expect(back.incremental).toBe(false);

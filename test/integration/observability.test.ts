@@ -2,24 +2,13 @@
 // structured logs the agents wrote while doing them.
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
-import { startCluster, testVm, uniqueHosts, waitForProgress } from '../support/cluster';
-import type { LocalCluster } from '../../harness/cluster';
-import type { FerryClient } from '../../client/ferry-client';
+import { useCluster, testVm, uniqueHosts, waitForProgress } from '../support/cluster';
 import { connect } from '../../dataplane';
 
 const [a, b] = uniqueHosts('obs-a', 'obs-b');
 jest.setTimeout(300_000);
 
-let cluster: LocalCluster;
-let ferry: FerryClient;
-
-beforeAll(async () => {
-  ({ cluster, ferry } = await startCluster([a, b], undefined, { metrics: true }));
-});
-
-afterAll(async () => {
-  await cluster?.stop();
-});
+const t = useCluster([a, b], undefined, { metrics: true });
 
 interface Sample {
   name: string;
@@ -28,7 +17,7 @@ interface Sample {
 }
 
 async function scrape(host: string): Promise<{ text: string; samples: Sample[] }> {
-  const port = cluster.agents.get(host)!.metricsPort;
+  const port = t.cluster.agents.get(host)!.metricsPort;
   expect(port).toEqual(expect.any(Number));
   const res = await fetch(`http://127.0.0.1:${port}/metrics`);
   expect(res.status).toBe(200);
@@ -53,7 +42,7 @@ function value(samples: Sample[], name: string, labels: Record<string, string> =
 }
 
 async function logLines(host: string): Promise<{ raw: string; entry: Record<string, unknown> }[]> {
-  const text = await fs.readFile(path.join(cluster.home(host), 'agent.log'), 'utf8');
+  const text = await fs.readFile(path.join(t.cluster.home(host), 'agent.log'), 'utf8');
   return text
     .split('\n')
     .filter((l) => l.startsWith('{'))
@@ -64,8 +53,8 @@ describe('an agent with --metrics-port', () => {
   const vm = testVm('randwrite', { opsPerSecond: 200 });
 
   it('counts a completed migration on both hosts: outcome, bytes, downtime, duration; Temporal metrics too', async () => {
-    await ferry.hostCommand(a, 'vmCreate', vm);
-    const report = await (await ferry.migrate({ vmId: vm.vmId, sourceHost: a, destinationHosts: [b] })).result();
+    await t.ferry.hostCommand(a, 'vmCreate', vm);
+    const report = await (await t.ferry.migrate({ vmId: vm.vmId, sourceHost: a, destinationHosts: [b] })).result();
     expect(report.outcome).toBe('completed');
 
     const src = (await scrape(a)).samples;
@@ -112,18 +101,18 @@ describe('an agent with --metrics-port', () => {
 
   it('counts a rolled-back and a failed migration, and a data-plane authentication failure', async () => {
     const vm2 = testVm('randwrite', { opsPerSecond: 200 });
-    await ferry.hostCommand(a, 'vmCreate', vm2);
-    const handle = await ferry.migrate({ vmId: vm2.vmId, sourceHost: a, destinationHosts: [b], cutover: 'manual' });
+    await t.ferry.hostCommand(a, 'vmCreate', vm2);
+    const handle = await t.ferry.migrate({ vmId: vm2.vmId, sourceHost: a, destinationHosts: [b], cutover: 'manual' });
     await waitForProgress(handle, 'awaiting-cutover', (p) => p.phase === 'awaiting-cutover');
     await handle.abort('testing the metrics');
     expect((await handle.result()).outcome).toBe('rolled-back');
 
-    const missing = await ferry.migrate({ vmId: `${vm2.vmId}-missing`, sourceHost: a, destinationHosts: [b] });
+    const missing = await t.ferry.migrate({ vmId: `${vm2.vmId}-missing`, sourceHost: a, destinationHosts: [b] });
     await expect(missing.result()).rejects.toThrow();
 
     const wrongSecret = connect({
-      address: cluster.agents.get(b)!.dataAddress,
-      secret: Buffer.from('not the cluster secret'),
+      address: t.cluster.agents.get(b)!.dataAddress,
+      secret: Buffer.from('not the t.cluster secret'),
       identity: { migrationId: 'intruder', epoch: 1, vmId: vm2.vmId, stream: 'disk' },
     });
     await expect(wrongSecret).rejects.toThrow(/secret/);

@@ -19,6 +19,29 @@ export async function startCluster(
   return { cluster, ferry: new FerryClient(cluster.client) };
 }
 
+/** The cluster of one test file: started before its tests, stopped after them. */
+export function useCluster(hosts: string[], env?: Record<string, string>, opts: { metrics?: boolean } = {}): { readonly cluster: LocalCluster; readonly ferry: FerryClient } {
+  let started: { cluster: LocalCluster; ferry: FerryClient } | null = null;
+  beforeAll(async () => {
+    started = await startCluster(hosts, env, opts);
+  });
+  afterAll(async () => {
+    await started?.cluster.stop();
+  });
+  const get = () => {
+    if (!started) throw new Error('the cluster starts in beforeAll: use it inside a test');
+    return started;
+  };
+  return {
+    get cluster() {
+      return get().cluster;
+    },
+    get ferry() {
+      return get().ferry;
+    },
+  };
+}
+
 export interface TestVm {
   vmId: string;
   diskBytes: number;
