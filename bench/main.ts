@@ -32,6 +32,8 @@ interface Flags {
   workloads?: string;
   modes?: string;
   concurrent?: string;
+  hostLimit: string;
+  clusterLimit: string;
   bandwidth: string;
   imPercent: string;
   only?: string;
@@ -71,7 +73,15 @@ function config(f: Flags): { cfg: ScenarioConfig; scenarios: ScenarioName[] } {
     bandwidthBytesPerSecond: positive(f.bandwidth, 125e6, 'bandwidth'),
     // readmostly: its writes stay in a 1 MiB hot set, so each VM converges even when 50 share the
     // machine's transfer rate (randwrite at 100 ops/s re-dirties a 32 MiB disk faster than that).
-    concurrent: { count: Math.round(count), diskBytes: (q ? 16 : 32) * MiB, memoryBytes: (q ? 4 : 8) * MiB, workload: 'readmostly', opsPerSecond: 100 },
+    concurrent: {
+      count: Math.round(count),
+      diskBytes: (q ? 16 : 32) * MiB,
+      memoryBytes: (q ? 4 : 8) * MiB,
+      workload: 'readmostly',
+      opsPerSecond: 100,
+      hostLimit: Math.round(positive(f.hostLimit, 4, 'host-limit')),
+      clusterLimit: Math.round(positive(f.clusterLimit, 16, 'cluster-limit')),
+    },
     migrationTimeoutMs: q ? 90_000 : 15 * 60_000,
     heavyMaxRounds: q ? 4 : undefined,
   };
@@ -127,11 +137,15 @@ async function main(f: Flags): Promise<number> {
       const clusterRoot = path.join(root, 'cluster');
       await fs.mkdir(clusterRoot); // LocalCluster.start writes the workflow bundle there before creating it
       // Agents (and the VM processes they start) write V8 CPU profiles there when they exit.
-      let env: Record<string, string> | undefined;
+      const env: Record<string, string> = {
+        FERRY_MAX_MIGRATIONS: String(cfg.concurrent.hostLimit),
+        FERRY_CLUSTER_MAX_MIGRATIONS: String(cfg.concurrent.clusterLimit),
+      };
       if (f.cpuProf) {
         await fs.mkdir(f.cpuProf, { recursive: true });
         const hook = path.join(__dirname, 'cpu-profile.cjs');
-        env = { NODE_OPTIONS: `${process.env.NODE_OPTIONS ?? ''} --require ${hook}`.trim(), FERRY_BENCH_CPU_PROF_DIR: path.resolve(f.cpuProf) };
+        env.NODE_OPTIONS = `${process.env.NODE_OPTIONS ?? ''} --require ${hook}`.trim();
+        env.FERRY_BENCH_CPU_PROF_DIR = path.resolve(f.cpuProf);
       }
       cluster = await LocalCluster.start({ temporalAddress: address, hosts: HOSTS, root: clusterRoot, env });
       const bench = new Bench(new FerryClient(cluster.client), cluster, cfg, say);
@@ -181,6 +195,8 @@ const program = new Command('ferry-bench')
   .option('--workloads <list>', `comma-separated, from ${WORKLOADS.join(',')}`)
   .option('--modes <list>', 'comma-separated, from tpm,precopy')
   .option('--concurrent <n>', 'VMs migrating at once (default 50; 8 with --quick)')
+  .option('--host-limit <n>', 'migrations at once per host (the agents\' --max-migrations)', '4')
+  .option('--cluster-limit <n>', 'migrations at once in the cluster (the agents\' --cluster-max-migrations)', '16')
   .option('--bandwidth <bytes/s>', 'data-plane limit of the bandwidth-limited run', '125e6')
   .option('--im-percent <p>', 'share of blocks written between the migrations of the incremental scenario', '5')
   .option('--only <list>', `run only these, comma-separated: ${SCENARIOS.join(',')}`)

@@ -61,6 +61,10 @@ export function summarize(res: Results) {
       count: res.concurrent?.count ?? null,
       failures: res.concurrent?.failures ?? null,
       aggregate_mb_s: num(res.concurrent?.aggregate_mb_s ?? NaN, 1),
+      host_limit: res.concurrent?.host_limit ?? null,
+      cluster_limit: res.concurrent?.cluster_limit ?? null,
+      peak_host_slots: res.concurrent?.peak_host_slots ?? null,
+      peak_cluster_slots: res.concurrent?.peak_cluster_slots ?? null,
     },
     guest_violations: Object.values(res.violations).reduce((a, b) => a + b, 0),
     heavy_writer: {
@@ -184,7 +188,8 @@ export function formatReport(res: Results, summary: Summary): string {
     const cr = completed(res.runs.filter((r) => r.scenario === 'concurrent'));
     out.push(
       `  concurrent: ${c.count - c.failures}/${c.count} completed in ${(c.wall_ms / 1000).toFixed(1)} s, ${c.aggregate_mb_s.toFixed(0)} MB/s aggregate;` +
-        ` per VM total ${cell(cr.map((r) => r.total_ms), 2, 1000)} s, downtime ${cell(cr.map((r) => r.downtime_ms ?? NaN), 0)} ms`,
+        ` per VM total ${cell(cr.map((r) => r.total_ms), 2, 1000)} s, downtime ${cell(cr.map((r) => r.downtime_ms ?? NaN), 0)} ms;` +
+        ` slots at most ${c.peak_host_slots}/${c.host_limit} per host, ${c.peak_cluster_slots}/${c.cluster_limit} in the cluster`,
     );
     for (const e of c.errors.slice(0, 5)) out.push(`    ! ${e}`);
   }

@@ -23,7 +23,7 @@ export interface ScenarioConfig {
   settleMs: number;
   imFraction: number;
   bandwidthBytesPerSecond: number;
-  concurrent: { count: number; diskBytes: number; memoryBytes: number; workload: Workload; opsPerSecond: number };
+  concurrent: { count: number; diskBytes: number; memoryBytes: number; workload: Workload; opsPerSecond: number; hostLimit: number; clusterLimit: number };
   /** Give up waiting for one migration after this long (ms). */
   migrationTimeoutMs: number;
   /** Cap on the heavy writer's disk rounds (undefined: the workflow's default), to bound --quick. */
@@ -86,6 +86,11 @@ export interface ImResult {
 export interface ConcurrentResult {
   count: number;
   failures: number;
+  host_limit: number;
+  cluster_limit: number;
+  /** Most slots seen in use at once (sampled): per host, and cluster-wide. */
+  peak_host_slots: number;
+  peak_cluster_slots: number;
   wall_ms: number;
   bytes: number;
   aggregate_mb_s: number;
@@ -380,6 +385,16 @@ export class Bench {
       await pool(vms, 4, (v) => this.createVm(v.from, v.vmId, c.workload, c.opsPerSecond, c.diskBytes, c.memoryBytes));
       this.say(`  migrating all ${c.count} at once`);
       const t0 = performance.now();
+      const peaks = { host: 0, cluster: 0 };
+      let sampling = true;
+      const sampler = (async () => {
+        while (sampling) {
+          const [cluster, ...perHost] = await Promise.all([null, ...hosts].map((h) => this.ferry.slots(h).catch(() => null)));
+          peaks.cluster = Math.max(peaks.cluster, cluster?.holders.length ?? 0);
+          for (const s of perHost) peaks.host = Math.max(peaks.host, s?.holders.length ?? 0);
+          await new Promise((r) => setTimeout(r, 250));
+        }
+      })();
       const recs = await Promise.all(
         vms.map((v) =>
           this.migrate(
@@ -387,19 +402,27 @@ export class Bench {
             { vmId: v.vmId, sourceHost: v.from, destinationHosts: [v.to], incremental: 'off' },
           ),
         ),
-      );
+      ).finally(() => (sampling = false));
+      await sampler;
       const wall = performance.now() - t0;
       const bytes = recs.reduce((s, r) => s + r.disk_bytes + r.memory_bytes, 0);
       const failed = recs.filter((r) => r.outcome !== 'completed');
       const res: ConcurrentResult = {
         count: c.count,
         failures: failed.length,
+        host_limit: c.hostLimit,
+        cluster_limit: c.clusterLimit,
+        peak_host_slots: peaks.host,
+        peak_cluster_slots: peaks.cluster,
         wall_ms: wall,
         bytes,
         aggregate_mb_s: bytes / 1e6 / (wall / 1000),
         errors: failed.map((r) => `${r.vm_id}: ${r.error ?? r.outcome}`),
       };
-      this.say(`  ${c.count - res.failures}/${c.count} completed in ${(wall / 1000).toFixed(1)} s, ${res.aggregate_mb_s.toFixed(0)} MB/s aggregate`);
+      this.say(
+        `  ${c.count - res.failures}/${c.count} completed in ${(wall / 1000).toFixed(1)} s, ${res.aggregate_mb_s.toFixed(0)} MB/s aggregate;` +
+          ` slots in use at most ${peaks.host}/${c.hostLimit} per host, ${peaks.cluster}/${c.clusterLimit} cluster-wide`,
+      );
       return res;
     } finally {
       await pool(vms, 4, (v) => this.cleanup(v.vmId, [v.from, v.to]));
