@@ -24,6 +24,7 @@ export const AFTER_COMMIT: readonly PointName[] = ['after-commit', 'postcopy'];
 
 const SLOW_LINK = 3 * 1024 * 1024;
 const POSTCOPY_LINK = 256 * 1024;
+const FIRST_PASS_LINK = 1024 * 1024;
 
 export interface PointContext {
   handle: MigrationHandle;
@@ -45,7 +46,8 @@ export interface Point {
 export function point(name: PointName): Point {
   switch (name) {
     case 'disk-precopy':
-      return phasePoint((p) => p.phase === 'disk-precopy' && p.disk.sentBytes > p.disk.totalBytes / 4);
+      // Slower still: the server sees the pass's progress only every few seconds (heartbeats are throttled).
+      return phasePoint((p) => p.phase === 'disk-precopy' && p.disk.sentBytes > p.disk.totalBytes / 4, FIRST_PASS_LINK);
     case 'dirty-rounds':
       return phasePoint((p) => p.phase === 'disk-dirty-rounds');
     case 'memory-precopy':
@@ -63,9 +65,9 @@ export function point(name: PointName): Point {
   }
 }
 
-function phasePoint(pred: (p: MigrationProgress) => boolean): Point {
+function phasePoint(pred: (p: MigrationProgress) => boolean, bandwidth = SLOW_LINK): Point {
   return {
-    bandwidth: SLOW_LINK,
+    bandwidth,
     arm: async () => undefined,
     reach: async (ctx) => {
       await waitProgress(ctx, pred);
