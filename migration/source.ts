@@ -451,8 +451,12 @@ export class Source {
     let items = from.items;
     let zeroItems = 0;
     // Progress is reported only up to what the destination acknowledged, so a retry resumes safely.
-    const sentLast: number[] = [];
+    const sent: Progress[] = []; // after each message: the next block, bytes and blocks so far
     const acked0 = session.stats.messagesAcked;
+    const reportAcked = () => {
+      const acked = session.stats.messagesAcked - acked0;
+      if (acked > 0) onProgress(sent[acked - 1]);
+    };
     let lastReport = Date.now();
     const runs = contiguousRuns(blocks, Math.max(1, Math.floor(RUN_BYTES / blockBytes)));
     const read = ([first, count]: Run): Promise<Buffer> => {
@@ -475,20 +479,22 @@ export class Source {
         if (k > start) {
           const part = data.subarray(start * blockBytes, Math.min(k * blockBytes, data.length));
           await session.send({ type: Msg.Block, meta: { b: first + start }, data: part });
-          sentLast.push(first + k - 1);
           items += k - start;
           bytes += part.length;
+          sent.push({ cursor: first + k, bytes, items });
         }
         if (zero) zeroItems++;
         start = k + 1;
       }
       if (Date.now() - lastReport > 500) {
         lastReport = Date.now();
-        const acked = session.stats.messagesAcked - acked0;
-        if (acked > 0) onProgress({ cursor: sentLast[acked - 1] + 1, bytes, items });
+        reportAcked();
       }
     }
-    await session.flush();
+    // The last window drains at the link's pace (a small disk fits in it whole): keep reporting.
+    const drained = session.flush().then(() => true);
+    while (!(await Promise.race([drained, sleep(500).then(() => false)]))) reportAcked();
+    reportAcked();
     return { items, bytes, zeroItems };
   }
 
@@ -605,4 +611,8 @@ function range(from: number, to: number): number[] {
 
 function isZero(buf: Buffer): boolean {
   return buf.length <= ZEROS.length && buf.equals(ZEROS.subarray(0, buf.length));
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((r) => setTimeout(r, ms));
 }

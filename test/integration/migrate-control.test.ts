@@ -156,7 +156,7 @@ describe('refusals', () => {
     const handle = await t.ferry.migrate({ vmId: vm.vmId, sourceHost: a, destinationHosts: ['nowhere'], destinationDeadlineSeconds: 3 }, { checkHosts: false });
     const report = await handle.result();
     expect(report.outcome).toBe('rolled-back');
-    expect(report.failedDestinations[0].reason).toMatch(/host nowhere did not answer.*t.ferry worker --host nowhere/);
+    expect(report.failedDestinations[0].reason).toMatch(/host nowhere did not answer.*ferry worker --host nowhere/);
     await expectOnlyOn(a, b, vm.vmId);
   });
 

@@ -112,7 +112,7 @@ describe('an agent with --metrics-port', () => {
 
     const wrongSecret = connect({
       address: t.cluster.agents.get(b)!.dataAddress,
-      secret: Buffer.from('not the t.cluster secret'),
+      secret: Buffer.from('not the cluster secret'),
       identity: { migrationId: 'intruder', epoch: 1, vmId: vm2.vmId, stream: 'disk' },
     });
     await expect(wrongSecret).rejects.toThrow(/secret/);
