@@ -53,7 +53,8 @@ export function applicable(f: FaultName, p: PointName): string | null {
 /** What the design promises for a cell. */
 export function expectedOutcomes(f: FaultName, p: PointName): Outcome[] {
   if (AFTER_COMMIT.includes(p)) return ['completed'];
-  if (f === 'lose-dest') return p.startsWith('after-') || p === 'before-pause' ? ['waiting'] : ['rolled-back'];
+  // Only once the Final message may have left does the source have to wait for the destination's answer.
+  if (f === 'lose-dest') return p === 'after-prepared' ? ['waiting'] : ['rolled-back'];
   return ['completed', 'rolled-back'];
 }
 

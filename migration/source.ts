@@ -221,8 +221,11 @@ export class Source {
       await faultPoint('switchover-before-pause');
       const status = await vm.status();
       const frozenAt = Date.now();
-      if (status.state === 'running') await vm.pause();
+      // Paused by this attempt: no earlier attempt can have sent the Final message.
+      const pausedHere = status.state === 'running';
+      if (pausedHere) await vm.pause();
       await faultPoint('switchover-after-pause');
+      let finalSent = false;
       let memoryBytes = 0;
       let diskBytes = 0;
       let stale: BitmapSnapshot;
@@ -246,6 +249,7 @@ export class Source {
           }
           stale = { ...stale, bits: Buffer.alloc(stale.bits.length), count: 0 };
         }
+        finalSent = true;
         const final = await session.request({
           type: Msg.Final,
           meta: { stateBytes: state.length, staleCount: stale.count, blockBytes: ref.blockBytes },
@@ -254,7 +258,7 @@ export class Source {
         if (final.meta.state !== 'running') throw new Error(`destination answered ${String(final.meta.state)} to the final handoff`);
         marks.finalMs = Date.now() - frozenAt;
       } catch (err) {
-        return await this.resolveAfterFailure(ref, vm, session, err as Error);
+        return await this.resolveAfterFailure(ref, vm, session, err as Error, pausedHere && !finalSent);
       }
       const result = await this.committed(ref, stale.count, memoryBytes, diskBytes, Date.now() - frozenAt, { ...marks, pages: memoryBytes / PAGE_BYTES });
       if (mode === 'tpm') this.startPostcopy(ref);
@@ -411,12 +415,21 @@ export class Source {
     return { outcome: 'committed', staleBlocks, memoryBytes, diskBytes, freezeMs };
   }
 
-  private async resolveAfterFailure(ref: MigrationRef, vm: VmHandle, session: DataPlaneSession, cause: Error): Promise<SwitchoverResult> {
+  /**
+   * `finalNeverSent`: the destination commits only on the Final message, which carries the CPU state;
+   * if this attempt paused the VM and never sent it, the destination cannot run this epoch, so the
+   * source may resume even when the destination cannot be reached to fence it.
+   */
+  private async resolveAfterFailure(ref: MigrationRef, vm: VmHandle, session: DataPlaneSession, cause: Error, finalNeverSent: boolean): Promise<SwitchoverResult> {
     this.deps.log.warn({ migrationId: ref.migrationId, err: cause.message }, 'switchover failed; asking the destination what happened');
     let answer: QueryReply;
     try {
       answer = await this.queryDestination(session);
     } catch (err) {
+      if (finalNeverSent) {
+        await vm.resume();
+        return { outcome: 'aborted', reason: `the destination could not be reached before the final handoff (${(err as Error).message}); the VM resumed on the source` };
+      }
       throw new DestinationUnreachable(
         `VM ${ref.vmId} stays paused on the source: the destination cannot be reached to learn whether epoch ${ref.epoch} committed (${(err as Error).message})`,
       );
