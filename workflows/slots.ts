@@ -13,8 +13,7 @@ const FAST_GRANT = '2 seconds';
 
 export class Slots {
   private readonly granted = new Set<string>();
-  private readonly held = new Set<string>();
-  /** The ticket of the latest request per scope; grants with another ticket are stale. */
+  /** Scopes asked for (held or waited for), with the ticket of the latest request; grants with another ticket are stale. */
   private readonly tickets = new Map<string, number>();
   private nextTicket = 1;
   private readonly self: SlotHolder;
@@ -34,7 +33,7 @@ export class Slots {
    * `onWait` is told each scope that is not granted at once.
    */
   async acquire(wanted: SlotWanted[], onWait: (scope: string) => void): Promise<void> {
-    const ordered = acquisitionOrder(wanted.filter((w) => !this.held.has(w.scope)));
+    const ordered = acquisitionOrder(wanted.filter((w) => !this.tickets.has(w.scope)));
     await Promise.all(ordered.map((w) => this.ask(w)));
     if (await condition(() => ordered.every((w) => this.granted.has(w.scope)), FAST_GRANT)) return;
 
@@ -42,7 +41,7 @@ export class Slots {
     const rest = ordered.slice(first + 1).map((w) => w.scope);
     await this.release((scope) => rest.includes(scope));
     for (const w of ordered.slice(first)) {
-      if (!this.held.has(w.scope)) await this.ask(w);
+      if (!this.tickets.has(w.scope)) await this.ask(w);
       if (!this.granted.has(w.scope)) {
         onWait(w.scope);
         await condition(() => this.granted.has(w.scope));
@@ -52,15 +51,13 @@ export class Slots {
 
   private ask(w: SlotWanted): Promise<void> {
     const ticket = this.nextTicket++;
-    this.tickets.set(w.scope, ticket);
-    this.held.add(w.scope); // from now on a release must reach the admission workflow
+    this.tickets.set(w.scope, ticket); // from now on a release must reach the admission workflow
     return w.request(ticket);
   }
 
   /** Give back the slots (all, or those `which` selects); a waiting request is withdrawn too. */
   async release(which: (scope: string) => boolean = () => true): Promise<void> {
-    for (const scope of [...this.held].filter(which)) {
-      this.held.delete(scope);
+    for (const scope of [...this.tickets.keys()].filter(which)) {
       this.granted.delete(scope);
       this.tickets.delete(scope);
       await getExternalWorkflowHandle(admissionWorkflowId(scope))
