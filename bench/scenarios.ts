@@ -8,6 +8,7 @@ import type { LocalCluster } from '../harness/cluster';
 import type { MigrateVmInput, MigrationMode, MigrationReport } from '../common/migration';
 import type { Workload } from '../common/types';
 import { historyBreakdown, type HistoryBreakdown } from './history';
+import { setTimeout as sleep } from 'node:timers/promises';
 
 export const BLOCK_BYTES = 64 * 1024;
 
@@ -108,7 +109,6 @@ export interface BandwidthResult {
 }
 
 type Say = (line: string) => void;
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 export class Bench {
   readonly runs: RunRecord[] = [];

@@ -4,7 +4,7 @@
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import type { ChaosEnv } from './env';
-import { sleep } from './points';
+import { setTimeout as sleep } from 'node:timers/promises';
 
 export const FAULTS = ['kill-source', 'kill-dest', 'restart-temporal', 'cut-link', 'corrupt-frame', 'lose-dest'] as const;
 export type FaultName = (typeof FAULTS)[number];

@@ -6,6 +6,7 @@ import { promises as fs } from 'node:fs';
 import type { MigrationHandle } from '../client/ferry-client';
 import type { MigrationProgress } from '../common/migration';
 import type { FaultPointName } from '../common/fault-points';
+import { setTimeout as sleep } from 'node:timers/promises';
 
 export const POINTS = [
   'disk-precopy',
@@ -133,5 +134,3 @@ export class PointMissed extends Error {}
 export async function clearFaultPoints(dir: string): Promise<void> {
   for (const f of await fs.readdir(dir)) await fs.rm(path.join(dir, f), { force: true });
 }
-
-export const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));

@@ -20,6 +20,7 @@ import {
 } from '../workflows/definitions';
 import { bandwidthError } from '../workflows/validate';
 import { FerryRequestError, HostUnavailable, ValidationFailed, toFerryError } from './errors';
+import { setTimeout as sleep } from 'node:timers/promises';
 
 // Earlier code imported the errors from this module.
 export type { AdmissionState, SlotHolder, SlotRequest } from '../workflows/definitions';
@@ -29,8 +30,6 @@ export { FerryRequestError, HostUnavailable, MigrationAlreadyRunning, MigrationN
 const TASK_QUEUE_TYPE_ACTIVITY = 2;
 /** An agent that has just started may not have polled yet: look again for this long before refusing. */
 const HOST_CHECK_GRACE_MS = 3000;
-
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 export interface MigrateOptions {
   /** Refuse with HostUnavailable when the source or a destination has no agent polling (default true). */

@@ -12,6 +12,7 @@ import { promises as fs } from 'node:fs';
 import { createHash } from 'node:crypto';
 import { Msg, bitmapIndices, type QueryReply } from './messages';
 import { faultPoint } from '../common/fault-points';
+import { setTimeout as sleep } from 'node:timers/promises';
 
 export interface MigrationRef {
   migrationId: string;
@@ -624,8 +625,4 @@ function range(from: number, to: number): number[] {
 
 function isZero(buf: Buffer): boolean {
   return buf.length <= ZEROS.length && buf.equals(ZEROS.subarray(0, buf.length));
-}
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
 }

@@ -13,6 +13,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import * as readline from 'node:readline';
 import { Connection } from '@temporalio/client';
+import { setTimeout as sleep } from 'node:timers/promises';
 
 export const TEMPORAL_CLI_VERSION = '1.9.1';
 /** Newest CLI tag that `go install` can build: later tags have replace directives in go.mod. */
@@ -554,10 +555,6 @@ export function freePort(): Promise<number> {
       srv.close(() => resolve(port));
     });
   });
-}
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms));
 }
 
 function errorMessage(err: unknown): string {

@@ -10,13 +10,12 @@ import type { VmSpec } from '../driver';
 import { DirtyBitmap } from './bitmap';
 import { Guest, fdDisk, fillDisk } from './guest';
 import { SimDriver } from './sim-driver';
+import { setTimeout as sleep } from 'node:timers/promises';
 
 function arg(name: string, dflt: number): number {
   const i = process.argv.indexOf(`--${name}`);
   return i > 0 ? Number(process.argv[i + 1]) : dflt;
 }
-
-const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
 async function guestRate(driver: SimDriver, workload: Workload, tracking: boolean, seconds: number, diskMiB: number, memMiB: number): Promise<number> {
   const id = vmId(`bench-${workload}-${tracking ? 'on' : 'off'}`);

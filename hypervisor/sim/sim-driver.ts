@@ -12,6 +12,7 @@ import { HypervisorError } from './errors';
 import { fillDisk, parseCpuState, validateSpec } from './guest';
 import { SimVmHandle, toVmStatus } from './vm-handle';
 import { VmPaths, controlSocketPath, isVmProcessAlive, readJson, readPid, writeFileAtomic, type SavedRun, type VmConfig } from './vm-files';
+import { setTimeout as sleep } from 'node:timers/promises';
 
 export type SimLogger = Pick<Logger, 'info' | 'warn' | 'debug'>;
 
@@ -39,7 +40,6 @@ export interface SimStartOptions {
   paused?: boolean;
 }
 
-const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 const VM_MAIN = path.join(__dirname, 'vm-main');
 
 export class SimDriver implements HypervisorDriver {

@@ -7,6 +7,7 @@ import { PAGE_BYTES, vmId, type Workload } from '../../common/types';
 import type { VmSpec } from '../../hypervisor/driver';
 import { SimDriver, type SimVmHandle, referenceRun } from '../../hypervisor';
 import { setBits } from '../../hypervisor/sim/bitmap';
+import { setTimeout as sleep } from 'node:timers/promises';
 
 jest.setTimeout(120_000);
 
@@ -36,8 +37,6 @@ afterAll(async () => {
   }
   for (const h of homes) fs.rmSync(h, { recursive: true, force: true });
 });
-
-const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
 const cases: { workload: Workload; ops: number; fill: boolean; diskBytes: number }[] = [
   { workload: 'idle', ops: 20_000, fill: false, diskBytes: 1 << 20 },

@@ -7,6 +7,7 @@ import { PAGE_BYTES, vmId, type Workload } from '../../common/types';
 import type { BitmapSnapshot, DiskAccess, VmSpec } from '../../hypervisor/driver';
 import { SimDriver, type SimVmHandle, blockContent, referenceRun } from '../../hypervisor';
 import { BlockSet } from '../../hypervisor/sim/bitmap';
+import { setTimeout as sleep } from 'node:timers/promises';
 
 jest.setTimeout(120_000);
 
@@ -32,8 +33,6 @@ afterAll(async () => {
   }
   for (const h of homes) fs.rmSync(h, { recursive: true, force: true });
 });
-
-const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
 async function waitFor<T>(what: string, probe: () => Promise<T>, ok: (v: T) => boolean, timeoutMs = 10_000): Promise<T> {
   const deadline = Date.now() + timeoutMs;

@@ -11,6 +11,7 @@ import type { VmSpec } from '../../hypervisor/driver';
 import { SimDriver, type SimVmHandle, blockContent, hotBlocks, isHypervisorError } from '../../hypervisor';
 import { FrameParser, encodeFrame } from '../../hypervisor/sim/protocol';
 import { isVmProcessAlive } from '../../hypervisor/sim/vm-files';
+import { setTimeout as sleep } from 'node:timers/promises';
 
 jest.setTimeout(120_000);
 
@@ -33,8 +34,6 @@ afterAll(async () => {
   for (const vm of fs.existsSync(dir) ? fs.readdirSync(dir) : []) await driver.destroy(vmId(vm));
   fs.rmSync(home, { recursive: true, force: true });
 });
-
-const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
 async function waitFor<T>(what: string, probe: () => Promise<T> | T, ok: (v: T) => boolean, timeoutMs = 10_000): Promise<T> {
   const deadline = Date.now() + timeoutMs;
