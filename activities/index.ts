@@ -2,7 +2,7 @@
 // the workflow chooses the host by choosing the queue. Built by a factory that receives the host's
 // dependencies, as in the Temporal samples.
 import { ApplicationFailure, Context, getClient } from '@temporalio/activity';
-import type { HypervisorDriver, VmSpec, VmStatus } from '../hypervisor/driver';
+import type { HypervisorDriver, StaleWaitStats, VerifyResult, VmSpec, VmStatus } from '../hypervisor/driver';
 import { MIGRATION_TASK_QUEUE, vmId as checkVmId, type VmId, type Workload } from '../common/types';
 import { CLUSTER_SCOPE, admissionWorkflowId, hostScope, requestSlotSignal, type AdmissionState } from '../workflows/definitions';
 import type { Logger } from '../common/log';
@@ -15,7 +15,7 @@ import {
   type IncrementalRequest,
   type IncomingRecord,
 } from '../migration/destination';
-import { DestinationUnreachable, type MigrationRef, type Progress, type Source } from '../migration/source';
+import { DestinationUnreachable, type MachineStateOptions, type MigrationRef, type Progress, type Source } from '../migration/source';
 import { isHypervisorError } from '../hypervisor';
 import { DEFAULTS } from '../common/migration';
 import { BaseInUse, BaseStore, type BaseRecord } from '../migration/bases';
@@ -136,34 +136,37 @@ export function createActivities(deps: HostDeps) {
       await ownership.remove(input.vmId);
     },
 
-    /** Run the guest to exactly `ops` operations, or `more` past where it is now, and halt it there. */
-    async vmRunUntil(input: { vmId: string; ops?: number; more?: number }): Promise<VmSummary> {
-      const vm = await driver.attach(asVmId(input.vmId));
+    async vmPause(input: { vmId: string }): Promise<VmSummary> {
+      await summary(input.vmId);
+      const vm = await guard(() => driver.attach(asVmId(input.vmId)));
       try {
-        let target = input.ops;
-        if (input.more !== undefined) {
-          await vm.pause(); // so "now" stays now while the target is set
-          target = (await vm.status()).ops + input.more;
-        }
-        if (target === undefined) throw ApplicationFailure.nonRetryable('vmRunUntil needs ops (a target) or more (a count)', 'InvalidArgument');
-        await guard(() => vm.runUntil(target));
-        for (;;) {
-          const s = await vm.status();
-          if (s.state === 'halted' || s.ops >= target) break;
-          Context.current().heartbeat({ ops: s.ops });
-          await Context.current().sleep(100);
-        }
+        await guard(() => vm.pause());
       } finally {
         vm.close();
       }
       return summary(input.vmId);
     },
 
-    async vmHashes(input: { vmId: string }): Promise<{ disk: string; memory: string }> {
-      const vm = await driver.attach(asVmId(input.vmId));
+    async vmResume(input: { vmId: string }): Promise<VmSummary> {
+      await summary(input.vmId);
+      const vm = await guard(() => driver.attach(asVmId(input.vmId)));
       try {
-        return await vm.hashes();
+        await guard(() => vm.resume());
       } finally {
+        vm.close();
+      }
+      return summary(input.vmId);
+    },
+
+    /** The guest's own check of its data (the simulator: a comparison with a reference run; it halts the guest). */
+    async vmVerify(input: { vmId: string }): Promise<VerifyResult & { host: string; vmId: string }> {
+      await summary(input.vmId);
+      const vm = await guard(() => driver.attach(asVmId(input.vmId)));
+      const beat = setInterval(() => Context.current().heartbeat(), 1000);
+      try {
+        return { ...(await guard(() => vm.verify())), host: deps.host, vmId: input.vmId };
+      } finally {
+        clearInterval(beat);
         vm.close();
       }
     },
@@ -222,16 +225,16 @@ export function createActivities(deps: HostDeps) {
       return precopyTransfer(ref, () => withHeartbeat((_from, report, signal) => source.copyDiskDirty(ref, signal, report)));
     },
 
-    async copyMemory(input: { ref: MigrationRef; full: boolean }) {
-      return precopyTransfer(input.ref, () => withHeartbeat((from, report, signal) => source.copyMemory(input.ref, input.full, from, report, signal)));
+    async copyMachineState(input: { ref: MigrationRef } & MachineStateOptions) {
+      return precopyTransfer(input.ref, () => withHeartbeat((_from, report, signal) => source.copyMachineState(input.ref, input, report, signal)));
     },
 
     async setThrottle(input: { migrationId: string; vmId: string; fraction: number }): Promise<void> {
       await guard(() => source.setThrottle(input.vmId, input.fraction));
     },
 
-    async switchover(input: { ref: MigrationRef; mode: 'tpm' | 'precopy' }) {
-      return withHeartbeat(() => source.switchover(input.ref, input.mode));
+    async switchover(input: { ref: MigrationRef; mode: 'tpm' | 'precopy' } & MachineStateOptions & { readyTimeoutMs: number }) {
+      return withHeartbeat(() => source.switchover(input.ref, input.mode, input));
     },
 
     async postcopy(ref: MigrationRef) {
@@ -239,8 +242,8 @@ export function createActivities(deps: HostDeps) {
     },
 
     /** `final`: the migration ends with this rollback (no other destination is tried). */
-    async rollbackSource(input: { ref: MigrationRef | null; vmId: string; migrationId: string; final: boolean; startedAtMs: number }) {
-      const result = await guard(() => source.rollback(input.ref, input.vmId, input.migrationId));
+    async rollbackSource(input: { ref: MigrationRef | null; vmId: string; migrationId: string; wasRunning: boolean; final: boolean; startedAtMs: number }) {
+      const result = await guard(() => source.rollback(input.ref, input.vmId, input.migrationId, input.wasRunning));
       if (input.final) metrics.migrationEnded({ migrationId: input.migrationId, role: 'source', outcome: 'rolled-back', durationSeconds: secondsSince(input.startedAtMs) });
       return result;
     },
@@ -274,19 +277,31 @@ export function createActivities(deps: HostDeps) {
       metrics.migrationEnded({ migrationId: input.migrationId, role: 'destination', outcome: 'rolled-back' });
     },
 
-    async finishDestination(input: { migrationId: string; vmId: string }): Promise<{ downtimeMs: number | null; fetches: number; staleWaits: number }> {
-      const { fetches } = await destination.finish(input.migrationId);
-      const s = await driver.inspect(asVmId(input.vmId));
+    async finishDestination(input: { migrationId: string; vmId: string }): Promise<DestinationFacts> {
+      const { fetches, staleWaits, measured } = await destination.finish(input.migrationId);
+      const postcopyMs =
+        measured.committedAtMs !== undefined && measured.postcopyDoneAtMs !== undefined ? Math.max(0, measured.postcopyDoneAtMs - measured.committedAtMs) : null;
+      const downtimeMs = measured.downtimeMs ?? null;
       metrics.migrationEnded({
         migrationId: input.migrationId,
         role: 'destination',
         outcome: 'completed',
-        downtimeSeconds: s.resumeGapMs === null ? null : s.resumeGapMs / 1000,
+        downtimeSeconds: downtimeMs === null ? null : downtimeMs / 1000,
         onDemandFetches: fetches,
       });
-      return { downtimeMs: s.resumeGapMs === null ? null : Math.round(s.resumeGapMs * 10) / 10, fetches, staleWaits: s.staleWaits };
+      return { downtimeMs, fetches, staleWaits, postcopyMs };
     },
   };
+}
+
+/** What only the destination saw of a migration. */
+export interface DestinationFacts {
+  /** Guest-observed freeze: last heartbeat on the source to the first one here (ms). */
+  downtimeMs: number | null;
+  fetches: number;
+  staleWaits: StaleWaitStats;
+  /** From the commit to the last stale block's arrival, measured here (ms); null if unknown. */
+  postcopyMs: number | null;
 }
 
 export type Activities = ReturnType<typeof createActivities>;

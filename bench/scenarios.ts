@@ -135,7 +135,7 @@ export class Bench {
   private async cleanup(vmId: string, hosts: string[]): Promise<void> {
     for (const host of hosts) {
       const s = await this.ferry.hostCommand(host, 'vmInspect', { vmId }).catch(() => null);
-      if (s && s.ownership?.state === 'running') this.violations[vmId] = s.violations;
+      if (s && s.ownership?.state === 'running') this.violations[vmId] = s.guest?.violations ?? 0;
     }
     for (const host of hosts) await this.ferry.hostCommand(host, 'vmDestroy', { vmId }).catch(() => undefined);
     for (const host of hosts) await this.ferry.hostCommand(host, 'baseDelete', { vmId }).catch(() => undefined);
@@ -287,14 +287,15 @@ export class Bench {
       let written = await differingBlocks(base, disk, BLOCK_BYTES);
       const wanted = Math.round(imFraction * blocks);
       if (written < wanted) {
-        // Each randwrite operation writes one 4 KiB guest block at a uniformly random place, so it
-        // leaves a given clean 64 KiB block clean with probability 1 - 1/blocks.
-        const k = Math.ceil(Math.log((1 - imFraction) / (1 - written / blocks)) / Math.log(1 - 1 / blocks));
-        const s = await this.ferry.hostCommand('h2', 'vmInspect', { vmId });
-        await this.ferry.hostCommand('h2', 'vmRunUntil', { vmId, ops: s.ops + k });
+        await this.ferry.hostCommand('h2', 'vmResume', { vmId });
+        while (written < wanted) {
+          await sleep(100);
+          written = await differingBlocks(base, disk, BLOCK_BYTES);
+        }
+        await this.ferry.hostCommand('h2', 'vmPause', { vmId });
         written = await differingBlocks(base, disk, BLOCK_BYTES);
       }
-      this.say(`  guest halted on h2 with ${written} blocks (${((written / blocks) * 100).toFixed(1)}%) different from the base on h1`);
+      this.say(`  guest paused on h2 with ${written} blocks (${((written / blocks) * 100).toFixed(1)}%) different from the base on h1`);
       const back = await this.migrate({ ...label, kind: 'incremental' }, { vmId, sourceHost: 'h2', destinationHosts: ['h1'], incremental: 'auto' });
       this.say(`  incremental h2→h1 (guest halted, so its downtime is not meaningful): ${this.describe(back)}`);
       if (back.outcome !== 'completed') return null;
@@ -315,17 +316,9 @@ export class Bench {
     }
   }
 
-  /** Halts a running guest a little ahead of where it is (the target must not be behind the guest). */
+  /** Stops a running guest where it is. */
   private async halt(host: string, vmId: string): Promise<void> {
-    for (let attempt = 1; ; attempt++) {
-      const s = await this.ferry.hostCommand(host, 'vmInspect', { vmId });
-      try {
-        await this.ferry.hostCommand(host, 'vmRunUntil', { vmId, ops: s.ops + Math.max(10, s.opsPerSecond) });
-        return;
-      } catch (err) {
-        if (attempt >= 5 || !/already at/.test((err as Error).message)) throw err;
-      }
-    }
+    await this.ferry.hostCommand(host, 'vmPause', { vmId });
   }
 
   private diskImage(host: string, vmId: string): string {

@@ -44,6 +44,7 @@ export type MigrationPhase =
   | 'disk-dirty-rounds'
   | 'memory-precopy'
   | 'awaiting-cutover'
+  | 'converging'
   | 'switchover'
   | 'postcopy'
   | 'finalizing'
@@ -89,8 +90,13 @@ export interface MigrationReport {
   memoryBytesSent: number;
   diskRounds: number;
   memoryRounds: number;
+  /** From the commit to the last stale block's arrival, measured by the destination (ms). */
   postcopyMs: number;
   onDemandFetches: number;
+  /** Guest I/O that waited for a stale block during postcopy, as the destination served it. */
+  staleWaits: { waits: number; longestWaitMs: number; totalWaitMs: number };
+  /** The hypervisor's own measure of the freeze (QEMU's `downtime`), beside the guest-observed one. */
+  hypervisorDowntimeMs: number | null;
   throttled: boolean;
   /** Block where the disk full pass resumed after a retry (0 = it ran in one go). */
   diskPrecopyResumedFromBlock: number;

@@ -2,14 +2,14 @@
 // commit point, and the postcopy service (stale blocks, on-demand fetches).
 import path from 'node:path';
 import { promises as fs } from 'node:fs';
-import type { DiskAccess, HypervisorDriver, PageRun, VmHandle, VmSpec } from '../hypervisor/driver';
+import type { DiskAccess, HypervisorDriver, IncomingStream, StaleWaitStats, VmHandle, VmSpec } from '../hypervisor/driver';
 import type { Message, ServerSession, SessionHandler, SessionIdentity } from '../dataplane/api';
 import { DataPlaneError } from '../dataplane/api';
 import { readJsonIfExists, writeFileDurable } from '../common/durable-file';
 import { vmId as asVmId } from '../common/types';
 import { OwnershipStore } from './ownership';
 import { BaseStore, IM_BITMAP, ImStore } from './bases';
-import { Msg, indicesToBitmap, type QueryReply } from './messages';
+import { MIGRATION_PROTOCOL, Msg, indicesToBitmap, type QueryReply } from './messages';
 import type { Logger } from '../common/log';
 import { faultPoint } from '../common/fault-points';
 
@@ -35,6 +35,31 @@ export interface IncomingRecord {
   blockBytes: number;
   spec: VmSpec;
   incremental: IncrementalDecision;
+  /** What the destination measured, kept with the record so an agent restart loses none of it. */
+  measured?: Measured;
+}
+
+/** Facts only the destination can see, for the report (DESIGN: measure what the guest saw). */
+export interface Measured {
+  /** Host clock when the commit was recorded (ms since the epoch). */
+  committedAtMs?: number;
+  /** The guest's last heartbeat on the source, as the Final message carried it. */
+  sourceHeartbeatMs?: number | null;
+  /** First heartbeat after the resume here minus the last one on the source (ms). */
+  downtimeMs?: number | null;
+  /** Stale blocks at the commit. */
+  staleAtCommit?: number;
+  /** When the last stale block arrived (ms since the epoch). */
+  postcopyDoneAtMs?: number;
+  /** Whether the guest ran on the source before the freeze (a paused VM stays paused). */
+  guestRunning?: boolean;
+}
+
+interface Final {
+  bits: Buffer;
+  count: number;
+  lastHeartbeatMs: number | null;
+  guestRunning: boolean;
 }
 
 interface Incoming {
@@ -46,7 +71,19 @@ interface Incoming {
   needed: Set<number>;
   fetches: number;
   unsubscribe: (() => void) | null;
+  /** The machine-state stream being loaded, and the next chunk it expects. */
+  stream: { id: string; nextSeq: number; sink: IncomingStream } | null;
+  /** The VM process was started by this agent for this migration and took no stream yet. */
+  fresh: boolean;
+  final: Final | null;
+  /** The downtime measurement after the resume (finish waits for it). */
+  measuring: Promise<void> | null;
 }
+
+/** How long Commit waits for the hypervisor to finish loading a stream whose last byte it has. */
+const STREAM_LOAD_TIMEOUT_MS = 60_000;
+/** How long after the resume the first guest heartbeat may take (the downtime measure). */
+const HEARTBEAT_TIMEOUT_MS = 30_000;
 
 export class Destination {
   private readonly incoming = new Map<string, Incoming>();
@@ -90,12 +127,13 @@ export class Destination {
       await this.deps.driver.create(request.spec, { incoming: true, reuseDisk: decision.incremental });
     }
     const status = await this.deps.driver.inspect(id);
-    if (status.state === 'stopped') await this.deps.driver.start(id);
-    const inc = await this.open(request.migrationId);
-    // Writes are tracked from the first guest instruction here: the next migration away can be incremental.
-    if (!(await inc.vm!.listBitmaps()).some((b) => b.name === IM_BITMAP)) {
-      await inc.vm!.addBitmap(IM_BITMAP, { blockBytes: request.blockBytes, persistent: true });
+    let started = false;
+    if (status.state === 'stopped' || status.state === 'crashed') {
+      (await this.deps.driver.start(id)).close();
+      started = true;
     }
+    const inc = await this.open(request.migrationId);
+    inc.fresh ||= started;
     await this.ims.put({ vmId: request.vmId, lineage: request.migrationId, diskBytes: request.spec.diskBytes, blockBytes: request.blockBytes, startedAt: new Date().toISOString() });
     return decision;
   }
@@ -150,15 +188,20 @@ export class Destination {
   }
 
   /** After postcopy: the VM runs here with no stale block; drop the migration's bookkeeping. */
-  async finish(migrationId: string): Promise<{ staleBlocks: number; fetches: number }> {
+  async finish(migrationId: string): Promise<{ fetches: number; staleWaits: StaleWaitStats; measured: Measured }> {
     const inc = await this.open(migrationId);
     const stale = (await inc.vm!.staleBlocks()).length;
     if (stale > 0) throw new Error(`${stale} blocks are still stale on the destination`);
+    await inc.vm!.endPostcopy();
+    await inc.measuring;
+    const staleWaits = await inc.vm!.staleWaits();
+    const measured = { ...inc.record.measured };
+    if (measured.committedAtMs !== undefined && measured.downtimeMs === undefined) measured.downtimeMs = null;
     const fetches = inc.fetches;
     await this.close(migrationId);
     if ((await this.bases.get(inc.record.vmId))?.inUseBy === migrationId) await this.bases.remove(inc.record.vmId);
     await fs.rm(this.recordFile(migrationId), { force: true });
-    return { staleBlocks: 0, fetches };
+    return { fetches, staleWaits, measured };
   }
 
   async query(migrationId: string, vmId: string): Promise<QueryReply> {
@@ -192,7 +235,7 @@ export class Destination {
     const own = await this.deps.ownership.get(inc.record.vmId);
     if (own?.state !== 'running' || own.epoch !== inc.record.epoch) return;
     const state = (await inc.vm!.status()).state;
-    if (state === 'incoming' || state === 'paused') {
+    if ((state === 'incoming' || state === 'paused') && inc.record.measured?.guestRunning !== false) {
       await inc.vm!.resume();
       this.deps.log.info({ migrationId: inc.record.migrationId, vmId: inc.record.vmId, epoch: own.epoch, was: state }, 'committed VM resumed after an agent restart');
     }
@@ -221,7 +264,7 @@ export class Destination {
   private statusOnlyHandler(identity: SessionIdentity): SessionHandler {
     return {
       onMessage: async (_session, msg) => {
-        if (msg.type === Msg.Query || msg.type === Msg.Prepare || msg.type === Msg.Final || msg.type === Msg.Abort) {
+        if (msg.type === Msg.Query || msg.type === Msg.Prepare || msg.type === Msg.Final || msg.type === Msg.Commit || msg.type === Msg.Abort) {
           return reply(await this.query(identity.migrationId, identity.vmId));
         }
         if (msg.type === Msg.StaleList) return { type: Msg.StaleList, meta: { count: 0, needed: [] }, data: Buffer.alloc(0) };
@@ -249,20 +292,35 @@ export class Destination {
         }
         return;
       }
-      case Msg.Pages: {
+      case Msg.StreamStart:
+        checkProtocol(msg);
         await this.expectIncoming(record, (await this.deps.ownership.get(record.vmId))?.state);
-        await inc.vm!.writePageRuns(msg.meta.runs as PageRun[], msg.data);
+        await this.startStream(inc, String(msg.meta.stream));
+        return reply({});
+      case Msg.State: {
+        const s = inc.stream;
+        if (!s || s.id !== msg.meta.stream) {
+          throw new Error(`no machine-state stream ${String(msg.meta.stream)} here (this agent restarted, or a newer stream began): start a new stream`);
+        }
+        if (msg.meta.seq !== s.nextSeq) throw new Error(`stream ${s.id}: chunk ${String(msg.meta.seq)} arrived, ${s.nextSeq} was expected`);
+        await s.sink.write(msg.data);
+        s.nextSeq++;
         return;
       }
       case Msg.Sync:
         await inc.disk?.flush();
         return;
       case Msg.Final:
-        return this.commit(inc, msg);
+        return this.final(inc, msg);
+      case Msg.Commit:
+        return this.commit(inc);
       case Msg.Query:
         return reply(await this.query(migrationId, record.vmId));
       case Msg.Prepare:
+        checkProtocol(msg);
         if ((await this.deps.ownership.get(record.vmId))?.state === 'incoming') {
+          // Known before the commit, so a restart between the commit and the resume resumes only a running guest.
+          await this.measure(inc, (m) => (m.guestRunning = msg.meta.guestRunning !== false));
           await this.deps.ownership.recordPrepared(record.vmId, record.epoch, migrationId);
         }
         return reply(await this.query(migrationId, record.vmId));
@@ -272,6 +330,7 @@ export class Destination {
       case Msg.StaleList: {
         inc.postcopy = session;
         const stale = await inc.vm!.staleBlocks();
+        if (stale.length === 0) await this.measure(inc, (m) => (m.postcopyDoneAtMs ??= Date.now()));
         const blocks = Math.ceil(record.spec.diskBytes / record.blockBytes);
         const needed = [...inc.needed];
         inc.needed.clear();
@@ -282,26 +341,96 @@ export class Destination {
     }
   }
 
-  /** The freeze-and-copy handoff: load the state, mark the stale blocks, commit, resume. */
-  private async commit(inc: Incoming, msg: Message): Promise<Message> {
+  /**
+   * A new machine-state stream goes into an incoming VM process that never took one: the one started
+   * for this migration, else a fresh one (a hypervisor loads one stream per process, as QEMU does).
+   */
+  private async startStream(inc: Incoming, id: string): Promise<void> {
+    if (inc.stream?.id === id) return; // a resent request
+    inc.stream?.sink.close();
+    inc.stream = null;
+    inc.final = null;
+    const vmId = asVmId(inc.record.vmId);
+    if (!inc.fresh) {
+      await this.reopen(inc, async () => {
+        await this.deps.driver.kill(vmId);
+        (await this.deps.driver.start(vmId)).close();
+      });
+    }
+    inc.fresh = false;
+    inc.stream = { id, nextSeq: 0, sink: await inc.vm!.migrateIn() };
+  }
+
+  /** The freeze: the source paused the guest and sends the stale set before the rest of the stream. */
+  private async final(inc: Incoming, msg: Message): Promise<Message> {
+    const { record } = inc;
+    const own = await this.deps.ownership.get(record.vmId);
+    if (own?.state === 'running' && own.epoch === record.epoch) return reply({ state: 'running', epoch: record.epoch });
+    await this.expectIncoming(record, own?.state);
+    if (!inc.stream) throw new Error(`no machine-state stream is loading for migration ${record.migrationId}: the Final message has nothing to go with`);
+    const blocks = Math.ceil(record.spec.diskBytes / record.blockBytes);
+    if (msg.meta.blockBytes !== record.blockBytes || msg.data.length !== Math.ceil(blocks / 8)) {
+      throw new Error(`the stale bitmap must be ${Math.ceil(blocks / 8)} bytes at ${record.blockBytes}-byte blocks, got ${msg.data.length} at ${String(msg.meta.blockBytes)}`);
+    }
+    inc.final = {
+      bits: Buffer.from(msg.data),
+      count: Number(msg.meta.staleCount),
+      lastHeartbeatMs: typeof msg.meta.lastHeartbeatMs === 'number' ? msg.meta.lastHeartbeatMs : null,
+      guestRunning: msg.meta.guestRunning !== false,
+    };
+    await this.deps.ownership.recordPrepared(record.vmId, record.epoch, record.migrationId); // already durable since Prepare, unless the source skipped it
+    return reply(await this.query(record.migrationId, record.vmId));
+  }
+
+  /** The commit point: the whole stream is loaded and the stale set is in place; record running(e), resume. */
+  private async commit(inc: Incoming): Promise<Message> {
     const { record } = inc;
     const { vmId, epoch, migrationId } = record;
     const own = await this.deps.ownership.get(vmId);
-    if (own?.state === 'running' && own.epoch === epoch) return reply({ state: 'running', epoch }); // retried Final
-    const stateBytes = Number(msg.meta.stateBytes);
-    const state = msg.data.subarray(0, stateBytes);
-    const bits = msg.data.subarray(stateBytes);
-    const count = Number(msg.meta.staleCount);
+    if (own?.state === 'running' && own.epoch === epoch) return reply({ state: 'running', epoch }); // a retried Commit
+    await this.expectIncoming(record, own?.state);
+    const final = inc.final;
+    if (!final || !inc.stream) throw new Error(`migration ${migrationId} has no Final message and stream here: the source must start the switchover again`);
+    await withTimeout(inc.stream.sink.completed, STREAM_LOAD_TIMEOUT_MS, `the hypervisor did not finish loading the machine-state stream within ${STREAM_LOAD_TIMEOUT_MS} ms`);
     const vm = inc.vm!;
-    // Both in one round trip: the VM answers pipelined commands in order.
-    await Promise.all([vm.loadState(state), vm.setStale({ generation: 0, blockBytes: record.blockBytes, bits: Buffer.from(bits), count })]);
-    await this.deps.ownership.recordPrepared(vmId, epoch, migrationId); // already durable since Prepare, unless the source skipped it
+    if (final.count > 0) await vm.setStale({ generation: 0, blockBytes: record.blockBytes, bits: final.bits, count: final.count });
+    // Writes are tracked from the first guest instruction here: the next migration away can be incremental.
+    if (!(await vm.listBitmaps()).some((b) => b.name === IM_BITMAP)) await vm.addBitmap(IM_BITMAP, { blockBytes: record.blockBytes, persistent: true });
+    await this.deps.ownership.recordPrepared(vmId, epoch, migrationId);
     await faultPoint('switchover-after-prepared');
     await this.deps.ownership.commit(vmId, epoch, migrationId);
+    const committedAtMs = Date.now();
     await faultPoint('switchover-after-commit');
-    await vm.resume();
-    this.deps.log.info({ migrationId, vmId, epoch, staleBlocks: count }, 'committed: VM resumed on this host');
+    if (final.guestRunning) await vm.resume();
+    this.deps.log.info({ migrationId, vmId, epoch, staleBlocks: final.count, guestRunning: final.guestRunning }, 'committed: VM resumed on this host');
+    await this.measure(inc, (m) => {
+      m.committedAtMs = committedAtMs;
+      m.sourceHeartbeatMs = final.lastHeartbeatMs;
+      m.staleAtCommit = final.count;
+      if (final.count === 0) m.postcopyDoneAtMs = committedAtMs;
+    });
+    if (final.guestRunning && final.lastHeartbeatMs !== null) inc.measuring = this.measureDowntime(inc, committedAtMs, final.lastHeartbeatMs);
     return reply({ state: 'running', epoch });
+  }
+
+  /** The guest-observed freeze: from its last heartbeat on the source to its first one here. */
+  private async measureDowntime(inc: Incoming, sinceMs: number, sourceHeartbeatMs: number): Promise<void> {
+    try {
+      const first = await inc.vm!.nextHeartbeat(sinceMs, HEARTBEAT_TIMEOUT_MS);
+      await this.measure(inc, (m) => (m.downtimeMs = first === null ? null : Math.round((first - sourceHeartbeatMs) * 10) / 10));
+    } catch (err) {
+      this.deps.log.warn({ migrationId: inc.record.migrationId, err: String(err) }, 'could not measure the downtime');
+    }
+  }
+
+  private async measure(inc: Incoming, update: (m: Measured) => void): Promise<void> {
+    const measured = { ...inc.record.measured };
+    update(measured);
+    if (JSON.stringify(measured) === JSON.stringify(inc.record.measured ?? {})) return;
+    inc.record = { ...inc.record, measured };
+    if (await readJsonIfExists<IncomingRecord>(this.recordFile(inc.record.migrationId))) {
+      await writeFileDurable(this.recordFile(inc.record.migrationId), JSON.stringify(inc.record, null, 2));
+    }
   }
 
   private async expectIncoming(record: IncomingRecord, state: string | undefined): Promise<void> {
@@ -315,19 +444,33 @@ export class Destination {
     if (existing) return existing;
     const record = await readJsonIfExists<IncomingRecord>(this.recordFile(migrationId));
     if (!record) throw new Error(`no incoming migration ${migrationId} on this host`);
-    const id = asVmId(record.vmId);
-    const inc: Incoming = { record, vm: null, disk: null, postcopy: null, needed: new Set(), fetches: 0, unsubscribe: null };
+    const inc: Incoming = { record, vm: null, disk: null, postcopy: null, needed: new Set(), fetches: 0, unsubscribe: null, stream: null, fresh: false, final: null, measuring: null };
     this.incoming.set(migrationId, inc);
     try {
-      inc.vm = await this.deps.driver.attach(id);
-      inc.disk = await inc.vm.openDisk();
-      inc.unsubscribe = inc.vm.onBlockNeeded((block) => this.onBlockNeeded(inc, block));
+      await this.attach(inc);
     } catch (err) {
       this.incoming.delete(migrationId);
       inc.vm?.close();
       throw err;
     }
     return inc;
+  }
+
+  private async attach(inc: Incoming): Promise<void> {
+    inc.vm = await this.deps.driver.attach(asVmId(inc.record.vmId));
+    inc.disk = await inc.vm.openDisk();
+    inc.unsubscribe = inc.vm.onBlockNeeded((block) => this.onBlockNeeded(inc, block));
+  }
+
+  /** Lets go of the VM process, runs `change` (a restart), and attaches again. */
+  private async reopen(inc: Incoming, change: () => Promise<void>): Promise<void> {
+    inc.unsubscribe?.();
+    await inc.disk?.close().catch(() => undefined);
+    inc.vm?.close();
+    inc.vm = null;
+    inc.disk = null;
+    await change();
+    await this.attach(inc);
   }
 
   private onBlockNeeded(inc: Incoming, block: number): void {
@@ -349,6 +492,7 @@ export class Destination {
     if (!inc) return;
     this.incoming.delete(migrationId);
     inc.unsubscribe?.();
+    inc.stream?.sink.close();
     await inc.disk?.close().catch(() => undefined);
     inc.vm?.close();
   }
@@ -374,6 +518,23 @@ function firstBlockOf(msg: Message, record: IncomingRecord): number {
     );
   }
   return b;
+}
+
+function checkProtocol(msg: Message): void {
+  if (msg.meta.protocol !== MIGRATION_PROTOCOL) {
+    throw new Error(
+      `the source speaks migration protocol ${JSON.stringify(msg.meta.protocol ?? 1)}, this destination ${MIGRATION_PROTOCOL}: run the same Ferry version on both hosts`,
+    );
+  }
+}
+
+async function withTimeout<T>(promise: Promise<T>, ms: number, message: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  try {
+    return await Promise.race([promise, new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new Error(message)), ms)))]);
+  } finally {
+    clearTimeout(timer);
+  }
 }
 
 function reply(meta: object): Message {

@@ -1,16 +1,19 @@
 // Application messages of a migration on the data plane (the frame layer is dataplane/PROTOCOL.md).
 // The source host is always the client; the destination host serves. See migration/PROTOCOL.md.
 
+/** Version of these messages' meaning; Prepare and StreamStart carry it, and a destination refuses another. */
+export const MIGRATION_PROTOCOL = 2;
+
 export const Msg = {
   /** meta { b: block index }, data: block b and the blocks after it (the last block of a disk may be short). */
   Block: 1,
-  /** meta { runs: [[first page, count], ...] }, data: the pages of every run, in order. */
-  Pages: 2,
-  /** Request. meta { stateBytes, staleCount, blockBytes }, data: CPU state ++ stale bitmap. Reply: { state, epoch }. */
+  /** meta { stream, seq }, data: the next bytes of the hypervisor's machine-state stream. */
+  State: 2,
+  /** Request, with the guest paused. meta { staleCount, blockBytes, lastHeartbeatMs, guestRunning }, data: stale bitmap. Reply as Query. */
   Final: 3,
-  /** Request. Reply: { state: OwnershipState | null, epoch, staleBlocks, resumed }. */
+  /** Request. Reply: { state: OwnershipState | null, epoch, staleBlocks }. */
   Query: 4,
-  /** Request: fence the epoch on the destination. Reply: { state }. */
+  /** Request: fence the epoch on the destination. Reply as Query. */
   Abort: 5,
   /** Request (postcopy): reply meta { count, needed: number[] }, data: bitmap of blocks still stale. */
   StaleList: 6,
@@ -18,8 +21,12 @@ export const Msg = {
   Fetch: 7,
   /** Request: flush the destination disk to stable storage. */
   Sync: 8,
-  /** Request, right before the freeze: record prepared(e) if still incoming(e). Reply as Query. */
+  /** Request, right before the freeze: record prepared(e) if still incoming(e). meta { protocol }. Reply as Query. */
   Prepare: 9,
+  /** Request: a new machine-state stream `meta.stream` begins (a fresh incoming VM takes it). meta { stream, protocol }. */
+  StreamStart: 10,
+  /** Request, after the whole stream was applied: load the stale set, commit, resume. Reply as Query. */
+  Commit: 11,
 } as const;
 
 export interface QueryReply {

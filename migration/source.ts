@@ -1,16 +1,17 @@
 // The source role: precopy of disk and memory, the freeze-and-copy handoff, and the postcopy push.
 // Every step is idempotent for (migration, epoch): a retried activity calls the same function again
 // with the cursor of its last heartbeat.
-import type { BitmapSnapshot, DiskAccess, HypervisorDriver, PageRun, VmHandle } from '../hypervisor/driver';
+import type { BitmapSnapshot, DiskAccess, HypervisorDriver, VmHandle } from '../hypervisor/driver';
 import type { DataPlaneObserver, DataPlaneSession, TlsOptions } from '../dataplane/api';
 import { connect } from '../dataplane';
-import { PAGE_BYTES, vmId as asVmId } from '../common/types';
+import { vmId as asVmId } from '../common/types';
 import type { Logger } from '../common/log';
 import { OwnershipStore } from './ownership';
 import { BaseStore, IM_BITMAP, ImStore, fingerprintFile } from './bases';
 import { promises as fs } from 'node:fs';
 import { createHash } from 'node:crypto';
-import { Msg, bitmapIndices, type QueryReply } from './messages';
+import { MIGRATION_PROTOCOL, Msg, bitmapIndices, type QueryReply } from './messages';
+import { CarriedStream } from './machine-stream';
 import { faultPoint } from '../common/fault-points';
 import { setTimeout as sleep } from 'node:timers/promises';
 
@@ -40,8 +41,26 @@ export interface TransferResult {
 }
 
 export type SwitchoverResult =
-  | { outcome: 'committed'; staleBlocks: number; memoryBytes: number; diskBytes: number; freezeMs: number }
-  | { outcome: 'aborted'; reason: string };
+  | { outcome: 'committed'; staleBlocks: number; memoryBytes: number; diskBytes: number; freezeMs: number; hypervisorDowntimeMs: number | null }
+  | { outcome: 'aborted'; reason: string }
+  /** The hypervisor did not reach its switchover point in time: the stream goes on in precopy, try again. */
+  | { outcome: 'not-converged'; memoryBytes: number; reason: string };
+
+export interface MachineStateOptions {
+  /** The freeze the hypervisor aims for (ms). */
+  downtimeTargetMs: number;
+  /** Let the hypervisor slow the guest's CPU when memory does not converge. */
+  autoConverge: boolean;
+}
+
+export interface MachineStateResult {
+  /** Stream bytes carried by this activity (earlier activities reported theirs). */
+  bytes: number;
+  iterations: number;
+  expectedDowntimeMs: number | null;
+  throttle: number;
+  durationMs: number;
+}
 
 export class DestinationUnreachable extends Error {}
 
@@ -52,7 +71,6 @@ interface Pusher {
 
 // Large messages: the destination applies them one after the other, and on a busy host every
 // apply waits for the scheduler as much as for the disk, so fewer and larger is faster.
-const PAGES_PER_MESSAGE = 1024; // 4 MiB
 /** Contiguous blocks travel in one read and one message of up to this size. */
 const RUN_BYTES = 4 << 20;
 /** Unacknowledged bytes in flight per session: several large messages. */
@@ -65,6 +83,7 @@ export class Source {
   private readonly sessions = new Map<string, Set<DataPlaneSession>>();
   private readonly bandwidth = new Map<string, number | null>();
   private readonly pushers = new Map<string, Pusher>();
+  private readonly streams = new Map<string, CarriedStream>();
   private readonly bases: BaseStore;
   private readonly ims: ImStore;
 
@@ -88,11 +107,10 @@ export class Source {
     const name = trackingName(ref.migrationId);
     const existing = (await vm.listBitmaps()).find((b) => b.name === name);
     if (!existing) await vm.addBitmap(name, { blockBytes: ref.blockBytes, persistent: false });
-    await vm.startMemoryLog();
   }
 
   /**
-   * Starts write tracking (the migration's bitmap and the memory dirty log), then
+   * Starts write tracking (the migration's bitmap), then
    * the first pass over the disk, from `cursor` (a block index): every block, skipping all-zero ones,
    * onto an empty image; or, when the destination builds on its base, only the blocks written since
    * (the `im` bitmap), zero blocks included.
@@ -163,30 +181,57 @@ export class Source {
     }
   }
 
-  /** Memory: a full pass (`full`) or one round of the pages dirtied since the last snapshot. */
-  async copyMemory(ref: MigrationRef, full: boolean, from: Progress, onProgress: (p: Progress) => void, signal: AbortSignal): Promise<TransferResult> {
+  /**
+   * Memory precopy: starts the hypervisor's machine-state stream (or joins the one running) and waits
+   * until it converged: what is left would fit the downtime target. The stream stays in precopy
+   * (downtime limit 0) until the switchover releases it, so an approval or more disk rounds can come
+   * first; it keeps running in this agent between the activities.
+   */
+  async copyMachineState(ref: MigrationRef, opts: MachineStateOptions, onProgress: (p: Progress) => void, signal: AbortSignal): Promise<MachineStateResult> {
     const started = Date.now();
-    const vm = await this.attach(ref.vmId);
-    const session = await this.session(ref, 'memory');
-    try {
-      const status = await vm.status();
-      const pages = status.memoryBytes / PAGE_BYTES;
-      if (full) {
-        // Pages dirtied before the full pass go with it: acknowledge them once it is through. A resumed
-        // pass leaves the log alone (pages below the cursor went earlier; their writes since stay logged).
-        const before = from.cursor === 0 ? await vm.snapshotMemoryLog() : null;
-        const r = await this.sendPages(vm, session, contiguousRuns(range(from.cursor, pages), PAGES_PER_MESSAGE), from, onProgress, signal);
-        if (before) await vm.ackMemoryLog(before.generation);
-        return { ...r, durationMs: Date.now() - started };
+    const carried = await this.ensureStream(ref, { downtimeLimitMs: 0, autoConverge: opts.autoConverge });
+    for (;;) {
+      if (signal.aborted) {
+        await this.stopStream(ref.migrationId);
+        throw new Error('transfer cancelled');
       }
-      const snap = await vm.snapshotMemoryLog();
-      const r = await this.sendPages(vm, session, contiguousRuns(bitmapIndices(snap.bits, pages), PAGES_PER_MESSAGE), { cursor: 0, bytes: 0, items: 0 }, () => undefined, signal);
-      await vm.ackMemoryLog(snap.generation);
-      return { ...r, durationMs: Date.now() - started };
-    } finally {
+      if (carried.broken) throw carried.broken;
+      const p = await carried.progress();
+      onProgress({ cursor: p.iterations, bytes: carried.carriedBytes, items: p.iterations });
+      if (p.iterations >= 1 && p.expectedDowntimeMs !== null && p.expectedDowntimeMs <= opts.downtimeTargetMs) {
+        return { bytes: carried.takeUnreported(), iterations: p.iterations, expectedDowntimeMs: p.expectedDowntimeMs, throttle: p.throttle, durationMs: Date.now() - started };
+      }
+      await Promise.race([sleep(200), carried.failed.catch(() => undefined)]);
+    }
+  }
+
+  private async ensureStream(ref: MigrationRef, limits: { downtimeLimitMs: number; autoConverge: boolean }): Promise<CarriedStream> {
+    const running = this.streams.get(ref.migrationId);
+    if (running && !running.broken) return running;
+    if (running) await this.stopStream(ref.migrationId);
+    const session = await this.session(ref, 'state');
+    const vm = await this.attach(ref.vmId);
+    try {
+      const carried = await CarriedStream.start(session, () => vm.migrateOut({ ...limits, bandwidthBytesPerSecond: this.bandwidthOf(ref) }));
+      this.streams.set(ref.migrationId, carried);
+      carried.failed.catch((err: Error) => this.deps.log.warn({ migrationId: ref.migrationId, err: err.message }, 'machine-state stream stopped'));
+      return carried;
+    } catch (err) {
       await this.release(ref, session);
+      throw err;
+    } finally {
       vm.close();
     }
+  }
+
+  /** Cancels the migration's stream, if one runs here: the hypervisor resumes the guest on its own. */
+  private async stopStream(migrationId: string): Promise<void> {
+    const carried = this.streams.get(migrationId);
+    if (!carried) return;
+    this.streams.delete(migrationId);
+    await carried.cancel();
+    this.sessions.get(migrationId)?.delete(carried.session);
+    await carried.session.close().catch(() => undefined);
   }
 
   async setThrottle(vmId: string, fraction: number): Promise<void> {
@@ -199,46 +244,51 @@ export class Source {
   }
 
   /**
-   * Freeze-and-copy. Pause, send the last dirty pages, the CPU state and the bitmap of still-stale
-   * blocks (or, in precopy mode, the blocks themselves), and let the destination commit and resume.
+   * Freeze-and-copy. Release the stream's hold so the hypervisor pauses the guest at its switchover
+   * point; then send the bitmap of still-stale blocks (or, in precopy mode, the blocks themselves), let
+   * the hypervisor send the rest of the machine state, and ask the destination to commit and resume.
    * A retry finds out what happened from the destination and never guesses.
    */
-  async switchover(ref: MigrationRef, mode: 'tpm' | 'precopy'): Promise<SwitchoverResult> {
+  async switchover(ref: MigrationRef, mode: 'tpm' | 'precopy', opts: MachineStateOptions & { readyTimeoutMs: number }): Promise<SwitchoverResult> {
     const sourceEpoch = ref.epoch - 1;
     const own = await this.deps.ownership.get(ref.vmId);
-    if (own?.state === 'released' && own.epoch === sourceEpoch) {
-      return { outcome: 'committed', staleBlocks: 0, memoryBytes: 0, diskBytes: 0, freezeMs: 0 };
-    }
-    const vm = await this.attach(ref.vmId);
+    if (own?.state === 'released' && own.epoch === sourceEpoch) return this.alreadyCommitted();
     const session = await this.session(ref, 'switchover');
+    const vm = await this.attach(ref.vmId);
     try {
+      const status = await vm.status();
+      // A paused VM migrates paused (a cold migration); a halted one stays halted.
+      const guestRunning = status.state !== 'paused';
       // The destination records prepared(e) before the pause, so the freeze carries one fsync there, not two.
-      const before = await this.requestState(session, Msg.Prepare);
-      if (before.state === 'running' && before.epoch === ref.epoch) return await this.committed(ref, 0, 0, 0, 0);
+      const before = await this.requestState(session, Msg.Prepare, { guestRunning });
+      if (before.state === 'running' && before.epoch === ref.epoch) return await this.committed(ref, 0, 0, 0, 0, null);
       if (before.state === 'aborted' && before.epoch === ref.epoch) {
-        await vm.resume();
+        await this.stopStream(ref.migrationId);
+        if (status.state === 'migrated') await vm.resume();
         return { outcome: 'aborted', reason: 'the destination had fenced this epoch' };
       }
+      if (status.state === 'migrated') {
+        // An earlier attempt's stream completed, but its commit never came back: only the destination knows.
+        return await this.resolveAfterFailure(ref, vm, session, new Error('an earlier switchover attempt was interrupted after its stream completed'), true);
+      }
+      const carried = await this.ensureStream(ref, { downtimeLimitMs: 0, autoConverge: opts.autoConverge });
       await faultPoint('switchover-before-pause');
-      const status = await vm.status();
+      await carried.setLimits({ downtimeLimitMs: opts.downtimeTargetMs });
+      const reached = await Promise.race([carried.ready().then(() => true), sleep(opts.readyTimeoutMs).then(() => false)]);
+      if (!reached) {
+        await carried.setLimits({ downtimeLimitMs: 0 });
+        const p = await carried.progress();
+        return { outcome: 'not-converged', memoryBytes: carried.takeUnreported(), reason: `the hypervisor expects a freeze of ${p.expectedDowntimeMs ?? '?'} ms, over the target of ${opts.downtimeTargetMs} ms` };
+      }
       const frozenAt = Date.now();
-      // Paused by this attempt: no earlier attempt can have sent the Final message.
-      const pausedHere = status.state === 'running';
-      if (pausedHere) await vm.pause();
       await faultPoint('switchover-after-pause');
-      let finalSent = false;
-      let memoryBytes = 0;
+      let commitSent = false;
       let diskBytes = 0;
       let stale: BitmapSnapshot;
       const marks: Record<string, number> = {};
+      let hypervisorDowntimeMs: number | null = null;
       try {
-        const snapMem = await vm.snapshotMemoryLog();
-        const dirtyPages = contiguousRuns(bitmapIndices(snapMem.bits, status.memoryBytes / PAGE_BYTES), PAGES_PER_MESSAGE);
-        memoryBytes = (await this.sendPages(vm, session, dirtyPages, { cursor: 0, bytes: 0, items: 0 }, () => undefined, new AbortController().signal)).bytes;
-        marks.pagesMs = Date.now() - frozenAt;
-        // Both in one round trip: the VM answers pipelined commands in order.
-        const [state, staleSnap] = await Promise.all([vm.saveState(), vm.snapshotBitmap(trackingName(ref.migrationId))]);
-        stale = staleSnap;
+        stale = await vm.snapshotBitmap(trackingName(ref.migrationId));
         if (mode === 'precopy') {
           const disk = await vm.openDisk();
           try {
@@ -250,18 +300,27 @@ export class Source {
           }
           stale = { ...stale, bits: Buffer.alloc(stale.bits.length), count: 0 };
         }
-        finalSent = true;
-        const final = await session.request({
+        const lastHeartbeatMs = (await vm.status()).guest?.lastHeartbeatMs ?? null;
+        await session.request({
           type: Msg.Final,
-          meta: { stateBytes: state.length, staleCount: stale.count, blockBytes: ref.blockBytes },
-          data: Buffer.concat([state, stale.bits]),
+          meta: { staleCount: stale.count, blockBytes: ref.blockBytes, lastHeartbeatMs, guestRunning },
+          data: stale.bits,
         });
-        if (final.meta.state !== 'running') throw new Error(`destination answered ${String(final.meta.state)} to the final handoff`);
         marks.finalMs = Date.now() - frozenAt;
+        await carried.stream.continue();
+        hypervisorDowntimeMs = (await carried.drained()).downtimeMs;
+        marks.streamMs = Date.now() - frozenAt;
+        commitSent = true;
+        const commit = await session.request({ type: Msg.Commit, meta: {}, data: Buffer.alloc(0) });
+        if (commit.meta.state !== 'running') throw new Error(`destination answered ${String(commit.meta.state)} to the commit`);
+        marks.commitMs = Date.now() - frozenAt;
       } catch (err) {
-        return await this.resolveAfterFailure(ref, vm, session, err as Error, pausedHere && !finalSent);
+        return await this.resolveAfterFailure(ref, vm, session, err as Error, commitSent);
       }
-      const result = await this.committed(ref, stale.count, memoryBytes, diskBytes, Date.now() - frozenAt, { ...marks, pages: memoryBytes / PAGE_BYTES });
+      const memoryBytes = carried.takeUnreported();
+      this.streams.delete(ref.migrationId);
+      await this.release(ref, carried.session);
+      const result = await this.committed(ref, stale.count, memoryBytes, diskBytes, Date.now() - frozenAt, hypervisorDowntimeMs, marks);
       if (mode === 'tpm') this.startPostcopy(ref);
       return result;
     } finally {
@@ -297,7 +356,8 @@ export class Source {
 
   private async push(ref: MigrationRef, pusher: Pusher): Promise<TransferResult & { fetched: number }> {
     const started = Date.now();
-    const disk = await this.openBaseDisk(ref.vmId);
+    // The VM's machine state left at the commit; its image as it was at the freeze is what the destination lacks.
+    const disk = await this.deps.driver.openImage(asVmId(ref.vmId));
     const session = await this.session(ref, 'postcopy');
     const urgent: number[] = [];
     let wake: (() => void) | null = null;
@@ -349,15 +409,21 @@ export class Source {
     }
   }
 
-  /** Roll back before the commit: make sure the destination is fenced, then let the VM run here again. */
-  async rollback(ref: MigrationRef | null, vmId: string, migrationId: string): Promise<{ resumed: boolean }> {
+  /**
+   * Roll back before the commit: stop the stream (the hypervisor resumes the guest it paused), make sure
+   * the destination is fenced wherever the guest does not run here, then give the VM back the run
+   * state it had before the migration (`wasRunning`).
+   */
+  async rollback(ref: MigrationRef | null, vmId: string, migrationId: string, wasRunning: boolean): Promise<{ resumed: boolean }> {
     const own = await this.deps.ownership.get(vmId);
     if (own?.state === 'released') throw new Error(`VM ${vmId} was committed to the destination; it cannot roll back`);
+    await this.stopStream(migrationId);
     const vm = await this.attach(vmId);
     try {
       const status = await vm.status();
-      if (status.state === 'paused') {
-        if (!ref) throw new Error(`VM ${vmId} is paused and the destination is unknown: refusing to resume without a fence`);
+      const stopped = status.state === 'migrated' || (status.state === 'paused' && wasRunning);
+      if (stopped) {
+        if (!ref) throw new Error(`VM ${vmId} is ${status.state} and the destination is unknown: refusing to resume without a fence`);
         const session = await this.session(ref, 'switchover');
         try {
           const answer = await session.request({ type: Msg.Abort, meta: {}, data: Buffer.alloc(0) });
@@ -368,12 +434,12 @@ export class Source {
           await this.release(ref, session);
         }
         await vm.resume();
+        if (!wasRunning) await vm.pause();
       }
       await vm.setThrottle(0);
       const name = trackingName(migrationId);
       if ((await vm.listBitmaps()).some((b) => b.name === name)) await vm.removeBitmap(name);
-      await vm.stopMemoryLog();
-      return { resumed: status.state === 'paused' };
+      return { resumed: stopped && wasRunning };
     } finally {
       vm.close();
     }
@@ -408,37 +474,56 @@ export class Source {
   setBandwidth(migrationId: string, bytesPerSecond: number | null): void {
     this.bandwidth.set(migrationId, bytesPerSecond);
     for (const s of this.sessions.get(migrationId) ?? []) s.setBandwidth(bytesPerSecond);
+    this.streams.get(migrationId)?.setLimits({ bandwidthBytesPerSecond: bytesPerSecond }).catch(() => undefined);
   }
 
-  private async committed(ref: MigrationRef, staleBlocks: number, memoryBytes: number, diskBytes: number, freezeMs: number, freeze: object = {}): Promise<SwitchoverResult> {
+  private bandwidthOf(ref: MigrationRef): number | null {
+    return this.bandwidth.has(ref.migrationId) ? this.bandwidth.get(ref.migrationId)! : ref.bandwidthBytesPerSecond ?? null;
+  }
+
+  private alreadyCommitted(): SwitchoverResult {
+    return { outcome: 'committed', staleBlocks: 0, memoryBytes: 0, diskBytes: 0, freezeMs: 0, hypervisorDowntimeMs: null };
+  }
+
+  private async committed(
+    ref: MigrationRef,
+    staleBlocks: number,
+    memoryBytes: number,
+    diskBytes: number,
+    freezeMs: number,
+    hypervisorDowntimeMs: number | null,
+    freeze: object = {},
+  ): Promise<SwitchoverResult> {
     await this.deps.ownership.release(ref.vmId, ref.epoch - 1, ref.migrationId);
-    this.deps.log.info({ migrationId: ref.migrationId, vmId: ref.vmId, epoch: ref.epoch, staleBlocks, freezeMs, freeze }, 'switchover committed');
-    return { outcome: 'committed', staleBlocks, memoryBytes, diskBytes, freezeMs };
+    this.deps.log.info({ migrationId: ref.migrationId, vmId: ref.vmId, epoch: ref.epoch, staleBlocks, freezeMs, hypervisorDowntimeMs, freeze }, 'switchover committed');
+    return { outcome: 'committed', staleBlocks, memoryBytes, diskBytes, freezeMs, hypervisorDowntimeMs };
   }
 
   /**
-   * `finalNeverSent`: the destination commits only on the Final message, which carries the CPU state;
-   * if this attempt paused the VM and never sent it, the destination cannot run this epoch, so the
-   * source may resume even when the destination cannot be reached to fence it.
+   * `commitSent`: the destination commits only on the Commit request, which the source sends once the
+   * whole stream was applied there. Before it left, the destination cannot run this epoch, so the
+   * source stops the stream and runs the guest again even when the destination cannot be reached.
    */
-  private async resolveAfterFailure(ref: MigrationRef, vm: VmHandle, session: DataPlaneSession, cause: Error, finalNeverSent: boolean): Promise<SwitchoverResult> {
-    this.deps.log.warn({ migrationId: ref.migrationId, err: cause.message }, 'switchover failed; asking the destination what happened');
+  private async resolveAfterFailure(ref: MigrationRef, vm: VmHandle, session: DataPlaneSession, cause: Error, commitSent: boolean): Promise<SwitchoverResult> {
+    this.deps.log.warn({ migrationId: ref.migrationId, err: cause.message, commitSent }, 'switchover failed; finding out what the destination did');
+    if (!commitSent) {
+      await this.stopStream(ref.migrationId);
+      if ((await vm.status()).state === 'migrated') await vm.resume();
+      return { outcome: 'aborted', reason: `switchover failed before the commit was asked for (${cause.message}); the VM runs on the source` };
+    }
     let answer: QueryReply;
     try {
       answer = await this.queryDestination(session);
     } catch (err) {
-      if (finalNeverSent) {
-        await vm.resume();
-        return { outcome: 'aborted', reason: `the destination could not be reached before the final handoff (${(err as Error).message}); the VM resumed on the source` };
-      }
       throw new DestinationUnreachable(
-        `VM ${ref.vmId} stays paused on the source: the destination cannot be reached to learn whether epoch ${ref.epoch} committed (${(err as Error).message})`,
+        `VM ${ref.vmId} stays stopped on the source: the destination cannot be reached to learn whether epoch ${ref.epoch} committed (${(err as Error).message})`,
       );
     }
-    if (answer.state === 'running' && answer.epoch === ref.epoch) return this.committed(ref, 0, 0, 0, 0);
+    if (answer.state === 'running' && answer.epoch === ref.epoch) return this.committed(ref, 0, 0, 0, 0, null);
     const fenced = await session.request({ type: Msg.Abort, meta: {}, data: Buffer.alloc(0) });
-    if (fenced.meta.state === 'running') return this.committed(ref, 0, 0, 0, 0);
-    await vm.resume();
+    if (fenced.meta.state === 'running') return this.committed(ref, 0, 0, 0, 0, null);
+    await this.stopStream(ref.migrationId);
+    if ((await vm.status()).state === 'migrated') await vm.resume();
     return { outcome: 'aborted', reason: `switchover failed before the commit: ${cause.message}` };
   }
 
@@ -446,8 +531,8 @@ export class Source {
     return this.requestState(session, Msg.Query);
   }
 
-  private async requestState(session: DataPlaneSession, type: typeof Msg.Query | typeof Msg.Prepare): Promise<QueryReply> {
-    const r = await session.request({ type, meta: {}, data: Buffer.alloc(0) });
+  private async requestState(session: DataPlaneSession, type: typeof Msg.Query | typeof Msg.Prepare, meta: Record<string, unknown> = {}): Promise<QueryReply> {
+    const r = await session.request({ type, meta: { protocol: MIGRATION_PROTOCOL, ...meta }, data: Buffer.alloc(0) });
     return r.meta as unknown as QueryReply;
   }
 
@@ -512,54 +597,12 @@ export class Source {
     return { items, bytes, zeroItems };
   }
 
-  /**
-   * Pages in messages of up to PAGES_PER_MESSAGE, each read from the VM in one command (scattered
-   * dirty pages too), the next read while one is on the wire. Progress goes up to what was flushed.
-   */
-  private async sendPages(vm: VmHandle, session: DataPlaneSession, runs: Run[], from: Progress, onProgress: (p: Progress) => void, signal: AbortSignal): Promise<Omit<TransferResult, 'durationMs'>> {
-    let bytes = from.bytes;
-    let items = from.items;
-    let lastReport = Date.now();
-    const batches = messageBatches(runs, PAGES_PER_MESSAGE);
-    const read = (batch: Run[]): Promise<Buffer> => {
-      const reading = vm.readPageRuns(batch);
-      reading.catch(() => undefined); // awaited below; a failed read-ahead must not be unhandled meanwhile
-      return reading;
-    };
-    let next = batches.length > 0 ? read(batches[0]) : null;
-    for (let i = 0; i < batches.length; i++) {
-      if (signal.aborted) throw new Error('transfer cancelled');
-      const data = await next!;
-      next = i + 1 < batches.length ? read(batches[i + 1]) : null;
-      await session.send({ type: Msg.Pages, meta: { runs: batches[i] }, data });
-      bytes += data.length;
-      items += data.length / PAGE_BYTES;
-      if (Date.now() - lastReport > 500) {
-        lastReport = Date.now();
-        await session.flush();
-        const [first, count] = batches[i][batches[i].length - 1];
-        onProgress({ cursor: first + count, bytes, items });
-      }
-    }
-    await session.flush();
-    return { items, bytes, zeroItems: 0 };
-  }
-
-  private async openBaseDisk(vmId: string): Promise<DiskAccess> {
-    const vm = await this.attach(vmId);
-    try {
-      return await vm.openDisk();
-    } finally {
-      vm.close();
-    }
-  }
-
   private async attach(vmId: string): Promise<VmHandle> {
     return this.deps.driver.attach(asVmId(vmId));
   }
 
   private async session(ref: MigrationRef, stream: string): Promise<DataPlaneSession> {
-    const bw = this.bandwidth.has(ref.migrationId) ? this.bandwidth.get(ref.migrationId)! : ref.bandwidthBytesPerSecond ?? null;
+    const bw = this.bandwidthOf(ref);
     let session: DataPlaneSession;
     try {
       session = await connect({
@@ -589,7 +632,7 @@ export class Source {
 
 const ZEROS = Buffer.alloc(1 << 20);
 
-type Run = PageRun;
+type Run = [first: number, count: number];
 
 /** Sorted indices as runs of consecutive ones, each at most `max` long. */
 function contiguousRuns(sorted: number[], max: number): Run[] {
@@ -600,21 +643,6 @@ function contiguousRuns(sorted: number[], max: number): Run[] {
     else runs.push([i, 1]);
   }
   return runs;
-}
-
-/** Runs (each at most `max` long) grouped into messages of at most `max` items. */
-function messageBatches(runs: Run[], max: number): Run[][] {
-  const batches: Run[][] = [];
-  let size = max;
-  for (const run of runs) {
-    if (size + run[1] > max) {
-      batches.push([]);
-      size = 0;
-    }
-    batches[batches.length - 1].push(run);
-    size += run[1];
-  }
-  return batches;
 }
 
 function range(from: number, to: number): number[] {

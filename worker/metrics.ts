@@ -33,10 +33,9 @@ export interface AgentMetrics {
 }
 
 /** What a data-plane message carries, by its migration message type (migration/messages.ts). */
-function payloadKind(type: number): 'disk' | 'memory' | 'state' | 'control' {
+function payloadKind(type: number): 'disk' | 'memory' | 'control' {
   if (type === Msg.Block) return 'disk';
-  if (type === Msg.Pages) return 'memory';
-  if (type === Msg.Final) return 'state';
+  if (type === Msg.State) return 'memory'; // the hypervisor's machine-state stream: memory and device state
   return 'control';
 }
 
@@ -91,7 +90,7 @@ export function createAgentMetrics(host: string): AgentMetrics {
     registers,
   });
   // Pre-create the series, so that dashboards and rate() see 0 rather than nothing.
-  for (const kind of ['disk', 'memory', 'state']) {
+  for (const kind of ['disk', 'memory', 'control']) {
     sent.inc({ kind }, 0);
     received.inc({ kind }, 0);
   }

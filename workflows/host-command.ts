@@ -4,7 +4,7 @@ import { proxyActivities, ApplicationFailure } from '@temporalio/workflow';
 import type { Activities } from '../activities';
 import { hostTaskQueue } from '../common/types';
 
-export const HOST_COMMANDS = ['vmCreate', 'vmList', 'vmInspect', 'vmStart', 'vmDestroy', 'vmRunUntil', 'vmHashes', 'baseList', 'baseDelete'] as const;
+export const HOST_COMMANDS = ['vmCreate', 'vmList', 'vmInspect', 'vmStart', 'vmDestroy', 'vmPause', 'vmResume', 'vmVerify', 'baseList', 'baseDelete'] as const;
 export type HostCommand = (typeof HOST_COMMANDS)[number];
 
 export interface HostCommandInput<C extends HostCommand = HostCommand> {
@@ -20,7 +20,7 @@ export async function hostCommand<C extends HostCommand>(input: HostCommandInput
   const acts = proxyActivities<Activities>({
     taskQueue: hostTaskQueue(input.host),
     startToCloseTimeout: '10 minutes',
-    heartbeatTimeout: input.command === 'vmRunUntil' ? '30 seconds' : undefined,
+    heartbeatTimeout: input.command === 'vmVerify' ? '30 seconds' : undefined,
     scheduleToStartTimeout: '30 seconds',
     retry: { maximumAttempts: 3, initialInterval: '500ms' },
   });

@@ -19,7 +19,7 @@ import {
   type ActivityOptions,
 } from '@temporalio/workflow';
 import type { Activities } from '../activities';
-import type { MigrationRef } from '../migration/source';
+import type { MigrationRef, SwitchoverResult } from '../migration/source';
 import { initialProgress, type MigrateVmInput, type MigrationPhase, type MigrationProgress, type MigrationReport } from '../common/migration';
 import { PAGE_BYTES, hostTaskQueue } from '../common/types';
 import { CLUSTER_SCOPE, SearchAttributes, abortUpdate, approveCutoverSignal, hostScope, progressQuery, setBandwidthSignal } from './definitions';
@@ -32,7 +32,10 @@ const GiB = 1024 ** 3;
 const MIN_COMPLETION_TIMEOUT_MS = 10 * 60_000;
 /** At most this many disk+memory round pairs right before the freeze. */
 const FINAL_ROUNDS = 4;
-const PRE_COMMIT: MigrationPhase[] = ['validating', 'waiting-for-slot', 'preparing', 'disk-precopy', 'disk-dirty-rounds', 'memory-precopy', 'awaiting-cutover'];
+/** How long a switchover waits for the hypervisor to reach its switchover point before the workflow runs more disk rounds. */
+const READY_TIMEOUT_MS = 30_000;
+const MAX_SWITCHOVER_ATTEMPTS = 5;
+const PRE_COMMIT: MigrationPhase[] = ['validating', 'waiting-for-slot', 'preparing', 'disk-precopy', 'disk-dirty-rounds', 'memory-precopy', 'awaiting-cutover', 'converging'];
 
 function hostActivities(host: string, deadlineSeconds: number) {
   const base: ActivityOptions = { taskQueue: hostTaskQueue(host) };
@@ -130,6 +133,8 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
     memoryRounds: 0,
     postcopyMs: 0,
     onDemandFetches: 0,
+    staleWaits: { waits: 0, longestWaitMs: 0, totalWaitMs: 0 },
+    hypervisorDowntimeMs: null,
     throttled: false,
     diskPrecopyResumedFromBlock: 0,
   };
@@ -199,6 +204,8 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
   setPhase('validating', `checking that VM ${cfg.vmId} runs on ${cfg.sourceHost}`);
   const vm = await src.quick.inspectSource({ vmId: cfg.vmId, migrationId });
   const sourceEpoch = vm.ownership!.epoch;
+  /** A rollback gives the VM back the run state it had: a paused VM stays paused. */
+  const wasRunning = vm.state !== 'paused';
   const epoch = sourceEpoch + 1;
   progress.epoch = epoch;
   report.epoch = epoch;
@@ -219,8 +226,8 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
     }
   });
 
-  /** Everything before the commit point, against one destination. Throws to roll back. */
-  async function precopy(dest: string): Promise<void> {
+  /** Everything up to the commit point, against one destination. Throws to roll back. */
+  async function precopy(dest: string): Promise<SwitchoverResult> {
     const dst = hostActivities(dest, cfg.destinationDeadlineSeconds);
     await slots.acquire(
       [
@@ -237,7 +244,7 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
       epoch,
       sourceHost: cfg.sourceHost,
       blockBytes: cfg.blockBytes,
-      spec: { vmId: vm.vmId, diskBytes: vm.diskBytes, memoryBytes: vm.memoryBytes, workload: vm.workload, seed: vm.seed, opsPerSecond: vm.opsPerSecond },
+      spec: { vmId: vm.vmId, diskBytes: vm.diskBytes, memoryBytes: vm.memoryBytes, workload: vm.workload, seed: vm.seed, opsPerSecond: vm.opsPerSecond, fill: vm.fill },
       incremental: { policy: cfg.incremental, ...vm.incremental },
     });
     report.incremental = prepared.incremental;
@@ -292,21 +299,14 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
       }
     }
 
-    setPhase('memory-precopy', `copying the memory of ${cfg.vmId}`);
-    const memFull = await src.transfer.copyMemory.executeWithOptions({ ...src.options.transfer, summary: 'memory precopy: full pass' }, [{ ref, full: true }]);
-    report.memoryBytesSent += memFull.bytes;
+    setPhase('memory-precopy', `copying the memory and device state of ${cfg.vmId}`);
+    const machine = { downtimeTargetMs: cfg.downtimeTargetMs, autoConverge: cfg.convergence.onStall === 'throttle' };
+    const mem = await src.transfer.copyMachineState.executeWithOptions({ ...src.options.transfer, summary: 'memory precopy (the hypervisor\'s stream)' }, [{ ref, ...machine }]);
+    report.memoryBytesSent += mem.bytes;
+    report.memoryRounds = mem.iterations;
+    if (mem.throttle > 0) report.throttled = true;
+    progress.memory.remainingBytes = 0;
     updatePercent();
-    const memRate = memFull.durationMs > 0 ? memFull.bytes / memFull.durationMs : Infinity; // bytes per ms
-    for (let round = 1; round <= 10 && !forceSwitchover; round++) {
-      const r = await src.transfer.copyMemory.executeWithOptions({ ...src.options.transfer, summary: `memory precopy round ${round}` }, [{ ref, full: false }]);
-      report.memoryRounds = round;
-      report.memoryBytesSent += r.bytes;
-      progress.memory.dirtyPages = r.items;
-      progress.memory.remainingBytes = r.items * PAGE_BYTES;
-      updatePercent();
-      // The next round's dirty set is about this one's: stop once it fits in half the downtime target.
-      if ((r.items * PAGE_BYTES) / memRate <= cfg.downtimeTargetMs / 2) break;
-    }
 
     while (!approved && !forceSwitchover) {
       setPhase('awaiting-cutover', `converged; waiting for approval to switch over to ${dest} (ferry approve ${cfg.vmId})`);
@@ -314,29 +314,39 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
       if (!approved && !forceSwitchover) {
         const r = await src.transfer.copyDiskDirty.executeWithOptions({ ...src.options.transfer, summary: 'disk round while awaiting cutover' }, [ref]);
         report.diskBytesSent += r.bytes;
-        const m = await src.transfer.copyMemory.executeWithOptions({ ...src.options.transfer, summary: 'memory round while awaiting cutover' }, [{ ref, full: false }]);
-        report.memoryBytesSent += m.bytes;
       }
     }
-    // Disk and memory rounds in turn right before the freeze: what the memory precopy let pile up on the
-    // disk goes first, each pair is shorter than the last, and the freeze carries as little as possible.
-    let lastDiskItems = Infinity;
-    for (let round = 1; round <= FINAL_ROUNDS; round++) {
-      const d = await src.transfer.copyDiskDirty.executeWithOptions({ ...src.options.transfer, summary: `disk: round ${round} before the freeze` }, [ref]);
-      report.diskBytesSent += d.bytes;
-      const m = await src.transfer.copyMemory.executeWithOptions({ ...src.options.transfer, summary: `memory: round ${round} before the freeze` }, [{ ref, full: false }]);
-      report.memoryBytesSent += m.bytes;
-      const memoryFits = (m.items * PAGE_BYTES) / memRate <= cfg.downtimeTargetMs / 2;
-      // In tpm mode stale blocks go to the postcopy, not into the freeze: once the disk set stops
-      // halving, more rounds only send the same blocks again.
-      const diskDone = d.items <= cfg.convergence.dirtyBlockThreshold || (cfg.mode === 'tpm' && d.items > lastDiskItems / 2);
-      if (forceSwitchover || (memoryFits && diskDone)) break;
-      lastDiskItems = d.items;
-      if (!memoryFits && cfg.convergence.onStall === 'throttle' && throttle < 0.8) {
-        // The guest dirties memory faster than a round moves it: hold it back (auto-converge) to meet the downtime target.
-        throttle = Math.min(0.8, throttle + 0.2);
-        report.throttled = true;
-        await src.quick.setThrottle({ migrationId, vmId: cfg.vmId, fraction: throttle });
+
+    for (let attempt = 1; ; attempt++) {
+      await converge();
+      setPhase('switchover', `freeze-and-copy to ${dest}`);
+      const sw = await CancellationScope.nonCancellable(() => switchover(dest, machine));
+      if (sw.outcome !== 'not-converged') return sw;
+      report.memoryBytesSent += sw.memoryBytes;
+      if (attempt >= MAX_SWITCHOVER_ATTEMPTS) {
+        throw ApplicationFailure.nonRetryable(`the memory of ${cfg.vmId} does not converge after ${attempt} tries: ${sw.reason}; raise downtimeTargetMs or the bandwidth`, 'NotConverging');
+      }
+      log.info(`not converged yet: ${sw.reason}`, { vmId: cfg.vmId, migrationId });
+    }
+
+    /** Disk rounds right before the freeze, while the stream keeps memory current: the freeze carries as little as possible. */
+    async function converge(): Promise<void> {
+      setPhase('converging', `last disk rounds before the freeze (${cfg.vmId} to ${dest})`);
+      let lastDiskItems = Infinity;
+      for (let round = 1; round <= FINAL_ROUNDS && !forceSwitchover; round++) {
+        const d = await src.transfer.copyDiskDirty.executeWithOptions({ ...src.options.transfer, summary: `disk: round ${round} before the freeze` }, [ref!]);
+        report.diskBytesSent += d.bytes;
+        progress.disk.dirtyBlocks = d.items;
+        updatePercent();
+        // In tpm mode stale blocks go to the postcopy, not into the freeze: once the set stops
+        // halving, more rounds only send the same blocks again.
+        if (d.items <= cfg.convergence.dirtyBlockThreshold || (cfg.mode === 'tpm' && d.items > lastDiskItems / 2)) break;
+        if (d.items >= lastDiskItems * 0.9 && cfg.convergence.onStall === 'throttle' && throttle < 0.8) {
+          throttle = Math.min(0.8, throttle + 0.2);
+          report.throttled = true;
+          await src.quick.setThrottle({ migrationId, vmId: cfg.vmId, fraction: throttle });
+        }
+        lastDiskItems = d.items;
       }
     }
   }
@@ -345,7 +355,7 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
    * The freeze-and-copy. It never gives up (it can only learn the outcome from the destination), but
    * while the destination cannot be reached the workflow says so, instead of only retrying.
    */
-  async function switchover(dest: string) {
+  async function switchover(dest: string, machine: { downtimeTargetMs: number; autoConverge: boolean }) {
     const options: ActivityOptions = {
       ...src.options.rollForward,
       retry: { ...src.options.rollForward.retry, nonRetryableErrorTypes: ['DestinationUnreachable'] },
@@ -353,7 +363,7 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
     };
     for (;;) {
       try {
-        return await src.rollForward.switchover.executeWithOptions(options, [{ ref: ref!, mode: cfg.mode }]);
+        return await src.rollForward.switchover.executeWithOptions(options, [{ ref: ref!, mode: cfg.mode, ...machine, readyTimeoutMs: READY_TIMEOUT_MS }]);
       } catch (err) {
         const cause = (err as { cause?: unknown }).cause;
         if (!(cause instanceof ApplicationFailure && cause.type === 'DestinationUnreachable')) throw err;
@@ -383,7 +393,7 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
       }
       for (;;) {
         try {
-          await src.quick.rollbackSource({ ref, vmId: cfg.vmId, migrationId, final, startedAtMs: startedAt });
+          await src.quick.rollbackSource({ ref, vmId: cfg.vmId, migrationId, wasRunning, final, startedAtMs: startedAt });
           return;
         } catch (err) {
           // A paused source with an unreachable destination must wait: resuming could make two copies.
@@ -402,8 +412,9 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
     upsertSearchAttributes([{ key: SearchAttributes.destinationHost, value: dest }]);
     preCommitScope = new CancellationScope();
     if (abortReason !== null) preCommitScope.cancel(); // aborted while validating or between destinations
+    let sw: SwitchoverResult;
     try {
-      await preCommitScope.run(() => precopy(dest));
+      sw = await preCommitScope.run(() => precopy(dest));
     } catch (err) {
       const reason = abortReason ?? failureMessage(err, dest, cfg.destinationDeadlineSeconds);
       const final = abortReason !== null || isCancellation(err);
@@ -414,24 +425,22 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
       continue;
     }
     preCommitScope = null;
-
-    setPhase('switchover', `freeze-and-copy to ${dest}`);
-    const sw = await CancellationScope.nonCancellable(() => switchover(dest));
-    if (sw.outcome === 'aborted') {
-      await rollBack(dest, sw.reason, false);
-      report.failedDestinations.push({ host: dest, reason: sw.reason });
+    if (sw.outcome !== 'committed') {
+      const reason = sw.outcome === 'aborted' ? sw.reason : 'the switchover did not converge';
+      await rollBack(dest, reason, false);
+      report.failedDestinations.push({ host: dest, reason });
       await releaseHostSlots();
       continue;
     }
     committed = true;
     report.memoryBytesSent += sw.memoryBytes;
     report.diskBytesSent += sw.diskBytes;
+    report.hypervisorDowntimeMs = sw.hypervisorDowntimeMs;
     const dst = hostActivities(dest, cfg.destinationDeadlineSeconds);
 
     if (cfg.mode === 'tpm') {
       setPhase('postcopy', `VM runs on ${dest}; pushing ${sw.staleBlocks} stale blocks from ${cfg.sourceHost}`);
       const pc = await src.rollForward.postcopy.executeWithOptions({ ...src.options.rollForward, summary: `postcopy: ${sw.staleBlocks} stale blocks` }, [ref!]);
-      report.postcopyMs = pc.durationMs;
       report.diskBytesSent += pc.bytes;
     }
     setPhase('finalizing', `releasing ${cfg.vmId} on ${cfg.sourceHost}`);
@@ -442,6 +451,8 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
     ]);
     report.downtimeMs = done.downtimeMs;
     report.onDemandFetches = done.fetches;
+    report.postcopyMs = done.postcopyMs ?? 0;
+    report.staleWaits = done.staleWaits;
     return finish('completed');
   }
   await rollBack(null, 'no destination left', true);

@@ -25,7 +25,10 @@ function describe(s: VmSummary): string {
   return [
     `${s.vmId} on ${s.host}: ${s.state}${s.pid ? ` (pid ${s.pid})` : ''}, ownership ${ownership(s)}`,
     `  disk ${formatBytes(s.diskBytes)}, memory ${formatBytes(s.memoryBytes)}, workload ${s.workload} (seed ${s.seed}, ${s.opsPerSecond || 'unlimited'} ops/s)`,
-    `  ops ${s.ops}, violations ${s.violations}, stale blocks ${s.staleBlocks}, stale waits ${s.staleWaits}, max gap ${s.maxGapMs.toFixed(1)} ms${s.throttle ? `, throttle ${Math.round(s.throttle * 100)}%` : ''}`,
+    `  runs under ${s.accel}${s.exit ? `; last exit: ${s.exit.signal ? `signal ${s.exit.signal}` : `status ${s.exit.code ?? 'unknown'}`} at ${s.exit.at}` : ''}`,
+    s.guest
+      ? `  guest: ops ${s.guest.ops}, reads ${s.guest.reads}, writes ${s.guest.writes}, violations ${s.guest.violations}, longest heartbeat gap ${s.guest.maxGapMs.toFixed(1)} ms${s.throttle ? `, throttle ${Math.round(s.throttle * 100)}%` : ''}`
+      : '  guest: no report (no guest runs)',
   ].join('\n');
 }
 
@@ -70,7 +73,7 @@ export function vmCommand(): Command {
         const vms = await ferry.hostCommand(f.host, 'vmList');
         if (f.json) return printJson(vms);
         if (vms.length === 0) return void process.stdout.write(`no VMs on ${f.host}\n`);
-        const rows = vms.map((s) => [s.vmId, s.state, ownership(s), formatBytes(s.diskBytes), formatBytes(s.memoryBytes), s.workload, String(s.ops)]);
+        const rows = vms.map((s) => [s.vmId, s.state, ownership(s), formatBytes(s.diskBytes), formatBytes(s.memoryBytes), s.workload, s.guest ? String(s.guest.ops) : '-']);
         process.stdout.write(`${table(['VM', 'STATE', 'OWNERSHIP', 'DISK', 'MEMORY', 'WORKLOAD', 'OPS'], rows)}\n`);
       }),
     ),

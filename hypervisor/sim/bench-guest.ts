@@ -1,4 +1,4 @@
-// Guest throughput per workload with block-bitmap tracking off and on, and control-socket page throughput,
+// Guest throughput per workload with block-bitmap tracking off and on,
 // measured on real VM processes:  npx tsx hypervisor/sim/bench-guest.ts [--seconds 2] [--disk-mib 256] [--memory-mib 64]
 // A second table runs the same guest in this process (best of 3 alternating runs): on a busy machine it
 // isolates the cost of tracking itself from scheduling noise.
@@ -32,7 +32,6 @@ async function guestRate(driver: SimDriver, workload: Workload, tracking: boolea
   try {
     if (tracking) {
       await h.addBitmap('bench', { blockBytes: 64 * 1024, persistent: true });
-      await h.startMemoryLog();
     }
     await h.resume();
     await sleep(300); // warm-up (JIT, page cache)
@@ -40,29 +39,9 @@ async function guestRate(driver: SimDriver, workload: Workload, tracking: boolea
     const t0 = performance.now();
     await sleep(seconds * 1000);
     const b = await h.status();
-    const rate = (b.ops - a.ops) / ((performance.now() - t0) / 1000);
-    if (b.violations !== 0) throw new Error(`${workload}: ${b.violations} read-check violations`);
+    const rate = ((b.guest?.ops ?? 0) - (a.guest?.ops ?? 0)) / ((performance.now() - t0) / 1000);
+    if (b.guest?.violations) throw new Error(`${workload}: ${b.guest.violations} read-check violations`);
     return rate;
-  } finally {
-    h.close();
-    await driver.destroy(id);
-  }
-}
-
-async function pageRate(driver: SimDriver, memMiB: number): Promise<{ read: number; write: number }> {
-  const id = vmId('bench-pages');
-  await driver.create({ vmId: id, diskBytes: 1 << 20, memoryBytes: memMiB << 20, workload: 'idle', seed: 1, opsPerSecond: 0 });
-  const h = await driver.start(id, { paused: true });
-  try {
-    const pages = (memMiB << 20) / PAGE_BYTES;
-    await h.readPages(0, pages);
-    let t0 = performance.now();
-    const data = await h.readPages(0, pages);
-    const read = (memMiB << 20) / ((performance.now() - t0) / 1000);
-    t0 = performance.now();
-    await h.writePages(0, data);
-    const write = (memMiB << 20) / ((performance.now() - t0) / 1000);
-    return { read, write };
   } finally {
     h.close();
     await driver.destroy(id);
@@ -108,7 +87,7 @@ async function main(): Promise<void> {
   const driver = new SimDriver({ home });
   try {
     console.log(`guest ops/s on real VM processes (${diskMiB} MiB disk, ${memMiB} MiB memory, ${seconds} s per cell)`);
-    console.log('workload      tracking off   tracking on (64 KiB bitmap + memory log)   cost');
+    console.log('workload      tracking off   tracking on (64 KiB bitmap)   cost');
     for (const w of WORKLOADS) {
       const off = await guestRate(driver, w, false, seconds, diskMiB, memMiB);
       const on = await guestRate(driver, w, true, seconds, diskMiB, memMiB);
@@ -122,9 +101,6 @@ async function main(): Promise<void> {
       const cost = ((1 - on / off) * 100).toFixed(1);
       console.log(`${w.padEnd(12)}  ${Math.round(off).toString().padStart(12)}   ${Math.round(on).toString().padStart(11)}   ${cost.padStart(5)}%`);
     }
-    const pages = await pageRate(driver, memMiB);
-    const mb = (x: number): string => `${(x / 1e6).toFixed(0)} MB/s`;
-    console.log(`control socket pages (${memMiB} MiB): readPages ${mb(pages.read)}, writePages ${mb(pages.write)}`);
   } finally {
     fs.rmSync(home, { recursive: true, force: true });
   }

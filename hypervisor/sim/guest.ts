@@ -136,6 +136,8 @@ export interface GuestCpuState {
   memoryBytes: number;
   opsPerSecond: number;
   ops: number;
+  reads?: number;
+  writes?: number;
   violations: number;
   /** Wall-clock ms of the last operation (null before the first). */
   lastOpAt: number | null;
@@ -159,6 +161,8 @@ export class Guest {
   readonly layout: GuestLayout;
   readonly table: Uint32Array;
   ops = 0;
+  reads = 0;
+  writes = 0;
   violations = 0;
   lastOpAt: number | null = null;
   haltAt: number | null = null;
@@ -252,8 +256,13 @@ export class Guest {
       if (this.measureResumeGap) this.resumeGapMs = gap;
     }
     this.measureResumeGap = false;
-    if (op.kind === OpKind.Write) this.write(op);
-    else if (op.kind === OpKind.Read) this.read(op);
+    if (op.kind === OpKind.Write) {
+      this.write(op);
+      this.writes++;
+    } else if (op.kind === OpKind.Read) {
+      this.read(op);
+      this.reads++;
+    }
     this.stampMemory(op);
     this.lastOpAt = now;
     this.ops++;
@@ -313,6 +322,8 @@ export class Guest {
       memoryBytes: this.spec.memoryBytes,
       opsPerSecond: this.opsPerSecond,
       ops: this.ops,
+      reads: this.reads,
+      writes: this.writes,
       violations: this.violations,
       lastOpAt: this.lastOpAt,
       haltAt: this.haltAt,
@@ -332,6 +343,8 @@ export class Guest {
       }
     }
     this.ops = s.ops;
+    this.reads = s.reads ?? 0;
+    this.writes = s.writes ?? 0;
     this.violations = s.violations;
     this.lastOpAt = s.lastOpAt;
     this.haltAt = s.haltAt;
@@ -393,6 +406,16 @@ export const sha256 = (data: Buffer): string => createHash('sha256').update(data
  * a temporary image in `dir`, and returns the sha256 (hex) of the final disk and memory.
  */
 export async function referenceRun(spec: VmSpec, ops: number, dir: string): Promise<{ disk: string; memory: string }> {
+  const ref = await referenceImage(spec, ops, dir);
+  try {
+    return { disk: await sha256File(ref.file), memory: ref.memory };
+  } finally {
+    await fsp.rm(ref.file, { force: true });
+  }
+}
+
+/** The reference run's disk image (left in `dir` for the caller) and the sha256 of its memory. */
+export async function referenceImage(spec: VmSpec, ops: number, dir: string): Promise<{ file: string; memory: string }> {
   validateSpec(spec);
   const file = path.join(dir, `${spec.vmId as VmId}.reference-${process.pid}-${Date.now()}.img`);
   const handle = await fsp.open(file, 'w+');
@@ -403,10 +426,11 @@ export async function referenceRun(spec: VmSpec, ops: number, dir: string): Prom
     const guest = new Guest(spec, memory, fdDisk(handle.fd));
     guest.initMemory();
     guest.runSync(ops);
-    await handle.close();
-    return { disk: await sha256File(file), memory: sha256(memory) };
+    return { file, memory: sha256(memory) };
+  } catch (err) {
+    await fsp.rm(file, { force: true });
+    throw err;
   } finally {
     await handle.close().catch(() => undefined);
-    await fsp.rm(file, { force: true });
   }
 }

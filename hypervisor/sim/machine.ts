@@ -9,14 +9,17 @@ import { GUEST_BLOCK_BYTES } from './content';
 import type { CommandHandler, CommandResult } from './control-server';
 import { HypervisorError } from './errors';
 import { Guest, OpKind, fdDisk, nowMs, sha256, sha256File, type GuestOp } from './guest';
-import { MAX_ATTACHMENT_BYTES, type JsonObject } from './protocol';
+import type { JsonObject } from './protocol';
+import { IncomingMigration, OutgoingMigration, type OutgoingLimits, type StreamHeader } from './stream';
 import { VmPaths, writeFileAtomic, type SavedRun, type VmConfig } from './vm-files';
 
 /** The guest runs ops in a synchronous slice this long, then yields so the control socket stays responsive. */
 const SLICE_MS = 1.5;
 const MAX_LOGGED_VIOLATIONS = 20;
+/** While the guest runs, the probe's heartbeat is at most this old (ms). */
+const HEARTBEAT_MS = 2;
 
-type LiveState = Exclude<VmRunState, 'stopped'>;
+type LiveState = Exclude<VmRunState, 'stopped' | 'crashed'>;
 
 interface Tracked {
   bitmap: DirtyBitmap;
@@ -59,7 +62,18 @@ export class Machine {
   private waitingOn: number[] | null = null;
   private waitingOp = -1;
   private staleWaits = 0;
+  private waitStartedAt: number | null = null;
+  private longestWaitMs = 0;
+  private totalWaitMs = 0;
+  /** Disk-write throttle asked for by the orchestrator, and CPU throttle of the stream's auto-converge. */
   private throttle = 0;
+  private cpuThrottle = 0;
+  private lastHeartbeatMs: number | null = null;
+  private maxHeartbeatGapMs = 0;
+  private heartbeatTimer: NodeJS.Timeout | null = null;
+  private readonly heartbeatWaiters = new Set<{ since: number; resolve: (at: number | null) => void }>();
+  private outgoing: OutgoingMigration | null = null;
+  private incomingStream: IncomingMigration | null = null;
   private scheduled = false;
   private rateBaseAt = 0;
   private rateBaseOps = 0;
@@ -72,6 +86,8 @@ export class Machine {
     opts: { startPaused: boolean },
     private readonly log: Logger,
     private readonly emit: (event: string, data: JsonObject) => void,
+    /** The process gives up (a failed incoming stream, as QEMU's destination does). */
+    private readonly exit: (code: number, reason: string) => void = () => undefined,
   ) {
     const spec = config.spec;
     this.fd = fs.openSync(paths.disk, 'r+');
@@ -163,9 +179,38 @@ export class Machine {
   // ---- the guest loop ----
 
   private startRunning(): void {
-    this.state = 'running';
+    this.setState('running');
     this.rebaseRate();
     this.schedule(0);
+  }
+
+  /** Every change of run state goes through here: the heartbeat runs exactly while the guest does. */
+  private setState(next: LiveState): void {
+    if (this.state === 'running' && next !== 'running') this.beat(); // the guest ran until this instant
+    this.state = next;
+    if (next === 'running' && this.heartbeatTimer === null) {
+      this.heartbeatTimer = setInterval(() => this.beat(), HEARTBEAT_MS);
+    } else if (next !== 'running' && this.heartbeatTimer !== null) {
+      clearInterval(this.heartbeatTimer);
+      this.heartbeatTimer = null;
+    }
+  }
+
+  /** The guest probe's heartbeat: the guest is alive at this instant (host clock). */
+  private beat(): void {
+    const now = nowMs();
+    if (this.lastHeartbeatMs !== null) this.maxHeartbeatGapMs = Math.max(this.maxHeartbeatGapMs, now - this.lastHeartbeatMs);
+    this.lastHeartbeatMs = now;
+    for (const w of this.heartbeatWaiters) {
+      if (now >= w.since) {
+        this.heartbeatWaiters.delete(w);
+        w.resolve(now);
+      }
+    }
+  }
+
+  private effectiveThrottle(): number {
+    return 1 - (1 - this.throttle) * (1 - this.cpuThrottle);
   }
 
   private rebaseRate(): void {
@@ -185,6 +230,7 @@ export class Machine {
     if (this.state !== 'running' || this.stopping) return;
     const guest = this.guest;
     const start = nowMs();
+    this.beat();
     let budget = Number.POSITIVE_INFINITY;
     const rate = guest.opsPerSecond;
     if (rate > 0) {
@@ -213,13 +259,14 @@ export class Machine {
       now = nowMs();
       if (now - start >= SLICE_MS) break;
     }
-    if (this.throttle > 0) this.schedule(((now - start) * this.throttle) / (1 - this.throttle));
+    const throttle = this.effectiveThrottle();
+    if (throttle > 0) this.schedule(((now - start) * throttle) / (1 - throttle));
     else this.schedule(0);
   }
 
   /** haltAt stays set: it is part of the CPU state, so a halted guest stays halted wherever it moves. */
   private halt(): void {
-    this.state = 'halted';
+    this.setState('halted');
     this.emit('HALTED', { ops: this.guest.ops });
   }
 
@@ -259,6 +306,7 @@ export class Machine {
     if (this.waitingOp !== op.index) {
       this.waitingOp = op.index;
       this.staleWaits++;
+      this.waitStartedAt = nowMs();
     }
     for (const t of need) {
       if (this.requested.has(t)) continue;
@@ -271,14 +319,68 @@ export class Machine {
   private wakeIfDelivered(): void {
     if (this.waitingOn && this.waitingOn.every((t) => !this.stale?.has(t))) {
       this.waitingOn = null;
+      if (this.waitStartedAt !== null) {
+        const waited = nowMs() - this.waitStartedAt;
+        this.waitStartedAt = null;
+        this.longestWaitMs = Math.max(this.longestWaitMs, waited);
+        this.totalWaitMs += waited;
+      }
       if (this.state === 'running') this.schedule(0);
     }
+  }
+
+  // ---- the machine-state stream ----
+
+  private streamHeader(): StreamHeader {
+    const { vmId, memoryBytes, diskBytes } = this.config.spec;
+    return { format: 'ferry-sim-stream', version: 1, vmId, memoryBytes, diskBytes };
+  }
+
+  private streamMachine() {
+    return {
+      memory: this.memory,
+      header: () => this.streamHeader(),
+      setMemoryLog: (log: DirtyBitmap | null) => void (this.memLog = log),
+      pauseForSwitchover: () => {
+        const wasRunning = this.state === 'running';
+        if (wasRunning) this.setState('paused');
+        return wasRunning;
+      },
+      resumeAfterFailure: (wasRunning: boolean) => {
+        if (wasRunning && this.state === 'paused') this.startRunning();
+      },
+      migrated: () => this.setState('migrated'),
+      cpuState: () => this.guest.saveState(),
+      setCpuThrottle: (fraction: number) => {
+        this.cpuThrottle = fraction;
+        this.rebaseRate();
+      },
+      emit: this.emit,
+    };
+  }
+
+  private incomingMachine() {
+    return {
+      memory: this.memory,
+      header: () => this.streamHeader(),
+      loadCpuState: (state: Buffer) => {
+        this.guest.loadState(state);
+        this.waitingOn = null;
+      },
+      loaded: () => void (this.cpuLoaded = true),
+      fail: (reason: string) => {
+        this.log(reason);
+        this.exit(1, reason);
+      },
+      emit: this.emit,
+    };
   }
 
   // ---- status ----
 
   status(): VmStatus & JsonObject {
     const spec = this.config.spec;
+    const g = this.guest;
     return {
       vmId: spec.vmId,
       state: this.state,
@@ -287,17 +389,17 @@ export class Machine {
       memoryBytes: spec.memoryBytes,
       workload: spec.workload,
       seed: spec.seed,
-      opsPerSecond: this.guest.opsPerSecond,
-      ops: this.guest.ops,
-      violations: this.guest.violations,
-      maxGapMs: this.guest.maxGapMs,
-      resumeGapMs: this.guest.resumeGapMs,
-      staleWaits: this.staleWaits,
-      staleBlocks: this.stale?.size ?? 0,
+      opsPerSecond: g.opsPerSecond,
+      fill: spec.fill === true,
       throttle: this.throttle,
+      accel: 'sim',
+      guest: this.cpuLoaded
+        ? { ops: g.ops, reads: g.reads, writes: g.writes, violations: g.violations, lastHeartbeatMs: this.lastHeartbeatMs, maxGapMs: this.maxHeartbeatGapMs }
+        : null,
+      staleBlocks: this.stale?.size ?? 0,
       cpuLoaded: this.cpuLoaded,
-      memoryLog: this.memLog !== null,
       waitingFor: this.waitingOn ?? [],
+      migration: this.outgoing?.progress() ?? this.incomingStream?.progress() ?? null,
     };
   }
 
@@ -361,14 +463,17 @@ export class Machine {
 
     c.set('pause', () => {
       this.requireState('pause', ['running', 'paused', 'halted'], 'an incoming VM has no guest to pause yet');
-      this.state = 'paused';
+      this.setState('paused');
       return { ret: { ops: this.guest.ops } };
     });
 
     c.set('resume', () => {
       if (this.state === 'running') return { ret: { ops: this.guest.ops } };
+      if (this.outgoing?.active) {
+        throw new HypervisorError('InvalidState', `a migration stream is ${this.outgoing.status}: cancel it (migrate-cancel) before resuming here`);
+      }
       if (this.state === 'incoming') {
-        if (!this.cpuLoaded) throw new HypervisorError('InvalidState', 'load the CPU state (load-state) before resuming an incoming VM');
+        if (!this.cpuLoaded) throw new HypervisorError('InvalidState', 'an incoming VM runs only once its machine-state stream is loaded (migrate-incoming)');
         this.config = { ...this.config, incoming: false };
         writeFileAtomic(this.paths.config, JSON.stringify(this.config, null, 2));
       }
@@ -383,7 +488,7 @@ export class Machine {
     });
 
     c.set('run-until', (args) => {
-      this.requireState('run-until', ['running', 'paused', 'halted'], 'load the CPU state and resume an incoming VM first');
+      this.requireState('run-until', ['running', 'paused', 'halted'], 'resume an incoming VM first');
       const target = intArg(args, 'ops', 0);
       if (target < this.guest.ops) {
         invalid(`the guest is already at ${this.guest.ops} operations: pick a target >= ${this.guest.ops}`);
@@ -402,22 +507,76 @@ export class Machine {
       return { ret: { throttle: this.throttle } };
     });
 
-    c.set('save-state', () => {
-      this.requireState('save-state', ['paused', 'halted', 'incoming'], 'pause the VM first');
-      if (!this.cpuLoaded) throw new HypervisorError('InvalidState', 'this incoming VM has no CPU state yet: load-state first');
-      if (this.stale && this.stale.size > 0) {
-        // Its disk still has holes only the previous source can fill: it cannot move on yet.
-        throw new HypervisorError('InvalidState', `${this.stale.size} blocks are still stale: finish the postcopy (deliver-blocks) first`);
-      }
-      return { attachment: this.guest.saveState() };
+    c.set('wait-heartbeat', (args) => {
+      const since = args.since;
+      if (typeof since !== 'number' || !Number.isFinite(since)) invalid('argument "since" must be a time in ms since the epoch');
+      const timeoutMs = intArg(args, 'timeoutMs', 0, 600_000);
+      if (this.lastHeartbeatMs !== null && this.lastHeartbeatMs >= (since as number)) return { ret: { at: this.lastHeartbeatMs } };
+      return new Promise<CommandResult>((resolve) => {
+        const waiter = { since: since as number, resolve: (at: number | null) => resolve({ ret: { at } }) };
+        this.heartbeatWaiters.add(waiter);
+        setTimeout(() => {
+          if (this.heartbeatWaiters.delete(waiter)) waiter.resolve(null);
+        }, timeoutMs);
+      });
     });
 
-    c.set('load-state', (_args, att) => {
-      this.requireState('load-state', ['incoming', 'paused', 'halted'], 'pause the VM first (or load into an incoming VM)');
-      this.guest.loadState(needAttachment(att, 'the CPU state'));
-      this.cpuLoaded = true;
-      this.waitingOn = null;
-      return { ret: { ops: this.guest.ops } };
+    const limits = (args: JsonObject): Partial<OutgoingLimits> => {
+      const out: Partial<OutgoingLimits> = {};
+      if (args.downtimeLimitMs !== undefined) out.downtimeLimitMs = intArg(args, 'downtimeLimitMs', 0, 3_600_000);
+      if (args.bandwidthBytesPerSecond !== undefined) {
+        const bw = args.bandwidthBytesPerSecond;
+        if (bw !== null && !(typeof bw === 'number' && bw > 0 && Number.isFinite(bw))) invalid('argument "bandwidthBytesPerSecond" must be a positive number or null');
+        out.bandwidthBytesPerSecond = bw as number | null;
+      }
+      if (args.autoConverge !== undefined) {
+        if (typeof args.autoConverge !== 'boolean') invalid('argument "autoConverge" must be a boolean');
+        out.autoConverge = args.autoConverge as boolean;
+      }
+      return out;
+    };
+    const socketPath = (args: JsonObject): string => {
+      if (typeof args.uri !== 'string' || !args.uri.startsWith('unix:')) invalid('argument "uri" must be unix:<socket path>');
+      return (args.uri as string).slice('unix:'.length);
+    };
+    const outgoing = (): OutgoingMigration => {
+      if (!this.outgoing) throw new HypervisorError('InvalidState', 'no outgoing migration: start one with migrate');
+      return this.outgoing;
+    };
+
+    c.set('migrate', (args) => {
+      this.requireState('migrate', ['running', 'paused', 'halted'], 'only a VM with a guest can migrate out');
+      if (this.outgoing?.active) throw new HypervisorError('InvalidState', `a migration stream is already ${this.outgoing.status}: cancel it first`);
+      const path = socketPath(args);
+      this.outgoing = new OutgoingMigration(this.streamMachine(), { downtimeLimitMs: 300, bandwidthBytesPerSecond: null, autoConverge: false, ...limits(args) });
+      this.outgoing.start(path);
+      return { ret: {} };
+    });
+    c.set('migrate-set-parameters', (args) => {
+      outgoing().setLimits(limits(args));
+      return { ret: {} };
+    });
+    c.set('migrate-continue', () => {
+      try {
+        outgoing().continue();
+      } catch (err) {
+        throw new HypervisorError('InvalidState', (err as Error).message);
+      }
+      return { ret: {} };
+    });
+    c.set('migrate-cancel', () => {
+      if (this.outgoing?.active) this.outgoing.cancel();
+      return { ret: {} };
+    });
+    c.set('query-migrate', () => ({ ret: this.outgoing?.progress() ?? this.incomingStream?.progress() ?? { status: 'none' } }));
+
+    c.set('migrate-incoming', async (args) => {
+      this.requireState('migrate-incoming', ['incoming'], 'only an incoming VM loads a machine-state stream');
+      if (this.incomingStream) throw new HypervisorError('InvalidState', `this incoming VM already took a stream (${this.incomingStream.status}): start a fresh process`);
+      const path = socketPath(args);
+      this.incomingStream = new IncomingMigration(this.incomingMachine());
+      await this.incomingStream.listen(path);
+      return { ret: {} };
     });
 
     c.set('bitmap-add', (args) => {
@@ -468,74 +627,6 @@ export class Machine {
         delete t.invalidReason;
       }
       return { ret: { acked } };
-    });
-
-    c.set('memlog-start', () => {
-      this.memLog ??= new DirtyBitmap(spec.memoryBytes, PAGE_BYTES);
-      return {};
-    });
-    c.set('memlog-stop', () => {
-      this.memLog = null;
-      return {};
-    });
-    const memLog = (): DirtyBitmap => {
-      if (!this.memLog) throw new HypervisorError('InvalidState', 'the memory dirty log is off: memlog-start first');
-      return this.memLog;
-    };
-    c.set('memlog-snapshot', () => {
-      const snap = memLog().snapshot();
-      return { ret: { generation: snap.generation, blockBytes: snap.blockBytes, count: snap.count }, attachment: snap.bits };
-    });
-    c.set('memlog-ack', (args) => ({ ret: { acked: memLog().ack(intArg(args, 'generation', 1)) } }));
-
-    c.set('read-pages', (args) => {
-      const first = intArg(args, 'first', 0, pages - 1);
-      const count = intArg(args, 'count', 1, Math.min(pages - first, MAX_ATTACHMENT_BYTES / PAGE_BYTES));
-      return { attachment: Buffer.from(this.memory.subarray(first * PAGE_BYTES, (first + count) * PAGE_BYTES)) };
-    });
-
-    /** `runs`: [[first, count], ...] inside the memory, at most the attachment limit in all. */
-    const pageRuns = (args: JsonObject): [number, number][] => {
-      const runs = args.runs;
-      if (!Array.isArray(runs) || runs.length === 0) invalid('argument "runs" must be a non-empty array of [first, count] pairs');
-      let total = 0;
-      const out: [number, number][] = [];
-      for (const r of runs as unknown[]) {
-        const [first, count] = Array.isArray(r) ? (r as unknown[]) : [];
-        const ok = Number.isInteger(first) && Number.isInteger(count) && (count as number) > 0 && (first as number) >= 0 && (first as number) + (count as number) <= pages;
-        if (!ok) invalid(`run ${JSON.stringify(r)} is not a [first, count] pair of pages inside the ${pages}-page memory`);
-        total += count as number;
-        out.push([first as number, count as number]);
-      }
-      if (total * PAGE_BYTES > MAX_ATTACHMENT_BYTES) invalid(`runs add up to ${total} pages: at most ${MAX_ATTACHMENT_BYTES / PAGE_BYTES} per command`);
-      return out;
-    };
-
-    c.set('read-page-runs', (args) => {
-      const runs = pageRuns(args);
-      return { attachment: Buffer.concat(runs.map(([first, count]) => this.memory.subarray(first * PAGE_BYTES, (first + count) * PAGE_BYTES))) };
-    });
-
-    c.set('write-page-runs', (args, att) => {
-      this.requireState('write-page-runs', ['incoming', 'paused', 'halted'], 'pause the VM first (a running guest owns its memory)');
-      const runs = pageRuns(args);
-      const data = needAttachment(att, 'page data');
-      const total = runs.reduce((n, [, count]) => n + count, 0);
-      if (data.length !== total * PAGE_BYTES) invalid(`runs add up to ${total} pages but the attachment has ${data.length} bytes`);
-      let at = 0;
-      for (const [first, count] of runs) at += data.copy(this.memory, first * PAGE_BYTES, at, at + count * PAGE_BYTES);
-      return { ret: { pages: total } };
-    });
-
-    c.set('write-pages', (args, att) => {
-      this.requireState('write-pages', ['incoming', 'paused', 'halted'], 'pause the VM first (a running guest owns its memory)');
-      const first = intArg(args, 'first', 0, pages - 1);
-      const data = needAttachment(att, 'page data');
-      if (data.length === 0 || data.length % PAGE_BYTES !== 0 || first + data.length / PAGE_BYTES > pages) {
-        invalid(`page data must be a whole number of ${PAGE_BYTES}-byte pages inside the ${pages}-page memory`);
-      }
-      data.copy(this.memory, first * PAGE_BYTES);
-      return { ret: { pages: data.length / PAGE_BYTES } };
     });
 
     c.set('set-stale', (args, att) => {
@@ -594,11 +685,20 @@ export class Machine {
         count: this.stale?.size ?? 0,
         blocks: this.stale?.list() ?? [],
         waiting: [...this.requested],
+        waits: this.staleWaits,
+        longestWaitMs: Math.round(this.longestWaitMs * 10) / 10,
+        totalWaitMs: Math.round(this.totalWaitMs * 10) / 10,
       },
     }));
 
+    c.set('end-postcopy', () => {
+      if (this.stale && this.stale.size > 0) throw new HypervisorError('InvalidState', `${this.stale.size} blocks are still stale: deliver them first`);
+      this.stale = null;
+      return { ret: {} };
+    });
+
     c.set('hashes', async (): Promise<CommandResult> => {
-      this.requireState('hashes', ['paused', 'halted', 'incoming'], 'pause the VM (or run-until) first, so disk and memory hold still');
+      this.requireState('hashes', ['paused', 'halted', 'incoming', 'migrated'], 'pause the VM (or run-until) first, so disk and memory hold still');
       const memory = sha256(this.memory);
       const diskHash = await sha256File(this.paths.disk);
       return { ret: { disk: diskHash, memory, ops: this.guest.ops } };

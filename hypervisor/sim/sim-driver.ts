@@ -6,12 +6,15 @@ import * as path from 'node:path';
 import type { Logger } from 'pino';
 import { nodeEntryArgs } from '../../common/node-entry';
 import { vmId as checkVmId, type VmId } from '../../common/types';
-import type { HypervisorDriver, VmSpec, VmStatus } from '../driver';
+import type { DiskAccess, HypervisorDriver, VmExit, VmSpec, VmStatus } from '../driver';
 import { ControlClient } from './control-client';
+import { FileDiskAccess } from './disk-access';
 import { HypervisorError } from './errors';
 import { fillDisk, parseCpuState, validateSpec } from './guest';
+import { verifyAgainstReference } from './verify';
 import { SimVmHandle, toVmStatus } from './vm-handle';
 import { VmPaths, controlSocketPath, isVmProcessAlive, readJson, readPid, writeFileAtomic, type SavedRun, type VmConfig } from './vm-files';
+import { CrashWatch } from '../crash-watch';
 import { setTimeout as sleep } from 'node:timers/promises';
 
 export type SimLogger = Pick<Logger, 'info' | 'warn' | 'debug'>;
@@ -48,12 +51,61 @@ export class SimDriver implements HypervisorDriver {
   private readonly log: SimLogger | undefined;
   private readonly startTimeoutMs: number;
   private readonly stopTimeoutMs: number;
+  private readonly crashes: CrashWatch;
 
   constructor(opts: SimDriverOptions) {
     this.home = path.resolve(opts.home);
     this.log = opts.log;
     this.startTimeoutMs = opts.startTimeoutMs ?? 20_000;
     this.stopTimeoutMs = opts.stopTimeoutMs ?? 60_000;
+    this.crashes = new CrashWatch({
+      vms: () => this.vmIds(),
+      livePid: (vm) => this.livePid(vm),
+      exitFile: (vm) => this.paths(vm).exit,
+      cleanlyStopped: (vm) => !fs.existsSync(this.paths(vm).pid),
+    });
+  }
+
+  async describe(): Promise<{ kind: string; accel: string; version: string }> {
+    return { kind: 'sim', accel: 'sim', version: `node ${process.version}` };
+  }
+
+  onCrash(cb: (vm: VmId, exit: VmExit) => void): () => void {
+    return this.crashes.subscribe(cb);
+  }
+
+  private vmIds(): VmId[] {
+    try {
+      return fs.readdirSync(path.join(this.home, 'vms')).filter((n) => fs.existsSync(path.join(this.home, 'vms', n, 'vm.json'))) as VmId[];
+    } catch {
+      return [];
+    }
+  }
+
+  private handle(vm: VmId, client: ControlClient, p: VmPaths): SimVmHandle {
+    const socket = controlSocketPath(p);
+    return new SimVmHandle(vm, client, p.disk, () => ControlClient.connect(socket, { expectVmId: vm, timeoutMs: 2_000 }), (h) =>
+      verifyAgainstReference(h, this.config(p, vm).spec),
+    );
+  }
+
+  async openImage(vm: VmId): Promise<DiskAccess> {
+    return FileDiskAccess.open(this.paths(vm).disk);
+  }
+
+  /** Kills the VM process at once (no clean stop); its files stay. */
+  async kill(vm: VmId): Promise<void> {
+    const p = this.paths(vm);
+    const pid = readPid(p);
+    if (pid === null || !isVmProcessAlive(pid, p.dir)) return;
+    this.crashes.expectExit(vm);
+    try {
+      process.kill(pid, 'SIGKILL');
+    } catch {
+      // already gone
+    }
+    if (!(await waitForExit(pid, p.dir, 10_000))) throw new HypervisorError('Timeout', `VM ${vm} (pid ${pid}) survived SIGKILL`);
+    fs.rmSync(p.pid, { force: true });
   }
 
   private paths(vm: VmId | string): VmPaths {
@@ -138,7 +190,10 @@ export class SimDriver implements HypervisorDriver {
     } finally {
       fs.closeSync(logFd);
     }
-    child.on('exit', (code, signal) => (exited = code ?? (signal ? 128 : -1)));
+    child.on('exit', (code, signal) => {
+      exited = code ?? (signal ? 128 : -1);
+      this.crashes.exited(vm, code, signal);
+    });
     child.on('error', () => (exited = -1));
     child.unref();
     const deadline = Date.now() + this.startTimeoutMs;
@@ -152,7 +207,8 @@ export class SimDriver implements HypervisorDriver {
         try {
           const client = await ControlClient.connect(socket, { expectVmId: vm, timeoutMs: 2_000 });
           this.log?.info({ vmId: vm, pid: client.greeting.pid }, 'VM process started');
-          return new SimVmHandle(vm, client, p.disk);
+          fs.rmSync(p.exit, { force: true });
+          return this.handle(vm, client, p);
         } catch {
           // not listening yet, or the socket of a dead predecessor
         }
@@ -167,12 +223,18 @@ export class SimDriver implements HypervisorDriver {
     const p = this.paths(vm);
     this.config(p, vm);
     const pid = this.livePid(vm);
-    if (pid === null) throw new HypervisorError('VmNotRunning', `VM ${vm} has no running process: start it`);
+    if (pid === null) {
+      const exit = this.crashes.lastExit(vm);
+      throw new HypervisorError(
+        'VmNotRunning',
+        exit ? `VM ${vm} crashed (${describeExit(exit)}): start it again with ferry vm start` : `VM ${vm} has no running process: start it`,
+      );
+    }
     let lastError: unknown;
     for (let i = 0; i < 40; i++) {
       try {
         const client = await ControlClient.connect(controlSocketPath(p), { expectVmId: vm, timeoutMs: 2_000 });
-        return new SimVmHandle(vm, client, p.disk);
+        return this.handle(vm, client, p);
       } catch (e) {
         lastError = e; // a process that is still starting has not opened its socket yet
         if (this.livePid(vm) === null) throw new HypervisorError('VmNotRunning', `VM ${vm} process ${pid} exited: start it`);
@@ -187,6 +249,7 @@ export class SimDriver implements HypervisorDriver {
     this.config(p, vm);
     const pid = this.livePid(vm);
     if (pid === null) return;
+    this.crashes.expectExit(vm);
     try {
       const client = await ControlClient.connect(controlSocketPath(p), { expectVmId: vm, timeoutMs: 2_000 });
       try {
@@ -209,6 +272,7 @@ export class SimDriver implements HypervisorDriver {
     const p = this.paths(vm);
     const pid = readPid(p);
     if (pid !== null && isVmProcessAlive(pid, p.dir)) {
+      this.crashes.expectExit(vm);
       try {
         process.kill(pid, 'SIGKILL');
       } catch {
@@ -256,19 +320,28 @@ export class SimDriver implements HypervisorDriver {
   private stoppedStatus(p: VmPaths, config: VmConfig): VmStatus {
     const { spec } = config;
     const saved = readJson<SavedRun>(p.saved);
-    let ops = 0;
-    let violations = 0;
+    let guest: VmStatus['guest'] = null;
     let opsPerSecond = spec.opsPerSecond;
     if (saved?.cpu) {
       try {
         const cpu = parseCpuState(Buffer.from(saved.cpu, 'base64'));
-        ({ ops, violations, opsPerSecond } = cpu);
+        guest = { ops: cpu.ops, reads: cpu.reads ?? 0, writes: cpu.writes ?? 0, violations: cpu.violations, lastHeartbeatMs: null, maxGapMs: 0 };
+        opsPerSecond = cpu.opsPerSecond;
       } catch {
         // an unreadable saved state reads as a fresh guest
       }
     }
-    return toVmStatus({ ...spec, state: 'stopped', pid: null, opsPerSecond, ops, violations, maxGapMs: 0, resumeGapMs: null, staleWaits: 0, staleBlocks: 0, throttle: 0 });
+    const exit = this.crashes.lastExit(spec.vmId);
+    return {
+      ...toVmStatus({ ...spec, state: exit ? 'crashed' : 'stopped', pid: null, opsPerSecond, throttle: 0, accel: 'sim', guest } as never),
+      ...(exit ? { exit } : {}),
+    };
   }
+}
+
+export function describeExit(exit: VmExit): string {
+  const how = exit.signal ? `killed by ${exit.signal}` : exit.code !== null ? `exit status ${exit.code}` : 'exit status unknown';
+  return `${how} at ${exit.at}`;
 }
 
 async function waitForExit(pid: number, dir: string, timeoutMs: number): Promise<boolean> {

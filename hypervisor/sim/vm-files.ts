@@ -49,6 +49,10 @@ export class VmPaths {
   get saved(): string {
     return path.join(this.dir, 'saved.json');
   }
+  /** How the last process ended when it did not stop cleanly (written by the driver that saw it exit). */
+  get exit(): string {
+    return path.join(this.dir, 'exit.json');
+  }
 }
 
 /** Write-to-temp, fsync, rename, fsync the directory: the file is either old or new after a crash. */

@@ -1,14 +1,28 @@
-// VmHandle over one control-socket connection to a running VM process.
-import { PAGE_BYTES, type VmId } from '../../common/types';
-import type { BitmapInfo, BitmapSnapshot, DiskAccess, PageRun, VmHandle, VmStatus } from '../driver';
+// VmHandle over one control-socket connection to a running simulated VM process.
+import type { VmId } from '../../common/types';
+import type {
+  BitmapInfo,
+  BitmapSnapshot,
+  DiskAccess,
+  GuestReport,
+  IncomingStream,
+  OutgoingStream,
+  StaleWaitStats,
+  StreamLimits,
+  StreamProgress,
+  VerifyResult,
+  VmHandle,
+  VmStatus,
+} from '../driver';
+import { connectToStream, listenForStream, socketChunks, streamSocketPath } from '../stream-socket';
 import type { ControlClient } from './control-client';
 import { FileDiskAccess } from './disk-access';
 import { HypervisorError } from './errors';
 import type { JsonObject } from './protocol';
 
-/** Pages and blocks per command: well under the protocol's attachment limit. */
-const PAGES_PER_COMMAND = 4096; // 16 MiB
 const DELIVERY_BYTES_PER_COMMAND = 32 << 20;
+/** How long the VM process may take to connect to (or listen on) a stream socket. */
+const STREAM_CONNECT_MS = 10_000;
 
 export function toVmStatus(r: JsonObject): VmStatus {
   return {
@@ -20,13 +34,11 @@ export function toVmStatus(r: JsonObject): VmStatus {
     workload: r.workload as VmStatus['workload'],
     seed: r.seed as number,
     opsPerSecond: r.opsPerSecond as number,
-    ops: r.ops as number,
-    violations: r.violations as number,
-    maxGapMs: r.maxGapMs as number,
-    resumeGapMs: (r.resumeGapMs as number | null) ?? null,
-    staleWaits: r.staleWaits as number,
-    staleBlocks: r.staleBlocks as number,
-    throttle: r.throttle as number,
+    fill: r.fill === true,
+    throttle: (r.throttle as number) ?? 0,
+    accel: (r.accel as string) ?? 'sim',
+    ...(r.exit ? { exit: r.exit as unknown as VmStatus['exit'] } : {}),
+    guest: (r.guest as unknown as GuestReport | null) ?? null,
   };
 }
 
@@ -39,11 +51,29 @@ function snapshotOf(ret: JsonObject, bits: Buffer | null): BitmapSnapshot {
   };
 }
 
+function toProgress(r: JsonObject): StreamProgress {
+  return {
+    status: r.status as StreamProgress['status'],
+    transferredBytes: (r.transferredBytes as number) ?? 0,
+    remainingBytes: (r.remainingBytes as number) ?? 0,
+    totalBytes: (r.totalBytes as number) ?? 0,
+    iterations: (r.iterations as number) ?? 0,
+    expectedDowntimeMs: (r.expectedDowntimeMs as number | null) ?? null,
+    dirtyBytesPerSecond: (r.dirtyBytesPerSecond as number) ?? 0,
+    throttle: (r.throttle as number) ?? 0,
+    downtimeMs: (r.downtimeMs as number | null) ?? null,
+    ...(r.error ? { error: r.error as string } : {}),
+  };
+}
+
 export class SimVmHandle implements VmHandle {
   constructor(
     readonly vmId: VmId,
     private readonly client: ControlClient,
     private readonly diskFile: string,
+    /** Another connection to the same VM (a stream outlives the handle that started it). */
+    private readonly connect: () => Promise<ControlClient>,
+    private readonly verifier: (handle: SimVmHandle) => Promise<VerifyResult>,
   ) {}
 
   get pid(): number {
@@ -87,7 +117,10 @@ export class SimVmHandle implements VmHandle {
       });
       // Fallback for a missed event (e.g. halted between our command and the subscription).
       const poll = setInterval(() => {
-        this.client.request('query-status').then((r) => check(r.ret as { state: string; ops: number }), () => undefined);
+        this.client.request('query-status').then(
+          (r) => check({ state: r.ret.state as string, ops: ((r.ret.guest as JsonObject | null)?.ops as number) ?? -1 }),
+          () => undefined,
+        );
       }, 250);
       unsubscribe = () => {
         offEvent();
@@ -108,15 +141,6 @@ export class SimVmHandle implements VmHandle {
 
   async setThrottle(fraction: number): Promise<void> {
     await this.client.request('set-throttle', { fraction });
-  }
-
-  async saveState(): Promise<Buffer> {
-    const r = await this.client.request('save-state');
-    return r.attachment ?? Buffer.alloc(0);
-  }
-
-  async loadState(state: Buffer): Promise<void> {
-    await this.client.request('load-state', {}, state);
   }
 
   async addBitmap(name: string, opts: { blockBytes: number; persistent: boolean }): Promise<void> {
@@ -140,54 +164,61 @@ export class SimVmHandle implements VmHandle {
     await this.client.request('bitmap-ack', { name, generation });
   }
 
-  async startMemoryLog(): Promise<void> {
-    await this.client.request('memlog-start');
+  openDisk(): Promise<DiskAccess> {
+    return FileDiskAccess.open(this.diskFile);
   }
 
-  async stopMemoryLog(): Promise<void> {
-    await this.client.request('memlog-stop');
-  }
-
-  async snapshotMemoryLog(): Promise<BitmapSnapshot> {
-    const r = await this.client.request('memlog-snapshot');
-    return snapshotOf(r.ret, r.attachment);
-  }
-
-  async ackMemoryLog(generation: number): Promise<void> {
-    await this.client.request('memlog-ack', { generation });
-  }
-
-  async readPages(first: number, count: number): Promise<Buffer> {
-    if (count <= PAGES_PER_COMMAND) return (await this.client.request('read-pages', { first, count })).attachment as Buffer;
-    const out = Buffer.allocUnsafe(count * PAGE_BYTES);
-    for (let done = 0; done < count; ) {
-      const n = Math.min(PAGES_PER_COMMAND, count - done);
-      const r = await this.client.request('read-pages', { first: first + done, count: n });
-      (r.attachment as Buffer).copy(out, done * PAGE_BYTES);
-      done += n;
-    }
-    return out;
-  }
-
-  async writePages(first: number, data: Buffer): Promise<void> {
-    if (data.length % PAGE_BYTES !== 0) {
-      throw new HypervisorError('InvalidArgument', `page data is ${data.length} bytes: pass whole ${PAGE_BYTES}-byte pages`);
-    }
-    const count = data.length / PAGE_BYTES;
-    for (let done = 0; done < count; ) {
-      const n = Math.min(PAGES_PER_COMMAND, count - done);
-      await this.client.request('write-pages', { first: first + done }, data.subarray(done * PAGE_BYTES, (done + n) * PAGE_BYTES));
-      done += n;
+  async migrateOut(limits: StreamLimits): Promise<OutgoingStream> {
+    const client = await this.connect();
+    const listener = await listenForStream(`${this.vmId}-out`);
+    try {
+      const events = streamEvents(client);
+      await client.request('migrate', { uri: `unix:${listener.path}`, ...limits });
+      const socket = await listener.accepted(STREAM_CONNECT_MS);
+      const done = events.completed.finally(() => {
+        client.close();
+        void listener.close();
+      });
+      done.catch(() => undefined);
+      return {
+        chunks: socketChunks(socket),
+        ready: events.ready,
+        completed: done.then(async () => toProgress({ status: 'completed', ...events.last })),
+        continue: async () => void (await client.request('migrate-continue')),
+        setLimits: async (l) => void (await client.request('migrate-set-parameters', { ...l })),
+        progress: async () => toProgress((await client.request('query-migrate')).ret),
+        cancel: async () => {
+          if (!client.closed) await client.request('migrate-cancel');
+        },
+      };
+    } catch (err) {
+      client.close();
+      await listener.close();
+      throw err;
     }
   }
 
-  /** Callers keep a call within PAGES_PER_COMMAND pages (the migration sends at most 4 MiB per message). */
-  async readPageRuns(runs: PageRun[]): Promise<Buffer> {
-    return (await this.client.request('read-page-runs', { runs })).attachment as Buffer;
-  }
-
-  async writePageRuns(runs: PageRun[], data: Buffer): Promise<void> {
-    await this.client.request('write-page-runs', { runs }, data);
+  async migrateIn(): Promise<IncomingStream> {
+    const client = await this.connect();
+    try {
+      const events = streamEvents(client);
+      const path = await streamSocketPath(`${this.vmId}-in`);
+      await client.request('migrate-incoming', { uri: `unix:${path}` });
+      const writer = await connectToStream(path, STREAM_CONNECT_MS);
+      const completed = events.completed.then(() => undefined).finally(() => client.close());
+      completed.catch(() => undefined);
+      return {
+        write: (chunk) => writer.write(chunk),
+        completed,
+        close: () => {
+          writer.close();
+          client.close();
+        },
+      };
+    } catch (err) {
+      client.close();
+      throw err;
+    }
   }
 
   async setStale(bitmap: BitmapSnapshot): Promise<void> {
@@ -235,16 +266,78 @@ export class SimVmHandle implements VmHandle {
     return (await this.client.request('query-stale')).ret.blocks as number[];
   }
 
+  async staleWaits(): Promise<StaleWaitStats> {
+    const r = (await this.client.request('query-stale')).ret;
+    return { waits: r.waits as number, longestWaitMs: r.longestWaitMs as number, totalWaitMs: r.totalWaitMs as number };
+  }
+
+  async endPostcopy(): Promise<void> {
+    await this.client.request('end-postcopy');
+  }
+
+  async nextHeartbeat(sinceMs: number, timeoutMs: number): Promise<number | null> {
+    const r = await this.client.request('wait-heartbeat', { since: sinceMs, timeoutMs: Math.round(timeoutMs) }, undefined, timeoutMs + 5_000);
+    return (r.ret.at as number | null) ?? null;
+  }
+
+  verify(): Promise<VerifyResult> {
+    return this.verifier(this);
+  }
+
   async hashes(): Promise<{ disk: string; memory: string }> {
     const r = await this.client.request('hashes');
     return { disk: r.ret.disk as string, memory: r.ret.memory as string };
   }
 
-  openDisk(): Promise<DiskAccess> {
-    return FileDiskAccess.open(this.diskFile);
-  }
-
   close(): void {
     this.client.close();
   }
+}
+
+/** MIGRATION events of one stream: `ready` at the switchover point, `completed` at its end. */
+function streamEvents(client: ControlClient): { ready: Promise<void>; completed: Promise<void>; last: JsonObject } {
+  const state = { last: {} as JsonObject };
+  let onReady!: () => void;
+  let onDone!: () => void;
+  let onFail!: (err: Error) => void;
+  const ready = new Promise<void>((resolve, reject) => {
+    onReady = resolve;
+    onFail = reject;
+  });
+  const completed = new Promise<void>((resolve, reject) => {
+    onDone = resolve;
+    const prev = onFail;
+    onFail = (err) => {
+      prev(err);
+      reject(err);
+    };
+  });
+  ready.catch(() => undefined);
+  completed.catch(() => undefined);
+  const off = client.onEvent((e) => {
+    if (e.event !== 'MIGRATION') return;
+    const status = e.data.status as string;
+    if (status === 'ready') onReady();
+    else if (status === 'completed') {
+      off();
+      client.request('query-migrate').then(
+        (r) => {
+          state.last = r.ret;
+          onDone();
+        },
+        () => onDone(),
+      );
+    } else if (status === 'failed' || status === 'cancelled') {
+      off();
+      onFail(new HypervisorError('MigrationFailed', `the machine-state stream ${status}${e.data.error ? `: ${String(e.data.error)}` : ''}`));
+    }
+  });
+  client.onClose(() => onFail(new HypervisorError('VmNotRunning', 'the VM process went away during the machine-state stream')));
+  return {
+    ready,
+    completed,
+    get last() {
+      return state.last;
+    },
+  };
 }

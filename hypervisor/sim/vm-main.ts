@@ -33,9 +33,20 @@ function main(): void {
 
   let server: ControlServer | null = null;
   let machine: Machine;
+  const socketPath = controlSocketPath(paths);
   try {
-    machine = new Machine(paths, config, { startPaused: process.argv.includes('--paused') }, log, (event, data) =>
-      server?.broadcast(event, data),
+    machine = new Machine(
+      paths,
+      config,
+      { startPaused: process.argv.includes('--paused') },
+      log,
+      (event, data) => server?.broadcast(event, data),
+      (code, reason) => {
+        log('exiting', { code, reason });
+        fs.rmSync(socketPath, { force: true });
+        fs.rmSync(paths.pid, { force: true });
+        setTimeout(() => process.exit(code), 50); // let the last events drain
+      },
     );
   } catch (e) {
     log('cannot start the VM', { error: String((e as Error)?.stack ?? e) });
@@ -62,7 +73,6 @@ function main(): void {
     setTimeout(() => process.exit(code), 50); // let the last replies and events drain
   };
 
-  const socketPath = controlSocketPath(paths);
   fs.rmSync(socketPath, { force: true }); // left over by a crashed predecessor
   server = new ControlServer(vmId, machine.commands(() => quit('quit command')), log);
   server.listen(socketPath).then(

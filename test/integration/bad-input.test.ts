@@ -54,7 +54,7 @@ beforeAll(async () => {
   await ferry.hostCommand(A, 'vmCreate', held);
   await ferry.hostCommand(B, 'vmCreate', held);
   const s = await ferry.hostCommand(A, 'vmInspect', { vmId: vm.vmId });
-  baseline = { pid: s.pid!, ops: s.ops };
+  baseline = { pid: s.pid!, ops: s.guest!.ops };
 });
 
 afterAll(async () => {
@@ -78,9 +78,9 @@ async function filesOf(host: string, vmId: string): Promise<string[]> {
 async function expectUnchanged(): Promise<void> {
   if (checkedAtTheEnd) return;
   const s = await ferry.hostCommand(A, 'vmInspect', { vmId: vm.vmId });
-  expect(s).toMatchObject({ state: 'running', pid: baseline.pid, violations: 0, ownership: { state: 'running', epoch: 1 } });
-  expect(s.ops).toBeGreaterThanOrEqual(baseline.ops);
-  baseline.ops = s.ops;
+  expect(s).toMatchObject({ state: 'running', pid: baseline.pid, guest: { violations: 0 }, ownership: { state: 'running', epoch: 1 } });
+  expect(s.guest!.ops).toBeGreaterThanOrEqual(baseline.ops);
+  baseline.ops = s.guest!.ops;
   expect(await filesOf(B, vm.vmId)).toEqual([]);
   expect((await cluster.vmProcesses(B)).map((p) => p.vmId)).not.toContain(vm.vmId);
 }
@@ -448,7 +448,7 @@ describe('the VM every bad input aimed at', () => {
   it('ran on through all of it, and its guest equals the reference run', async () => {
     await new Promise((r) => setTimeout(r, 300));
     const s = await ferry.hostCommand(A, 'vmInspect', { vmId: vm.vmId });
-    expect(s.ops).toBeGreaterThan(baseline.ops);
+    expect(s.guest!.ops).toBeGreaterThan(baseline.ops);
     checkedAtTheEnd = true;
     await expectGuestCorrect(ferry, A, vm);
   });

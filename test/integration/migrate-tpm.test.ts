@@ -26,6 +26,6 @@ describe.each(cases)('%s guest, %s mode', (workload, mode) => {
     expect((await t.cluster.vmProcesses(a)).map((p) => p.vmId)).not.toContain(vm.vmId);
     expect((await t.cluster.vmProcesses(b)).map((p) => p.vmId)).toContain(vm.vmId);
 
-    await expectGuestCorrect(t.ferry, b, vm, 500);
+    await expectGuestCorrect(t.ferry, b, vm);
   });
 });

@@ -29,14 +29,14 @@ describe('agent metrics', () => {
     const metrics = createAgentMetrics('h');
     const client = metrics.dataPlane('client');
     client.sent!(identity, Msg.Block, 65536);
-    client.sent!(identity, Msg.Pages, 4096);
+    client.sent!(identity, Msg.State, 4096);
     client.sent!(identity, Msg.Final, 100);
     client.sent!(identity, Msg.Query, 0);
     client.error!('bad_checksum');
     metrics.dataPlane('server').error!('auth_failed');
     expect(await sample(metrics, 'ferry_dataplane_sent_bytes_total', { kind: 'disk' })).toBe(65536);
     expect(await sample(metrics, 'ferry_dataplane_sent_bytes_total', { kind: 'memory' })).toBe(4096);
-    expect(await sample(metrics, 'ferry_dataplane_sent_bytes_total', { kind: 'state' })).toBe(100);
+    expect(await sample(metrics, 'ferry_dataplane_sent_bytes_total', { kind: 'control' })).toBe(100);
     expect(await sample(metrics, 'ferry_dataplane_errors_total', { side: 'client', reason: 'crc' })).toBe(1);
     expect(await sample(metrics, 'ferry_dataplane_errors_total', { side: 'server', reason: 'auth' })).toBe(1);
   });
