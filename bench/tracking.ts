@@ -8,7 +8,7 @@ import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { PAGE_BYTES, vmId, type Workload } from '../common/types';
 import type { VmSpec } from '../hypervisor/driver';
-import { DirtyBitmap } from '../hypervisor/sim/bitmap';
+import { DirtyBitmap } from '../hypervisor/bitmap';
 import { Guest, fdDisk, fillDisk } from '../hypervisor/sim/guest';
 import { median } from './stats';
 

@@ -1,10 +1,8 @@
 // What must hold after every cell, whatever the fault: one VM process, on the host the workflow names;
 // no stale read; byte-identical data against the reference run; a clear end state; nothing left over.
-import os from 'node:os';
 import path from 'node:path';
 import { promises as fs } from 'node:fs';
 import type { VmSpec } from '../hypervisor/driver';
-import { referenceRun } from '../hypervisor/sim/guest';
 import type { ChaosEnv } from './env';
 
 export interface VmCopy {

@@ -9,8 +9,7 @@ import { ensureTemporalCli, startDevServer, type DevServer } from '../scripts/te
 import { LocalCluster } from '../harness/cluster';
 import { FerryClient } from '../client/ferry-client';
 import { followMigration, formatBytes, formatReport } from '../client/cli/progress-view';
-import { referenceRun } from '../hypervisor';
-import { vmId as asVmId, type Workload } from '../common/types';
+import type { Workload } from '../common/types';
 import type { MigrationReport } from '../common/migration';
 
 interface DemoOptions {

@@ -6,11 +6,11 @@ export type * from './driver';
 export { SimDriver } from './sim/sim-driver';
 export type { SimDriverOptions, SimCreateOptions, SimStartOptions, SimLogger } from './sim/sim-driver';
 export { SimVmHandle } from './sim/vm-handle';
-export { HypervisorError, isHypervisorError } from './sim/errors';
-export type { HypervisorErrorCode } from './sim/errors';
+export { HypervisorError, isHypervisorError } from './errors';
+export type { HypervisorErrorCode } from './errors';
 export { referenceRun, guestLayout, hotBlocks, minMemoryBytes } from './sim/guest';
 export { blockContent, GUEST_BLOCK_BYTES } from './sim/content';
-export { DirtyBitmap, BlockSet } from './sim/bitmap';
+export { DirtyBitmap, BlockSet } from './bitmap';
 
 export type DriverKind = 'sim';
 

@@ -21,7 +21,7 @@ import {
 import type { Activities } from '../activities';
 import type { MigrationRef, SwitchoverResult } from '../migration/source';
 import { initialProgress, type MigrateVmInput, type MigrationPhase, type MigrationProgress, type MigrationReport } from '../common/migration';
-import { PAGE_BYTES, hostTaskQueue } from '../common/types';
+import { hostTaskQueue } from '../common/types';
 import { CLUSTER_SCOPE, SearchAttributes, abortUpdate, approveCutoverSignal, hostScope, progressQuery, setBandwidthSignal } from './definitions';
 import { bandwidthError, validateInput } from './validate';
 import { Slots } from './slots';

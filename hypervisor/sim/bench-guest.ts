@@ -7,7 +7,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { PAGE_BYTES, WORKLOADS, vmId, type Workload } from '../../common/types';
 import type { VmSpec } from '../driver';
-import { DirtyBitmap } from './bitmap';
+import { DirtyBitmap } from '../bitmap';
 import { Guest, fdDisk, fillDisk } from './guest';
 import { SimDriver } from './sim-driver';
 import { setTimeout as sleep } from 'node:timers/promises';

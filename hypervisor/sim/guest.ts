@@ -15,7 +15,7 @@ import * as path from 'node:path';
 import { PAGE_BYTES, SECTOR_BYTES, WORKLOADS, type VmId, type Workload } from '../../common/types';
 import type { VmSpec } from '../driver';
 import { GUEST_BLOCK_BYTES, fillBlockWords, hashString, mixIndex } from './content';
-import { HypervisorError } from './errors';
+import { HypervisorError } from '../errors';
 
 export const SEQ_RUN_BLOCKS = 64; // seqwrite: 256 KiB per operation
 const MIXED_WINDOW_BLOCKS = 1024; // mixed: a 4 MiB working window ...

@@ -1,15 +1,14 @@
 // One simulated VM inside its own process: the guest loop, block-bitmap tracking, the memory dirty
 // log, postcopy stale blocks, and the control commands that operate on them.
 import * as fs from 'node:fs';
-import { PAGE_BYTES } from '../../common/types';
 import type { BitmapInfo, VmRunState, VmStatus } from '../driver';
-import { BlockSet, DirtyBitmap, bitmapBytes, blockCount, isValidBlockBytes } from './bitmap';
+import { BlockSet, DirtyBitmap, bitmapBytes, blockCount, isValidBlockBytes } from '../bitmap';
 import * as store from './bitmap-store';
 import { GUEST_BLOCK_BYTES } from './content';
-import type { CommandHandler, CommandResult } from './control-server';
-import { HypervisorError } from './errors';
+import type { CommandHandler, CommandResult } from '../control/server';
+import { HypervisorError } from '../errors';
 import { Guest, OpKind, fdDisk, nowMs, sha256, sha256File, type GuestOp } from './guest';
-import type { JsonObject } from './protocol';
+import type { JsonObject } from '../control/protocol';
 import { IncomingMigration, OutgoingMigration, type OutgoingLimits, type StreamHeader } from './stream';
 import { VmPaths, writeFileAtomic, type SavedRun, type VmConfig } from './vm-files';
 
@@ -456,7 +455,6 @@ export class Machine {
     const c = new Map<string, CommandHandler>();
     const spec = this.config.spec;
     const disk = spec.diskBytes;
-    const pages = spec.memoryBytes / PAGE_BYTES;
 
     c.set('query-commands', () => ({ ret: { commands: [...c.keys()].sort() } }));
     c.set('query-status', () => ({ ret: this.status() }));
@@ -547,6 +545,10 @@ export class Machine {
     c.set('migrate', (args) => {
       this.requireState('migrate', ['running', 'paused', 'halted'], 'only a VM with a guest can migrate out');
       if (this.outgoing?.active) throw new HypervisorError('InvalidState', `a migration stream is already ${this.outgoing.status}: cancel it first`);
+      if (this.stale && this.stale.size > 0) {
+        // Its disk still has holes only the previous source can fill: it cannot move on yet.
+        throw new HypervisorError('InvalidState', `${this.stale.size} blocks are still stale: finish the postcopy (deliver-blocks) first`);
+      }
       const path = socketPath(args);
       this.outgoing = new OutgoingMigration(this.streamMachine(), { downtimeLimitMs: 300, bandwidthBytesPerSecond: null, autoConverge: false, ...limits(args) });
       this.outgoing.start(path);

@@ -6,8 +6,8 @@
 import * as net from 'node:net';
 import { once } from 'node:events';
 import { PAGE_BYTES } from '../../common/types';
-import { DirtyBitmap, setBits } from './bitmap';
-import type { JsonObject } from './protocol';
+import { DirtyBitmap, setBits } from '../bitmap';
+import type { JsonObject } from '../control/protocol';
 
 export const StreamKind = { Header: 1, Pages: 2, State: 3, End: 4 } as const;
 const FRAME_HEADER_BYTES = 5;

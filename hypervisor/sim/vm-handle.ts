@@ -15,10 +15,10 @@ import type {
   VmStatus,
 } from '../driver';
 import { connectToStream, listenForStream, socketChunks, streamSocketPath } from '../stream-socket';
-import type { ControlClient } from './control-client';
-import { FileDiskAccess } from './disk-access';
-import { HypervisorError } from './errors';
-import type { JsonObject } from './protocol';
+import type { ControlClient } from '../control/client';
+import { FileDiskAccess } from '../file-disk';
+import { HypervisorError } from '../errors';
+import type { JsonObject } from '../control/protocol';
 
 const DELIVERY_BYTES_PER_COMMAND = 32 << 20;
 /** How long the VM process may take to connect to (or listen on) a stream socket. */

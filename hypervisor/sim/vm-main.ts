@@ -2,9 +2,9 @@
 // Started detached by SimDriver; stdout/stderr go to <vmDir>/vm.log. SIGTERM/SIGINT = clean stop.
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { ControlServer } from './control-server';
+import { ControlServer } from '../control/server';
 import { Machine } from './machine';
-import type { JsonObject } from './protocol';
+import type { JsonObject } from '../control/protocol';
 import { VmPaths, controlSocketPath, isVmProcessAlive, readJson, readPid, writeFileAtomic, type VmConfig } from './vm-files';
 
 function main(): void {

@@ -30,8 +30,8 @@ import { connect, DataPlaneError, type SessionIdentity } from '../../dataplane';
 import { sessionTag } from '../../dataplane/auth';
 import { encodeFrame, encodeMeta, FrameKind, HEADER_BYTES, PROTOCOL_VERSION, sealFrame, writeHeader } from '../../dataplane/frame';
 import { Msg } from '../../migration/messages';
-import { ControlClient } from '../../hypervisor/sim/control-client';
-import { encodeFrame as controlFrame } from '../../hypervisor/sim/protocol';
+import { ControlClient } from '../../hypervisor/control/client';
+import { encodeFrame as controlFrame } from '../../hypervisor/control/protocol';
 import { setBandwidthSignal } from '../../workflows/definitions';
 
 jest.setTimeout(300_000);
@@ -399,13 +399,13 @@ describe("a VM's control socket (the real VM process): error replies, and the VM
     ['a line that is not an object', ['[1,2,3]\n'], null, 'ParseError', /^each line must be a JSON object$/],
     ['no command name', ['{"id":1}\n'], 1, 'ParseError', /a command needs "execute": "<command name>" \(see query-commands\)/],
     ['an unknown command', ['{"execute":"format-disk","id":2}\n'], 2, 'CommandNotFound', /unknown command "format-disk": run query-commands for the list/],
-    ['arguments that are not an object', ['{"execute":"read-pages","arguments":[0,1],"id":3}\n'], 3, 'InvalidArgument', /"arguments" must be a JSON object/],
+    ['arguments that are not an object', ['{"execute":"bitmap-snapshot","arguments":[0,1],"id":3}\n'], 3, 'InvalidArgument', /"arguments" must be a JSON object/],
     ['an argument of the wrong type', ['{"execute":"run-until","arguments":{"ops":"many"},"id":4}\n'], 4, 'InvalidArgument', /argument "ops" must be an integer from 0 to \d+, got "many"/],
-    ['a page index outside the memory', ['{"execute":"read-pages","arguments":{"first":999999999,"count":1},"id":5}\n'], 5, 'InvalidArgument', /argument "first" must be an integer from 0 to 2047, got 999999999/],
+    ['a downtime limit out of range', ['{"execute":"migrate","arguments":{"uri":"unix:/nonexistent","downtimeLimitMs":-5},"id":5}\n'], 5, 'InvalidArgument', /argument "downtimeLimitMs" must be an integer from 0 to 3600000, got -5/],
     ['a block index outside the disk', ['{"execute":"deliver-blocks","arguments":{"blockBytes":65536,"items":[{"block":512,"length":65536}]},"id":6,"attachment":65536}\n', Buffer.alloc(65536)], 6, 'InvalidArgument', /argument "block" must be an integer from 0 to 511, got 512/],
-    ['a command the VM state does not allow', controlFrame({ execute: 'write-pages', arguments: { first: 0 }, id: 7 }, Buffer.alloc(4096)), 7, 'InvalidState', /write-pages is not allowed while the VM is running: pause the VM first/],
-    ['a negative attachment length', ['{"execute":"load-state","attachment":-1,"id":8}\n'], 8, 'ParseError', /"attachment" must be the byte length of the data that follows \(an integer >= 0\), got -1/],
-    ['an attachment over the limit', [`{"execute":"load-state","attachment":${2 ** 40},"id":9}\n`], 9, 'AttachmentTooLarge', /attachment of 1099511627776 bytes exceeds the limit of 67108864: split the data over several commands/],
+    ['a command the VM state does not allow', controlFrame({ execute: 'set-stale', arguments: { blockBytes: 65536 }, id: 7 }, Buffer.alloc(64)), 7, 'InvalidState', /set-stale is not allowed while the VM is running/],
+    ['a negative attachment length', ['{"execute":"set-stale","attachment":-1,"id":8}\n'], 8, 'ParseError', /"attachment" must be the byte length of the data that follows \(an integer >= 0\), got -1/],
+    ['an attachment over the limit', [`{"execute":"set-stale","attachment":${2 ** 40},"id":9}\n`], 9, 'AttachmentTooLarge', /attachment of 1099511627776 bytes exceeds the limit of 67108864: split the data over several commands/],
     ['a line over 1 MiB', [`{"execute":"query-status","pad":"${'x'.repeat(1 << 20)}"}\n`], null, 'LineTooLong', /a JSON line may be at most 1048576 bytes: send large data as an attachment/],
   ])('refuses %s', async (_name, input, id, errorClass, desc) => {
     const { replies, closed } = await controlExchange(socket(), input);
@@ -418,9 +418,9 @@ describe("a VM's control socket (the real VM process): error replies, and the VM
     // Only commands that change nothing on a running VM are mutated (a mutation must not turn one into "quit").
     const valid = [
       controlFrame({ execute: 'query-status', id: 1 }),
-      controlFrame({ execute: 'read-pages', arguments: { first: 0, count: 1 }, id: 2 }),
-      controlFrame({ execute: 'write-pages', arguments: { first: 0 }, id: 3 }, Buffer.alloc(4096, 7)),
-      controlFrame({ execute: 'load-state', id: 4 }, Buffer.from('{"format":"ferry-cpu"}')),
+      controlFrame({ execute: 'query-migrate', id: 2 }),
+      controlFrame({ execute: 'set-stale', arguments: { blockBytes: 65536 }, id: 3 }, Buffer.alloc(64, 7)),
+      controlFrame({ execute: 'wait-heartbeat', arguments: { since: 0, timeoutMs: 1 }, id: 4 }),
       controlFrame({ execute: 'query-stale', id: 5 }),
     ].map((parts) => Buffer.concat(parts));
     const lines = fc.jsonValue({ maxDepth: 3 }).map((v) => Buffer.from(`${JSON.stringify(v)}\n`));
@@ -440,7 +440,7 @@ describe("a VM's control socket (the real VM process): error replies, and the VM
     const client = await ControlClient.connect(socket(), { expectVmId: vm.vmId });
     const status = await client.request('query-status');
     client.close();
-    expect(status.ret).toMatchObject({ vmId: vm.vmId, state: 'running', pid: baseline.pid, violations: 0 });
+    expect(status.ret).toMatchObject({ vmId: vm.vmId, state: 'running', pid: baseline.pid, guest: { violations: 0 } });
   });
 });
 

@@ -70,7 +70,7 @@ describe('an agent with --metrics-port', () => {
     const memorySent = value(src, 'ferry_dataplane_sent_bytes_total', { kind: 'memory' });
     expect(memorySent).toBeGreaterThan(0);
     expect(value(dst.samples, 'ferry_dataplane_received_bytes_total', { kind: 'memory' })).toBe(memorySent);
-    expect(value(src, 'ferry_dataplane_sent_bytes_total', { kind: 'state' })).toBeGreaterThan(0);
+    expect(value(src, 'ferry_dataplane_sent_bytes_total', { kind: 'control' })).toBeGreaterThan(0); // the stale bitmap and the requests
 
     expect(value(dst.samples, 'ferry_migration_downtime_seconds_count')).toBe(1);
     expect(value(dst.samples, 'ferry_migration_downtime_seconds_sum')).toBeCloseTo((report.downtimeMs ?? NaN) / 1000, 2);

@@ -1,13 +1,14 @@
 // The guest oracle through real VM processes: a VM driven to N operations has the disk and memory of a
-// reference run, with or without halts and with a save/load into a second VM ("migration") in between.
+// reference run, with or without halts and with a machine-state stream into a second VM in between.
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { PAGE_BYTES, vmId, type Workload } from '../../common/types';
+import { vmId, type Workload } from '../../common/types';
 import type { VmSpec } from '../../hypervisor/driver';
 import { SimDriver, type SimVmHandle, referenceRun } from '../../hypervisor';
-import { setBits } from '../../hypervisor/sim/bitmap';
+import { setBits } from '../../hypervisor/bitmap';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { carryMachineState } from '../support/carry-stream';
 
 jest.setTimeout(120_000);
 
@@ -55,18 +56,18 @@ describe('runUntil + hashes equal the reference run', () => {
     await d.create(spec);
     const h = await d.start(spec.vmId, { paused: true });
     handles.push(h);
-    expect((await h.status()).ops).toBe(0);
+    expect((await h.status()).guest!.ops).toBe(0);
     await h.runUntil(Math.floor(ops / 3)); // a halt in the middle must not change anything
     expect((await h.status()).state).toBe('halted');
     await h.runUntil(ops);
     const status = await h.status();
-    expect(status).toMatchObject({ state: 'halted', ops, violations: 0 });
+    expect(status).toMatchObject({ state: 'halted', guest: { ops, violations: 0 } });
     expect(await h.hashes()).toEqual(await referenceRun(spec, ops, scratch));
   });
 });
 
-describe('save/load state into a second (incoming) VM', () => {
-  it('a live copy with bitmap and memory-log rounds, then both VMs run on: both equal the reference', async () => {
+describe('a machine-state stream into a second (incoming) VM', () => {
+  it('a live copy with bitmap rounds and the stream, then both VMs run on: both equal the reference', async () => {
     const spec: VmSpec = {
       vmId: vmId('mig1'),
       diskBytes: 16 * 1024 * 1024,
@@ -85,10 +86,9 @@ describe('save/load state into a second (incoming) VM', () => {
     const dst = await b.start(spec.vmId);
     handles.push(src, dst);
     expect((await dst.status()).state).toBe('incoming');
-    await expect(dst.resume()).rejects.toThrow(/load the CPU state/);
+    await expect(dst.resume()).rejects.toThrow(/machine-state stream is loaded/);
 
     await src.addBitmap('mig', { blockBytes, persistent: false });
-    await src.startMemoryLog();
     const sdisk = await src.openDisk();
     const ddisk = await dst.openDisk();
     const copyBlocks = async (blocks: number[]): Promise<void> => {
@@ -98,10 +98,6 @@ describe('save/load state into a second (incoming) VM', () => {
         await ddisk.write(off, await sdisk.read(off, len));
       }
     };
-    const pages = spec.memoryBytes / PAGE_BYTES;
-    const copyPages = async (list: number[]): Promise<void> => {
-      for (const p of list) await dst.writePages(p, await src.readPages(p, 1));
-    };
 
     // Disk: full pass while the guest writes, then dirty rounds.
     await copyBlocks([...Array(Math.ceil(spec.diskBytes / blockBytes)).keys()]);
@@ -110,31 +106,27 @@ describe('save/load state into a second (incoming) VM', () => {
       await copyBlocks(setBits(snap.bits));
       await src.ackBitmap('mig', snap.generation);
     }
-    // Memory: full pass while running, then a round.
-    await dst.writePages(0, await src.readPages(0, pages));
-    const mem1 = await src.snapshotMemoryLog();
-    expect(mem1.count).toBeGreaterThan(0);
-    await copyPages(setBits(mem1.bits));
-    await src.ackMemoryLog(mem1.generation);
-    // Freeze and copy the rest.
-    await src.pause();
-    const lastDisk = await src.snapshotBitmap('mig');
-    await copyBlocks(setBits(lastDisk.bits));
-    await src.ackBitmap('mig', lastDisk.generation);
-    const lastMem = await src.snapshotMemoryLog();
-    await copyPages(setBits(lastMem.bits));
-    await src.ackMemoryLog(lastMem.generation);
-    await ddisk.flush();
-    const state = await src.saveState();
-    await dst.loadState(state);
-    const atSwitch = (await src.status()).ops;
+    // Memory and CPU state: the hypervisor's stream; the last disk round while it holds the guest paused.
+    let atSwitch = 0;
+    const done = await carryMachineState(src, dst, {
+      atSwitchover: async () => {
+        expect((await src.status()).state).toBe('paused');
+        const lastDisk = await src.snapshotBitmap('mig');
+        await copyBlocks(setBits(lastDisk.bits));
+        await src.ackBitmap('mig', lastDisk.generation);
+        await ddisk.flush();
+        atSwitch = (await src.status()).guest!.ops;
+      },
+    });
+    expect(done).toMatchObject({ status: 'completed', iterations: expect.any(Number) as number });
+    expect(done.downtimeMs).not.toBeNull();
+    expect((await src.status()).state).toBe('migrated');
     expect(await dst.hashes()).toEqual(await src.hashes());
+    const paused = Date.now();
     await dst.resume();
+    expect(await dst.nextHeartbeat(paused, 5_000)).toBeGreaterThanOrEqual(paused);
     await sleep(50);
-    const dstStatus = await dst.status();
-    expect(dstStatus.ops).toBeGreaterThan(atSwitch);
-    expect(dstStatus.resumeGapMs).not.toBeNull();
-    expect(dstStatus.resumeGapMs as number).toBeGreaterThan(0);
+    expect((await dst.status()).guest!.ops).toBeGreaterThan(atSwitch);
     await sdisk.close();
     await ddisk.close();
 
@@ -145,7 +137,7 @@ describe('save/load state into a second (incoming) VM', () => {
     const ref = await referenceRun({ ...spec, opsPerSecond: 0 }, target, fs.mkdtempSync(path.join(scratch, 'r')));
     expect(await src.hashes()).toEqual(ref);
     expect(await dst.hashes()).toEqual(ref);
-    expect((await src.status()).violations).toBe(0);
-    expect((await dst.status()).violations).toBe(0);
+    expect((await src.status()).guest!.violations).toBe(0);
+    expect((await dst.status()).guest!.violations).toBe(0);
   });
 });

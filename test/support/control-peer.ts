@@ -1,6 +1,6 @@
 // A raw client of a VM's control socket, for tests that send it what no well-behaved client would.
 import * as net from 'node:net';
-import { FrameParser, type JsonObject } from '../../hypervisor/sim/protocol';
+import { FrameParser, type JsonObject } from '../../hypervisor/control/protocol';
 
 export interface ControlExchange {
   /** Every JSON object the VM sent, the greeting first. */

@@ -1,4 +1,4 @@
-import { BlockSet, DirtyBitmap, popcount, setBits } from '../../hypervisor/sim/bitmap';
+import { BlockSet, DirtyBitmap, popcount, setBits } from '../../hypervisor/bitmap';
 
 const KiB = 1024;
 

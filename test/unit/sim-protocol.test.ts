@@ -2,10 +2,10 @@ import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { ControlClient } from '../../hypervisor/sim/control-client';
-import { ControlServer, type CommandHandler } from '../../hypervisor/sim/control-server';
-import { HypervisorError } from '../../hypervisor/sim/errors';
-import { FrameParser, encodeFrame, type FrameEvent } from '../../hypervisor/sim/protocol';
+import { ControlClient } from '../../hypervisor/control/client';
+import { ControlServer, type CommandHandler } from '../../hypervisor/control/server';
+import { HypervisorError } from '../../hypervisor/errors';
+import { FrameParser, encodeFrame, type FrameEvent } from '../../hypervisor/control/protocol';
 import fc from 'fast-check';
 import { FUZZ_SEED, boundedRun, chunkSizes, chunked, mutated, randomBytes as randomInput, spliced } from '../support/fuzz';
 

@@ -1,6 +1,6 @@
 // DiskAccess over a raw image file (positional reads and writes; the NBD export of the QEMU driver).
 import * as fsp from 'node:fs/promises';
-import type { DiskAccess } from '../driver';
+import type { DiskAccess } from './driver';
 import { HypervisorError } from './errors';
 
 export class FileDiskAccess implements DiskAccess {

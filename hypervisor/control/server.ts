@@ -1,6 +1,6 @@
 // The VM side of the control socket: greeting, command dispatch, replies and broadcast events.
 import * as net from 'node:net';
-import { HypervisorError } from './errors';
+import { HypervisorError } from '../errors';
 import { FrameParser, PROTOCOL_VERSION, encodeFrame, type JsonObject } from './protocol';
 
 export interface CommandResult {

@@ -4,7 +4,7 @@
 // handed out by a snapshot and not yet acknowledged). A snapshot returns pending ∪ current, makes that
 // the new pending set and restarts current empty; only an ack of the latest generation drops pending.
 // So a snapshot that is lost (crash, dropped connection) is simply taken again: nothing can be lost.
-import { MAX_BLOCK_BYTES, MIN_BLOCK_BYTES } from '../../common/types';
+import { MAX_BLOCK_BYTES, MIN_BLOCK_BYTES } from '../common/types';
 
 const POPCOUNT = new Uint8Array(256);
 for (let i = 1; i < 256; i++) POPCOUNT[i] = (i & 1) + POPCOUNT[i >> 1];

@@ -1,6 +1,6 @@
 // The agent side of the control socket: one connection, pipelined commands matched by id, events.
 import * as net from 'node:net';
-import { HypervisorError } from './errors';
+import { HypervisorError } from '../errors';
 import { FrameParser, encodeFrame, type JsonObject } from './protocol';
 
 export interface Reply {
