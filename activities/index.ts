@@ -225,16 +225,22 @@ export function createActivities(deps: HostDeps) {
       return precopyTransfer(ref, () => withHeartbeat((_from, report, signal) => source.copyDiskDirty(ref, signal, report)));
     },
 
-    async copyMachineState(input: { ref: MigrationRef } & MachineStateOptions) {
-      return precopyTransfer(input.ref, () => withHeartbeat((_from, report, signal) => source.copyMachineState(input.ref, input, report, signal)));
-    },
-
     async setThrottle(input: { migrationId: string; vmId: string; fraction: number }): Promise<void> {
       await guard(() => source.setThrottle(input.vmId, input.fraction));
     },
 
-    async switchover(input: { ref: MigrationRef; mode: 'tpm' | 'precopy' } & MachineStateOptions & { readyTimeoutMs: number }) {
-      return withHeartbeat(() => source.switchover(input.ref, input.mode, input));
+    /** Memory precopy and the freeze, in one activity (no Temporal round trip inside the freeze). */
+    async switchover(input: { ref: MigrationRef; mode: 'tpm' | 'precopy' } & MachineStateOptions) {
+      return withHeartbeat((_from, report) => source.switchover(input.ref, input.mode, input, report));
+    },
+
+    /** An abort while the memory precopy runs: stops the stream unless the freeze began. */
+    async cancelMachineState(input: { migrationId: string }): Promise<{ cancelled: boolean }> {
+      return source.cancelMachineState(input.migrationId);
+    },
+
+    async forceSwitchover(input: { migrationId: string }): Promise<void> {
+      await guard(() => source.forceSwitchover(input.migrationId));
     },
 
     async postcopy(ref: MigrationRef) {

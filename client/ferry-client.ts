@@ -1,6 +1,7 @@
 // FerryClient: the typed programmatic API over Temporal.
 import { randomUUID } from 'node:crypto';
 import { Client, TimeoutFailure, WorkflowFailedError, type WorkflowExecutionStatusName, type WorkflowHandle } from '@temporalio/client';
+import type { SwitchoverProgress } from '../migration/source';
 import { defaultPayloadConverter, TimeoutType } from '@temporalio/common';
 import type { Activities } from '../activities';
 import type { MigrateVmInput, MigrationPhase, MigrationProgress, MigrationReport } from '../common/migration';
@@ -102,11 +103,16 @@ export class MigrationHandle {
       for (const act of desc.raw.pendingActivities ?? []) {
         const payload = act.heartbeatDetails?.payloads?.[0];
         if (!payload) continue;
-        const details = defaultPayloadConverter.fromPayload(payload) as { bytes?: number } | undefined;
+        const details = defaultPayloadConverter.fromPayload(payload) as Partial<SwitchoverProgress> | undefined;
         const bytes = details?.bytes ?? 0;
         const kind = act.activityType?.name ?? '';
         if (kind === 'copyDiskFirstPass' || kind === 'copyDiskDirty' || kind === 'postcopy') p.disk.sentBytes += bytes;
-        if (kind === 'copyMemory') p.memory.sentBytes += bytes;
+        if (kind === 'switchover') {
+          // Memory precopy and the freeze run in one activity: its heartbeat says which part runs.
+          p.memory.sentBytes += details?.memoryBytes ?? 0;
+          p.disk.sentBytes += details?.diskBytes ?? 0;
+          if (details?.stage === 'switchover') p.phase = 'switchover';
+        }
       }
       return p;
     } catch (err) {

@@ -1,8 +1,8 @@
 // The source's end of a machine-state stream: the hypervisor's bytes carried to the destination over
-// a data-plane session, one State message per chunk, in order. One stream per migration at a time; it
-// lives in the agent between activities (memory precopy, then the switchover joins it). A stream
-// that breaks is not resumed: the next attempt starts a new one (and the destination a fresh
-// incoming VM), as QEMU's precopy cannot resume either.
+// a data-plane session, one State message per chunk, in order. One stream per migration at a time,
+// kept by the agent (a retried switchover activity joins the stream that runs). A stream that breaks
+// is not resumed: the next attempt starts a new one (and the destination a fresh incoming VM), as
+// QEMU's precopy cannot resume either.
 import { randomBytes } from 'node:crypto';
 import type { DataPlaneSession } from '../dataplane/api';
 import type { OutgoingStream, StreamLimits, StreamProgress } from '../hypervisor/driver';
@@ -14,8 +14,6 @@ export class CarriedStream {
   /** Bytes an activity already reported to the workflow (the next one reports only what came after). */
   reportedBytes = 0;
   private error: Error | null = null;
-  /** Held in precopy (downtime limit 0) until the switchover releases it. */
-  private held = true;
   /** Resolves when every chunk went onto the data plane; rejects on the first failure. */
   readonly pumped: Promise<void>;
   readonly failed: Promise<never>;
@@ -31,14 +29,6 @@ export class CarriedStream {
     this.pumped = this.pump();
     this.pumped.catch((err: Error) => this.broke(err));
     stream.completed.catch((err: Error) => this.broke(err));
-    // A hypervisor may stop the guest even at a zero downtime limit (QEMU does when nothing is dirty):
-    // never leave the guest paused while the switchover has not begun; a later attempt starts anew.
-    stream.ready.then(
-      () => {
-        if (this.held) void this.cancel();
-      },
-      () => undefined,
-    );
   }
 
   /** Asks the destination for a fresh incoming VM, then starts the hypervisor's stream into it. */
@@ -64,7 +54,6 @@ export class CarriedStream {
   }
 
   setLimits(limits: Partial<StreamLimits>): Promise<void> {
-    if (limits.downtimeLimitMs !== undefined) this.held = limits.downtimeLimitMs === 0;
     return this.stream.setLimits(limits);
   }
 

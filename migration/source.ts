@@ -1,7 +1,7 @@
 // The source role: precopy of disk and memory, the freeze-and-copy handoff, and the postcopy push.
 // Every step is idempotent for (migration, epoch): a retried activity calls the same function again
 // with the cursor of its last heartbeat.
-import type { BitmapSnapshot, DiskAccess, HypervisorDriver, VmHandle } from '../hypervisor/driver';
+import type { BitmapSnapshot, DiskAccess, HypervisorDriver, StreamProgress, VmHandle } from '../hypervisor/driver';
 import type { DataPlaneObserver, DataPlaneSession, TlsOptions } from '../dataplane/api';
 import { connect } from '../dataplane';
 import { vmId as asVmId } from '../common/types';
@@ -9,6 +9,8 @@ import type { Logger } from '../common/log';
 import { OwnershipStore } from './ownership';
 import { BaseStore, IM_BITMAP, ImStore, fingerprintFile } from './bases';
 import { promises as fs } from 'node:fs';
+import path from 'node:path';
+import { writeFileDurable } from '../common/durable-file';
 import { createHash } from 'node:crypto';
 import { MIGRATION_PROTOCOL, Msg, bitmapIndices, type QueryReply } from './messages';
 import { CarriedStream } from './machine-stream';
@@ -41,10 +43,17 @@ export interface TransferResult {
 }
 
 export type SwitchoverResult =
-  | { outcome: 'committed'; staleBlocks: number; memoryBytes: number; diskBytes: number; freezeMs: number; hypervisorDowntimeMs: number | null }
-  | { outcome: 'aborted'; reason: string }
-  /** The hypervisor did not reach its switchover point in time: the stream goes on in precopy, try again. */
-  | { outcome: 'not-converged'; memoryBytes: number; reason: string };
+  | {
+      outcome: 'committed';
+      staleBlocks: number;
+      memoryBytes: number;
+      diskBytes: number;
+      freezeMs: number;
+      hypervisorDowntimeMs: number | null;
+      memoryIterations: number;
+      throttled: boolean;
+    }
+  | { outcome: 'aborted'; reason: string; memoryBytes: number; diskBytes: number };
 
 export interface MachineStateOptions {
   /** The freeze the hypervisor aims for (ms). */
@@ -53,13 +62,12 @@ export interface MachineStateOptions {
   autoConverge: boolean;
 }
 
-export interface MachineStateResult {
-  /** Stream bytes carried by this activity (earlier activities reported theirs). */
-  bytes: number;
-  iterations: number;
-  expectedDowntimeMs: number | null;
-  throttle: number;
-  durationMs: number;
+/** Heartbeat details of a switchover: which part runs, and what it carried so far. */
+export interface SwitchoverProgress extends Progress {
+  stage: 'memory-precopy' | 'switchover';
+  memoryBytes: number;
+  diskBytes: number;
+  dirtyBlocks: number;
 }
 
 export class DestinationUnreachable extends Error {}
@@ -71,6 +79,8 @@ interface Pusher {
 
 // Large messages: the destination applies them one after the other, and on a busy host every
 // apply waits for the scheduler as much as for the disk, so fewer and larger is faster.
+/** The downtime limit of a forced switchover (the completion timeout's `switchover` action): take the freeze it takes. */
+const FORCED_DOWNTIME_MS = 3_600_000;
 /** Contiguous blocks travel in one read and one message of up to this size. */
 const RUN_BYTES = 4 << 20;
 /** Unacknowledged bytes in flight per session: several large messages. */
@@ -84,6 +94,8 @@ export class Source {
   private readonly bandwidth = new Map<string, number | null>();
   private readonly pushers = new Map<string, Pusher>();
   private readonly streams = new Map<string, CarriedStream>();
+  /** Migrations whose freeze began here: an abort can no longer stop them. */
+  private readonly freezing = new Set<string>();
   private readonly bases: BaseStore;
   private readonly ims: ImStore;
 
@@ -181,38 +193,16 @@ export class Source {
     }
   }
 
-  /**
-   * Memory precopy: starts the hypervisor's machine-state stream (or joins the one running) and waits
-   * until it converged: what is left would fit the downtime target. The stream stays in precopy
-   * (downtime limit 0) until the switchover releases it, so an approval or more disk rounds can come
-   * first; it keeps running in this agent between the activities.
-   */
-  async copyMachineState(ref: MigrationRef, opts: MachineStateOptions, onProgress: (p: Progress) => void, signal: AbortSignal): Promise<MachineStateResult> {
-    const started = Date.now();
-    const carried = await this.ensureStream(ref, { downtimeLimitMs: 0, autoConverge: opts.autoConverge });
-    for (;;) {
-      if (signal.aborted) {
-        await this.stopStream(ref.migrationId);
-        throw new Error('transfer cancelled');
-      }
-      if (carried.broken) throw carried.broken;
-      const p = await carried.progress();
-      onProgress({ cursor: p.iterations, bytes: carried.carriedBytes, items: p.iterations });
-      if (p.iterations >= 1 && p.expectedDowntimeMs !== null && p.expectedDowntimeMs <= opts.downtimeTargetMs) {
-        return { bytes: carried.takeUnreported(), iterations: p.iterations, expectedDowntimeMs: p.expectedDowntimeMs, throttle: p.throttle, durationMs: Date.now() - started };
-      }
-      await Promise.race([sleep(200), carried.failed.catch(() => undefined)]);
-    }
-  }
-
-  private async ensureStream(ref: MigrationRef, limits: { downtimeLimitMs: number; autoConverge: boolean }): Promise<CarriedStream> {
+  private async ensureStream(ref: MigrationRef, limits: MachineStateOptions): Promise<CarriedStream> {
     const running = this.streams.get(ref.migrationId);
     if (running && !running.broken) return running;
     if (running) await this.stopStream(ref.migrationId);
     const session = await this.session(ref, 'state');
     const vm = await this.attach(ref.vmId);
     try {
-      const carried = await CarriedStream.start(session, () => vm.migrateOut({ ...limits, bandwidthBytesPerSecond: this.bandwidthOf(ref) }));
+      const carried = await CarriedStream.start(session, () =>
+        vm.migrateOut({ downtimeLimitMs: limits.downtimeTargetMs, autoConverge: limits.autoConverge, bandwidthBytesPerSecond: this.bandwidthOf(ref) }),
+      );
       this.streams.set(ref.migrationId, carried);
       carried.failed.catch((err: Error) => this.deps.log.warn({ migrationId: ref.migrationId, err: err.message }, 'machine-state stream stopped'));
       return carried;
@@ -222,6 +212,34 @@ export class Source {
     } finally {
       vm.close();
     }
+  }
+
+  /**
+   * An abort during the memory precopy: recorded durably (a retried switchover after an agent restart
+   * sees it too) and the stream stopped, unless the freeze has begun (then the switchover goes on to its
+   * end). The switchover activity sees it and rolls back.
+   */
+  async cancelMachineState(migrationId: string): Promise<{ cancelled: boolean }> {
+    if (this.freezing.has(migrationId)) return { cancelled: false };
+    await writeFileDurable(this.abortFile(migrationId), new Date().toISOString());
+    await this.stopStream(migrationId);
+    return { cancelled: true };
+  }
+
+  private abortFile(migrationId: string): string {
+    return path.join(this.deps.home, 'aborts', migrationId);
+  }
+
+  private async abortRequested(migrationId: string): Promise<boolean> {
+    return fs.access(this.abortFile(migrationId)).then(
+      () => true,
+      () => false,
+    );
+  }
+
+  /** The completion timeout with `onCompletionTimeout: switchover`: accept whatever freeze the hypervisor needs. */
+  async forceSwitchover(migrationId: string): Promise<void> {
+    await this.streams.get(migrationId)?.setLimits({ downtimeLimitMs: FORCED_DOWNTIME_MS });
   }
 
   /** Cancels the migration's stream, if one runs here: the hypervisor resumes the guest on its own. */
@@ -244,57 +262,82 @@ export class Source {
   }
 
   /**
-   * Freeze-and-copy. Release the stream's hold so the hypervisor pauses the guest at its switchover
-   * point; then send the bitmap of still-stale blocks (or, in precopy mode, the blocks themselves), let
-   * the hypervisor send the rest of the machine state, and ask the destination to commit and resume.
-   * A retry finds out what happened from the destination and never guesses.
+   * Memory precopy and freeze-and-copy, in one activity so that no Temporal round trip falls inside
+   * the freeze. The hypervisor's stream copies memory while disk rounds keep the dirty set small; at
+   * its switchover point the hypervisor pauses the guest, Ferry sends the bitmap of still-stale blocks
+   * (or, in precopy mode, the blocks themselves), the hypervisor sends the rest of the machine state,
+   * and the destination is asked to commit and resume. A retry finds out what happened from the
+   * destination and never guesses.
    */
-  async switchover(ref: MigrationRef, mode: 'tpm' | 'precopy', opts: MachineStateOptions & { readyTimeoutMs: number }): Promise<SwitchoverResult> {
+  async switchover(ref: MigrationRef, mode: 'tpm' | 'precopy', opts: MachineStateOptions, onProgress: (p: SwitchoverProgress) => void): Promise<SwitchoverResult> {
     const sourceEpoch = ref.epoch - 1;
     const own = await this.deps.ownership.get(ref.vmId);
-    if (own?.state === 'released' && own.epoch === sourceEpoch) return this.alreadyCommitted();
+    if (own?.state === 'released' && own.epoch === sourceEpoch) return this.committedBefore();
     const session = await this.session(ref, 'switchover');
     const vm = await this.attach(ref.vmId);
+    const sent = { memoryBytes: 0, diskBytes: 0 };
+    const aborted = (reason: string): SwitchoverResult => ({ outcome: 'aborted', reason, ...sent });
     try {
       const status = await vm.status();
       // A paused VM migrates paused (a cold migration); a halted one stays halted.
       const guestRunning = status.state !== 'paused';
       // The destination records prepared(e) before the pause, so the freeze carries one fsync there, not two.
       const before = await this.requestState(session, Msg.Prepare, { guestRunning });
-      if (before.state === 'running' && before.epoch === ref.epoch) return await this.committed(ref, 0, 0, 0, 0, null);
+      if (before.state === 'running' && before.epoch === ref.epoch) return await this.committed(ref, this.committedBefore());
       if (before.state === 'aborted' && before.epoch === ref.epoch) {
         await this.stopStream(ref.migrationId);
         if (status.state === 'migrated') await vm.resume();
-        return { outcome: 'aborted', reason: 'the destination had fenced this epoch' };
+        return aborted('the destination had fenced this epoch');
       }
       if (status.state === 'migrated') {
         // An earlier attempt's stream completed, but its commit never came back: only the destination knows.
-        return await this.resolveAfterFailure(ref, vm, session, new Error('an earlier switchover attempt was interrupted after its stream completed'), true);
+        return await this.resolveAfterFailure(ref, vm, session, new Error('an earlier switchover attempt was interrupted after its stream completed'), true, sent);
       }
-      const carried = await this.ensureStream(ref, { downtimeLimitMs: 0, autoConverge: opts.autoConverge });
-      await faultPoint('switchover-before-pause');
-      await carried.setLimits({ downtimeLimitMs: opts.downtimeTargetMs });
-      const reached = await Promise.race([carried.ready().then(() => true), sleep(opts.readyTimeoutMs).then(() => false)]);
-      if (!reached) {
-        await carried.setLimits({ downtimeLimitMs: 0 });
-        const p = await carried.progress();
-        return { outcome: 'not-converged', memoryBytes: carried.takeUnreported(), reason: `the hypervisor expects a freeze of ${p.expectedDowntimeMs ?? '?'} ms, over the target of ${opts.downtimeTargetMs} ms` };
+      if (await this.abortRequested(ref.migrationId)) return aborted('aborted by operator');
+      const carried = await this.ensureStream(ref, opts);
+      const tracking = trackingName(ref.migrationId);
+      const report = (stage: SwitchoverProgress['stage'], dirtyBlocks: number): void => {
+        const memoryBytes = sent.memoryBytes + carried.carriedBytes - carried.reportedBytes;
+        onProgress({ cursor: 0, bytes: memoryBytes + sent.diskBytes, items: 0, stage, memoryBytes, diskBytes: sent.diskBytes, dirtyBlocks });
+      };
+      // Memory precopy: the hypervisor iterates on its own; disk rounds go on meanwhile, and the one
+      // running when the hypervisor pauses the guest stops at once (its blocks stay pending for the freeze).
+      const atReady = new AbortController();
+      carried.ready().then(
+        () => atReady.abort(),
+        () => atReady.abort(),
+      );
+      let dirtyBlocks = 0;
+      while (!atReady.signal.aborted) {
+        if (await this.abortRequested(ref.migrationId)) await this.stopStream(ref.migrationId);
+        report('memory-precopy', dirtyBlocks);
+        const round = await this.diskRound(vm, session, ref, tracking, atReady.signal);
+        sent.diskBytes += round.bytes;
+        dirtyBlocks = round.items;
+        if (round.items <= 1) await Promise.race([carried.ready().catch(() => undefined), sleep(200)]);
       }
+      if (carried.broken) {
+        sent.memoryBytes += carried.takeUnreported();
+        if (await this.abortRequested(ref.migrationId)) return aborted('aborted by operator');
+        return aborted(`the machine-state stream stopped before the freeze: ${carried.broken.message}`);
+      }
+      this.freezing.add(ref.migrationId);
       const frozenAt = Date.now();
+      report('switchover', dirtyBlocks);
       await faultPoint('switchover-after-pause');
       let commitSent = false;
-      let diskBytes = 0;
       let stale: BitmapSnapshot;
       const marks: Record<string, number> = {};
       let hypervisorDowntimeMs: number | null = null;
+      let progress: StreamProgress | null = null;
       try {
-        stale = await vm.snapshotBitmap(trackingName(ref.migrationId));
+        stale = await vm.snapshotBitmap(tracking);
         if (mode === 'precopy') {
           const disk = await vm.openDisk();
           try {
             const blocks = Math.ceil(disk.sizeBytes / ref.blockBytes);
             const r = await this.sendBlocks(session, disk, ref.blockBytes, bitmapIndices(stale.bits, blocks), { cursor: 0, bytes: 0, items: 0 }, () => undefined, new AbortController().signal, { skipZero: false });
-            diskBytes = r.bytes;
+            sent.diskBytes += r.bytes;
           } finally {
             await disk.close();
           }
@@ -308,24 +351,66 @@ export class Source {
         });
         marks.finalMs = Date.now() - frozenAt;
         await carried.stream.continue();
-        hypervisorDowntimeMs = (await carried.drained()).downtimeMs;
+        progress = await carried.drained();
+        hypervisorDowntimeMs = progress.downtimeMs;
         marks.streamMs = Date.now() - frozenAt;
         commitSent = true;
         const commit = await session.request({ type: Msg.Commit, meta: {}, data: Buffer.alloc(0) });
         if (commit.meta.state !== 'running') throw new Error(`destination answered ${String(commit.meta.state)} to the commit`);
         marks.commitMs = Date.now() - frozenAt;
       } catch (err) {
-        return await this.resolveAfterFailure(ref, vm, session, err as Error, commitSent);
+        return await this.resolveAfterFailure(ref, vm, session, err as Error, commitSent, sent);
       }
-      const memoryBytes = carried.takeUnreported();
+      sent.memoryBytes += carried.takeUnreported();
       this.streams.delete(ref.migrationId);
       await this.release(ref, carried.session);
-      const result = await this.committed(ref, stale.count, memoryBytes, diskBytes, Date.now() - frozenAt, hypervisorDowntimeMs, marks);
+      const result = await this.committed(
+        ref,
+        {
+          outcome: 'committed',
+          staleBlocks: stale.count,
+          ...sent,
+          freezeMs: Date.now() - frozenAt,
+          hypervisorDowntimeMs,
+          memoryIterations: progress?.iterations ?? 0,
+          throttled: (progress?.throttle ?? 0) > 0,
+        },
+        marks,
+      );
       if (mode === 'tpm') this.startPostcopy(ref);
       return result;
     } finally {
+      this.freezing.delete(ref.migrationId);
       await this.release(ref, session);
       vm.close();
+    }
+  }
+
+  /**
+   * One dirty-bitmap round on an open session: snapshot (successor semantics), send, acknowledge. When
+   * `signal` fires the round stops; what it did not acknowledge stays pending for the next snapshot.
+   */
+  private async diskRound(vm: VmHandle, session: DataPlaneSession, ref: MigrationRef, tracking: string, signal: AbortSignal): Promise<Omit<TransferResult, 'durationMs'>> {
+    const snap = await vm.snapshotBitmap(tracking);
+    if (snap.count === 0) {
+      await vm.ackBitmap(tracking, snap.generation);
+      return { items: 0, bytes: 0, zeroItems: 0 };
+    }
+    const disk = await vm.openDisk();
+    try {
+      const blocks = Math.ceil(disk.sizeBytes / ref.blockBytes);
+      const r = await this.sendBlocks(session, disk, ref.blockBytes, bitmapIndices(snap.bits, blocks), { cursor: 0, bytes: 0, items: 0 }, () => undefined, signal, { skipZero: false }).catch(
+        (err: Error) => {
+          if (signal.aborted) return { items: 0, bytes: 0, zeroItems: 0 };
+          throw err;
+        },
+      );
+      if (signal.aborted) return r;
+      await session.flush();
+      await vm.ackBitmap(tracking, snap.generation);
+      return r;
+    } finally {
+      await disk.close();
     }
   }
 
@@ -418,6 +503,7 @@ export class Source {
     const own = await this.deps.ownership.get(vmId);
     if (own?.state === 'released') throw new Error(`VM ${vmId} was committed to the destination; it cannot roll back`);
     await this.stopStream(migrationId);
+    await fs.rm(this.abortFile(migrationId), { force: true });
     const vm = await this.attach(vmId);
     try {
       const status = await vm.status();
@@ -453,6 +539,7 @@ export class Source {
     const own = await this.deps.ownership.get(ref.vmId);
     if (own?.state !== 'released') throw new Error(`VM ${ref.vmId} is ${own?.state ?? 'unknown'} here; only a released VM is finalized`);
     const id = asVmId(ref.vmId);
+    await fs.rm(this.abortFile(ref.migrationId), { force: true }); // an abort that came too late
     if (await this.deps.driver.exists(id)) await this.deps.driver.destroy(id, { keepDisk: true });
     await this.ims.remove(ref.vmId);
     if ((await this.bases.get(ref.vmId))?.lineage === ref.migrationId) return; // a retry
@@ -481,22 +568,15 @@ export class Source {
     return this.bandwidth.has(ref.migrationId) ? this.bandwidth.get(ref.migrationId)! : ref.bandwidthBytesPerSecond ?? null;
   }
 
-  private alreadyCommitted(): SwitchoverResult {
-    return { outcome: 'committed', staleBlocks: 0, memoryBytes: 0, diskBytes: 0, freezeMs: 0, hypervisorDowntimeMs: null };
+  /** A retry after the commit: the earlier attempt carried the bytes (its result was lost with it). */
+  private committedBefore(): Extract<SwitchoverResult, { outcome: 'committed' }> {
+    return { outcome: 'committed', staleBlocks: 0, memoryBytes: 0, diskBytes: 0, freezeMs: 0, hypervisorDowntimeMs: null, memoryIterations: 0, throttled: false };
   }
 
-  private async committed(
-    ref: MigrationRef,
-    staleBlocks: number,
-    memoryBytes: number,
-    diskBytes: number,
-    freezeMs: number,
-    hypervisorDowntimeMs: number | null,
-    freeze: object = {},
-  ): Promise<SwitchoverResult> {
+  private async committed(ref: MigrationRef, result: Extract<SwitchoverResult, { outcome: 'committed' }>, freeze: object = {}): Promise<SwitchoverResult> {
     await this.deps.ownership.release(ref.vmId, ref.epoch - 1, ref.migrationId);
-    this.deps.log.info({ migrationId: ref.migrationId, vmId: ref.vmId, epoch: ref.epoch, staleBlocks, freezeMs, hypervisorDowntimeMs, freeze }, 'switchover committed');
-    return { outcome: 'committed', staleBlocks, memoryBytes, diskBytes, freezeMs, hypervisorDowntimeMs };
+    this.deps.log.info({ migrationId: ref.migrationId, vmId: ref.vmId, epoch: ref.epoch, ...result, freeze }, 'switchover committed');
+    return result;
   }
 
   /**
@@ -504,12 +584,19 @@ export class Source {
    * whole stream was applied there. Before it left, the destination cannot run this epoch, so the
    * source stops the stream and runs the guest again even when the destination cannot be reached.
    */
-  private async resolveAfterFailure(ref: MigrationRef, vm: VmHandle, session: DataPlaneSession, cause: Error, commitSent: boolean): Promise<SwitchoverResult> {
+  private async resolveAfterFailure(
+    ref: MigrationRef,
+    vm: VmHandle,
+    session: DataPlaneSession,
+    cause: Error,
+    commitSent: boolean,
+    sent: { memoryBytes: number; diskBytes: number },
+  ): Promise<SwitchoverResult> {
     this.deps.log.warn({ migrationId: ref.migrationId, err: cause.message, commitSent }, 'switchover failed; finding out what the destination did');
     if (!commitSent) {
       await this.stopStream(ref.migrationId);
       if ((await vm.status()).state === 'migrated') await vm.resume();
-      return { outcome: 'aborted', reason: `switchover failed before the commit was asked for (${cause.message}); the VM runs on the source` };
+      return { outcome: 'aborted', reason: `switchover failed before the commit was asked for (${cause.message}); the VM runs on the source`, ...sent };
     }
     let answer: QueryReply;
     try {
@@ -519,12 +606,12 @@ export class Source {
         `VM ${ref.vmId} stays stopped on the source: the destination cannot be reached to learn whether epoch ${ref.epoch} committed (${(err as Error).message})`,
       );
     }
-    if (answer.state === 'running' && answer.epoch === ref.epoch) return this.committed(ref, 0, 0, 0, 0, null);
+    if (answer.state === 'running' && answer.epoch === ref.epoch) return this.committed(ref, { ...this.committedBefore(), ...sent });
     const fenced = await session.request({ type: Msg.Abort, meta: {}, data: Buffer.alloc(0) });
-    if (fenced.meta.state === 'running') return this.committed(ref, 0, 0, 0, 0, null);
+    if (fenced.meta.state === 'running') return this.committed(ref, { ...this.committedBefore(), ...sent });
     await this.stopStream(ref.migrationId);
     if ((await vm.status()).state === 'migrated') await vm.resume();
-    return { outcome: 'aborted', reason: `switchover failed before the commit: ${cause.message}` };
+    return { outcome: 'aborted', reason: `switchover failed before the commit: ${cause.message}`, ...sent };
   }
 
   private async queryDestination(session: DataPlaneSession): Promise<QueryReply> {

@@ -32,9 +32,8 @@ const GiB = 1024 ** 3;
 const MIN_COMPLETION_TIMEOUT_MS = 10 * 60_000;
 /** At most this many disk+memory round pairs right before the freeze. */
 const FINAL_ROUNDS = 4;
-/** How long a switchover waits for the hypervisor to reach its switchover point before the workflow runs more disk rounds. */
-const READY_TIMEOUT_MS = 30_000;
-const MAX_SWITCHOVER_ATTEMPTS = 5;
+/** The downtime limit of a forced switchover (completion timeout, `onCompletionTimeout: switchover`). */
+const FORCED_DOWNTIME_MS = 3_600_000;
 const PRE_COMMIT: MigrationPhase[] = ['validating', 'waiting-for-slot', 'preparing', 'disk-precopy', 'disk-dirty-rounds', 'memory-precopy', 'awaiting-cutover', 'converging'];
 
 function hostActivities(host: string, deadlineSeconds: number) {
@@ -154,7 +153,14 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
   });
   setHandler(
     abortUpdate,
-    (reason) => {
+    async (reason) => {
+      if (phase === 'memory-precopy') {
+        // The stream runs inside the switchover activity: the source stops it unless the freeze began.
+        const { cancelled } = await src.quick.cancelMachineState({ migrationId });
+        if (!cancelled && abortReason === null) {
+          throw ApplicationFailure.nonRetryable(`migration of ${cfg.vmId}: the freeze has begun, it can only complete`, 'AbortRefused');
+        }
+      }
       abortReason = reason || 'aborted by operator';
       preCommitScope?.cancel();
       return { accepted: true, phase };
@@ -220,9 +226,11 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
     if (committed || !PRE_COMMIT.includes(phase)) return;
     if (cfg.onCompletionTimeout === 'switchover') {
       forceSwitchover = true;
+      if (phase === 'memory-precopy') void src.quick.forceSwitchover({ migrationId }).catch(() => undefined);
     } else {
       abortReason = `completion timeout of ${Math.round(timeoutMs / 1000)} s expired before the switchover`;
       preCommitScope?.cancel();
+      if (phase === 'memory-precopy') void src.quick.cancelMachineState({ migrationId }).catch(() => undefined);
     }
   });
 
@@ -299,37 +307,20 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
       }
     }
 
-    setPhase('memory-precopy', `copying the memory and device state of ${cfg.vmId}`);
-    const machine = { downtimeTargetMs: cfg.downtimeTargetMs, autoConverge: cfg.convergence.onStall === 'throttle' };
-    const mem = await src.transfer.copyMachineState.executeWithOptions({ ...src.options.transfer, summary: 'memory precopy (the hypervisor\'s stream)' }, [{ ref, ...machine }]);
-    report.memoryBytesSent += mem.bytes;
-    report.memoryRounds = mem.iterations;
-    if (mem.throttle > 0) report.throttled = true;
-    progress.memory.remainingBytes = 0;
-    updatePercent();
-
     while (!approved && !forceSwitchover) {
-      setPhase('awaiting-cutover', `converged; waiting for approval to switch over to ${dest} (ferry approve ${cfg.vmId})`);
+      setPhase('awaiting-cutover', `disk copied; waiting for approval to switch over to ${dest} (ferry approve ${cfg.vmId})`);
       await condition(() => approved || forceSwitchover, '5 seconds');
       if (!approved && !forceSwitchover) {
         const r = await src.transfer.copyDiskDirty.executeWithOptions({ ...src.options.transfer, summary: 'disk round while awaiting cutover' }, [ref]);
         report.diskBytesSent += r.bytes;
       }
     }
+    if (cfg.cutover === 'manual') await converge(); // the set grew while it waited
+    setPhase('memory-precopy', `copying the memory and device state of ${cfg.vmId}, then the freeze`);
+    const machine = { downtimeTargetMs: forceSwitchover ? FORCED_DOWNTIME_MS : cfg.downtimeTargetMs, autoConverge: cfg.convergence.onStall === 'throttle' };
+    return CancellationScope.nonCancellable(() => switchover(dest, machine));
 
-    for (let attempt = 1; ; attempt++) {
-      await converge();
-      setPhase('switchover', `freeze-and-copy to ${dest}`);
-      const sw = await CancellationScope.nonCancellable(() => switchover(dest, machine));
-      if (sw.outcome !== 'not-converged') return sw;
-      report.memoryBytesSent += sw.memoryBytes;
-      if (attempt >= MAX_SWITCHOVER_ATTEMPTS) {
-        throw ApplicationFailure.nonRetryable(`the memory of ${cfg.vmId} does not converge after ${attempt} tries: ${sw.reason}; raise downtimeTargetMs or the bandwidth`, 'NotConverging');
-      }
-      log.info(`not converged yet: ${sw.reason}`, { vmId: cfg.vmId, migrationId });
-    }
-
-    /** Disk rounds right before the freeze, while the stream keeps memory current: the freeze carries as little as possible. */
+    /** Disk rounds after an approval, before the memory precopy: the freeze carries as little as possible. */
     async function converge(): Promise<void> {
       setPhase('converging', `last disk rounds before the freeze (${cfg.vmId} to ${dest})`);
       let lastDiskItems = Infinity;
@@ -363,7 +354,7 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
     };
     for (;;) {
       try {
-        return await src.rollForward.switchover.executeWithOptions(options, [{ ref: ref!, mode: cfg.mode, ...machine, readyTimeoutMs: READY_TIMEOUT_MS }]);
+        return await src.rollForward.switchover.executeWithOptions(options, [{ ref: ref!, mode: cfg.mode, ...machine }]);
       } catch (err) {
         const cause = (err as { cause?: unknown }).cause;
         if (!(cause instanceof ApplicationFailure && cause.type === 'DestinationUnreachable')) throw err;
@@ -425,17 +416,21 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
       continue;
     }
     preCommitScope = null;
-    if (sw.outcome !== 'committed') {
-      const reason = sw.outcome === 'aborted' ? sw.reason : 'the switchover did not converge';
-      await rollBack(dest, reason, false);
+    report.memoryBytesSent += sw.memoryBytes;
+    report.diskBytesSent += sw.diskBytes;
+    if (sw.outcome === 'aborted') {
+      const final = abortReason !== null;
+      const reason = abortReason ?? sw.reason;
+      await rollBack(dest, reason, final);
+      if (final) return finish('rolled-back', reason);
       report.failedDestinations.push({ host: dest, reason });
       await releaseHostSlots();
       continue;
     }
     committed = true;
-    report.memoryBytesSent += sw.memoryBytes;
-    report.diskBytesSent += sw.diskBytes;
     report.hypervisorDowntimeMs = sw.hypervisorDowntimeMs;
+    report.memoryRounds = sw.memoryIterations;
+    report.throttled ||= sw.throttled;
     const dst = hostActivities(dest, cfg.destinationDeadlineSeconds);
 
     if (cfg.mode === 'tpm') {

@@ -72,6 +72,8 @@ export class Machine {
   private heartbeatTimer: NodeJS.Timeout | null = null;
   private readonly heartbeatWaiters = new Set<{ since: number; resolve: (at: number | null) => void }>();
   private outgoing: OutgoingMigration | null = null;
+  /** A stream was loaded and the guest has not run since: stale blocks may still be set. */
+  private loadedNotRun = false;
   private incomingStream: IncomingMigration | null = null;
   private scheduled = false;
   private rateBaseAt = 0;
@@ -178,6 +180,7 @@ export class Machine {
   // ---- the guest loop ----
 
   private startRunning(): void {
+    this.loadedNotRun = false;
     this.setState('running');
     this.rebaseRate();
     this.schedule(0);
@@ -366,7 +369,14 @@ export class Machine {
         this.guest.loadState(state);
         this.waitingOn = null;
       },
-      loaded: () => void (this.cpuLoaded = true),
+      loaded: () => {
+        // As QEMU's destination after `-incoming`: a guest, paused until it is resumed.
+        this.cpuLoaded = true;
+        this.config = { ...this.config, incoming: false };
+        writeFileAtomic(this.paths.config, JSON.stringify(this.config, null, 2));
+        this.setState('paused');
+        this.loadedNotRun = true;
+      },
       fail: (reason: string) => {
         this.log(reason);
         this.exit(1, reason);
@@ -471,9 +481,7 @@ export class Machine {
         throw new HypervisorError('InvalidState', `a migration stream is ${this.outgoing.status}: cancel it (migrate-cancel) before resuming here`);
       }
       if (this.state === 'incoming') {
-        if (!this.cpuLoaded) throw new HypervisorError('InvalidState', 'an incoming VM runs only once its machine-state stream is loaded (migrate-incoming)');
-        this.config = { ...this.config, incoming: false };
-        writeFileAtomic(this.paths.config, JSON.stringify(this.config, null, 2));
+        throw new HypervisorError('InvalidState', 'an incoming VM runs only once its machine-state stream is loaded (migrate-incoming)');
       }
       if (this.state === 'halted') {
         this.guest.haltAt = null; // an explicit resume of a halted guest runs it on
@@ -632,7 +640,9 @@ export class Machine {
     });
 
     c.set('set-stale', (args, att) => {
-      this.requireState('set-stale', ['incoming'], 'stale blocks can only be set on an incoming VM, before it resumes');
+      if (!(this.state === 'incoming' || (this.state === 'paused' && this.loadedNotRun))) {
+        throw new HypervisorError('InvalidState', `set-stale is not allowed while the VM is ${this.state}: stale blocks can only be set on an incoming VM, before it resumes`);
+      }
       const blockBytes = args.blockBytes;
       if (!isValidBlockBytes(blockBytes)) invalid('argument "blockBytes" must be a power of two from 4096 to 1048576');
       const bits = needAttachment(att, 'the stale bitmap');

@@ -30,7 +30,7 @@ describe('abort', () => {
         vmId: vm.vmId,
         sourceHost: a,
         destinationHosts: [b],
-        cutover: 'manual',
+        cutover: phase === 'awaiting-cutover' ? 'manual' : 'auto',
         // slow enough that each phase lasts seconds
         bandwidthBytesPerSecond: phase === 'awaiting-cutover' ? null : 4 * 1024 * 1024,
       });
