@@ -10,8 +10,11 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { parseGuestLine, type GuestCounters, type GuestLine, type GuestViolation } from './guest-lines';
 import type { GuestWorkload } from './guest-params';
 
-/** The host clock the probe stamps heartbeats with (ms, monotonic, this process only). */
-export const hostNow = (): number => performance.now();
+/**
+ * The host clock the probe stamps heartbeats with: ms since the epoch, but monotonic (the process's
+ * time origin plus its monotonic clock, as the simulator's nowMs), so a wall-clock step is no gap.
+ */
+export const hostNow = (): number => performance.timeOrigin + performance.now();
 
 export interface Heartbeat extends GuestCounters {
   /** hostNow() when the line arrived. */
@@ -90,6 +93,7 @@ export class GuestProbe extends EventEmitter<GuestProbeEvents> {
   private readonly seqs: Float64Array;
   private count = 0;
   private last: Heartbeat | null = null;
+  private longestSeen = 0;
   private readyFields: Record<string, string> | null = null;
   private fatalMessage: string | null = null;
 
@@ -130,6 +134,22 @@ export class GuestProbe extends EventEmitter<GuestProbeEvents> {
   /** The newest heartbeat, or null before the first. */
   latest(): Heartbeat | null {
     return this.last;
+  }
+
+  /** The longest gap between consecutive heartbeats this probe has seen (ms). */
+  get maxGapMs(): number {
+    return this.longestSeen;
+  }
+
+  /** hostNow() of the first heartbeat that arrived at or after `sinceMs`, waiting up to `timeoutMs`; null if none came. */
+  async nextHeartbeat(sinceMs: number, timeoutMs: number): Promise<number | null> {
+    const deadline = hostNow() + timeoutMs;
+    for (;;) {
+      const first = this.count > 0 ? this.arrivalsSince(sinceMs).find((a) => a.at >= sinceMs) : undefined;
+      if (first) return first.at;
+      if (hostNow() >= deadline) return null;
+      await this.nextEvent(['heartbeat'], deadline - hostNow());
+    }
   }
 
   /** A point on the host clock to measure gaps from (gapSince). */
@@ -293,6 +313,7 @@ export class GuestProbe extends EventEmitter<GuestProbeEvents> {
         this.arrivals[slot] = at;
         this.seqs[slot] = hb.seq;
         this.count++;
+        if (this.last) this.longestSeen = Math.max(this.longestSeen, at - this.last.at);
         this.last = hb;
         this.emit('heartbeat', hb);
         break;

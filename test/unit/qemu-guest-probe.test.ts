@@ -193,3 +193,18 @@ it('gives up reconnecting after its timeout and says so', async () => {
 it('cannot connect to a socket nobody listens on', async () => {
   await expect(GuestProbe.connect(path.join(dir, 'none.sock'), { connectTimeoutMs: 300 })).rejects.toThrow(/cannot connect to the guest channel .* within 300 ms/);
 });
+
+it('gives the first heartbeat at or after a point, and the longest gap it saw', async () => {
+  probe = await GuestProbe.connect(guest.socketPath);
+  guest.beat();
+  await probe.waitForHeartbeat((hb) => hb.seq === 1);
+  const since = hostNow();
+  expect(await probe.nextHeartbeat(since, 100)).toBeNull();
+  const waiting = probe.nextHeartbeat(since, 5000);
+  await sleep(150);
+  guest.beat();
+  const at = await waiting;
+  expect(at).toBe(probe.latest()!.at);
+  expect(at! - since).toBeGreaterThanOrEqual(150);
+  expect(probe.maxGapMs).toBeGreaterThanOrEqual(150);
+});
