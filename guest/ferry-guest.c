@@ -448,7 +448,8 @@ static struct rescan_result rescan_disk(void) {
 static void *heartbeat_main(void *arg) {
   (void)arg;
   struct sched_param sp = {.sched_priority = 10};
-  pthread_setschedparam(pthread_self(), SCHED_FIFO, &sp); /* so a busy workload does not delay it */
+  int rc = pthread_setschedparam(pthread_self(), SCHED_FIFO, &sp); /* so a busy workload does not delay it */
+  if (rc != 0) console("ferry-guest: the heartbeat runs at normal priority (SCHED_FIFO refused: %s)", strerror(rc));
   uint64_t period = (uint64_t)g.heartbeat_ms * 1000000u, next = now_ns();
   for (;;) {
     next += period;
