@@ -83,3 +83,8 @@ export class CrashWatch {
     for (const cb of this.listeners) cb(vm, exit);
   }
 }
+
+export function describeExit(exit: VmExit): string {
+  const how = exit.signal ? `killed by ${exit.signal}` : exit.code !== null ? `exit status ${exit.code}` : 'exit status unknown';
+  return `${how} at ${exit.at}`;
+}

@@ -5,7 +5,7 @@ import { promises as fs } from 'node:fs';
 import { createActivities } from '../activities';
 import { createControlActivities } from '../activities/control';
 import { listen } from '../dataplane';
-import { SimDriver } from '../hypervisor';
+import { createDriver } from '../hypervisor';
 import { MIGRATION_TASK_QUEUE, hostTaskQueue } from '../common/types';
 import { createLogger, withLogContext, type Logger } from '../common/log';
 import { Destination } from '../migration/destination';
@@ -37,7 +37,7 @@ export async function startAgent(config: AgentConfig, opts: AgentOptions = {}): 
   const log = opts.log ?? createLogger({ host: config.host });
   const metrics = createAgentMetrics(config.host);
   await fs.mkdir(config.home, { recursive: true });
-  const driver = new SimDriver({ home: config.home });
+  const driver = await createDriver(config.hypervisor, config.home, log);
   const ownership = new OwnershipStore(config.home);
   const destination = new Destination({ driver, ownership, home: config.home, log });
   await destination.recover();
@@ -89,7 +89,7 @@ export async function startAgent(config: AgentConfig, opts: AgentOptions = {}): 
   const metricsPort = metricsServer?.port ?? null;
 
   const done = Promise.all([hostWorker.run(), workflowWorker.run()]).then(() => undefined);
-  log.info({ taskQueue: hostTaskQueue(config.host), dataAddress, metricsPort, home: config.home, pid: process.pid }, 'agent ready');
+  log.info({ taskQueue: hostTaskQueue(config.host), dataAddress, metricsPort, home: config.home, pid: process.pid, hypervisor: await driver.describe() }, 'agent ready');
 
   let stopping: Promise<void> | null = null;
   return {

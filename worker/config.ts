@@ -3,6 +3,7 @@ import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { z } from 'zod';
 import { hostName } from '../common/types';
+import { DRIVER_KINDS, type DriverKind } from '../hypervisor';
 
 export interface TemporalConnectionConfig {
   address: string;
@@ -27,6 +28,8 @@ export interface AgentConfig {
   limits: { host: number; cluster: number };
   /** A prebuilt workflow bundle (jest and the demo build it once for all agents). */
   workflowBundlePath: string | null;
+  /** The hypervisor driver of this host's VMs. */
+  hypervisor: DriverKind;
 }
 
 export interface AgentFlags {
@@ -49,6 +52,7 @@ export interface AgentFlags {
   metricsPort?: string;
   maxMigrations?: string;
   clusterMaxMigrations?: string;
+  hypervisor?: string;
 }
 
 export class ConfigError extends Error {}
@@ -142,7 +146,13 @@ export function loadAgentConfig(flags: AgentFlags, env: NodeJS.ProcessEnv = proc
     metricsPort,
     limits,
     workflowBundlePath: env.FERRY_WORKFLOW_BUNDLE ?? null,
+    hypervisor: driverKind(flags.hypervisor ?? env.FERRY_HYPERVISOR ?? 'sim'),
   };
+}
+
+function driverKind(value: string): DriverKind {
+  if (!(DRIVER_KINDS as readonly string[]).includes(value)) throw new ConfigError(`--hypervisor ${value}: use ${DRIVER_KINDS.join(' or ')}`);
+  return value as DriverKind;
 }
 
 function positiveInt(value: string | undefined, fallback: number, flag: string): number {

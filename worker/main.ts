@@ -22,6 +22,7 @@ export function workerCommand(): Command {
     .option('--tls-ca <file>', 'Temporal server CA certificate (env TEMPORAL_TLS_SERVER_CA_CERT_PATH)')
     .option('--tls-server-name <name>', 'TLS server name override (env TEMPORAL_TLS_SERVER_NAME)')
     .option('--metrics-port <port>', 'serve Prometheus metrics on this port (env FERRY_METRICS_PORT)')
+    .option('--hypervisor <kind>', 'the hypervisor of this host\'s VMs: sim (Ferry\'s simulator) or qemu (env FERRY_HYPERVISOR; default sim)')
     .option('--max-migrations <n>', 'migrations that may run at once touching this host, as source or destination (env FERRY_MAX_MIGRATIONS; default 4)')
     .option('--cluster-max-migrations <n>', 'migrations that may run at once in the whole cluster; the latest asking agent\'s value applies (env FERRY_CLUSTER_MAX_MIGRATIONS; default 32)')
     .action(async (flags: AgentFlags) => {

@@ -14,7 +14,7 @@ import { fillDisk, parseCpuState, validateSpec } from './guest';
 import { verifyAgainstReference } from './verify';
 import { SimVmHandle, toVmStatus } from './vm-handle';
 import { VmPaths, controlSocketPath, isVmProcessAlive, readJson, readPid, writeFileAtomic, type SavedRun, type VmConfig } from './vm-files';
-import { CrashWatch } from '../crash-watch';
+import { CrashWatch, describeExit } from '../crash-watch';
 import { setTimeout as sleep } from 'node:timers/promises';
 
 export type SimLogger = Pick<Logger, 'info' | 'warn' | 'debug'>;
@@ -339,10 +339,6 @@ export class SimDriver implements HypervisorDriver {
   }
 }
 
-export function describeExit(exit: VmExit): string {
-  const how = exit.signal ? `killed by ${exit.signal}` : exit.code !== null ? `exit status ${exit.code}` : 'exit status unknown';
-  return `${how} at ${exit.at}`;
-}
 
 async function waitForExit(pid: number, dir: string, timeoutMs: number): Promise<boolean> {
   const deadline = Date.now() + timeoutMs;

@@ -1,10 +1,9 @@
 // The files of one simulated VM under <home>/vms/<vmId>/ and the helpers both the driver and the VM
 // process use on them.
-import { createHash } from 'node:crypto';
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import type { VmSpec } from '../driver';
+import { socketPath } from '../socket-path';
 
 export interface VmConfig {
   spec: VmSpec;
@@ -116,24 +115,7 @@ export function isVmProcessAlive(pid: number, dir: string): boolean {
   }
 }
 
-/**
- * A Unix socket path must fit in ~107 bytes. For long VM directories, address the socket through a
- * short symlink to the directory in the temp dir (both ends compute the same name).
- */
+/** The VM's control socket (through a short symlink when its directory is deep: see socket-path.ts). */
 export function controlSocketPath(paths: VmPaths): string {
-  const direct = paths.socket;
-  if (Buffer.byteLength(direct) <= 100) return direct;
-  const hash = createHash('sha256').update(path.resolve(paths.dir)).digest('hex').slice(0, 16);
-  const link = path.join(os.tmpdir(), `ferry-vm-${hash}`);
-  try {
-    if (fs.readlinkSync(link) !== path.resolve(paths.dir)) fs.rmSync(link, { force: true });
-  } catch {
-    // absent
-  }
-  try {
-    fs.symlinkSync(path.resolve(paths.dir), link);
-  } catch (e) {
-    if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
-  }
-  return path.join(link, 'control.sock');
+  return socketPath(paths.dir, 'control.sock');
 }

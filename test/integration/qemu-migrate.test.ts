@@ -1,0 +1,51 @@
+// Ferry's migrations of real QEMU guests (Linux under TCG, Ferry's guest program as the oracle):
+// three-phase and precopy mode under randwrite, with real agents, a real Temporal server and QEMU's
+// own migration stream carried over Ferry's data plane.
+import { useCluster, uniqueHosts } from '../support/cluster';
+import { describeQemu } from '../support/qemu';
+import type { MigrationMode } from '../../common/migration';
+
+const [a, b] = uniqueHosts('qa', 'qb');
+jest.setTimeout(600_000);
+
+let counter = 0;
+const qemuVm = (over: Record<string, unknown> = {}) => ({
+  vmId: `qvm-${process.pid.toString(36)}-${++counter}`,
+  diskBytes: 64 * 1024 * 1024,
+  memoryBytes: 128 * 1024 * 1024,
+  workload: 'randwrite' as const,
+  seed: 40 + counter,
+  opsPerSecond: 200,
+  fill: true,
+  ...over,
+});
+
+describeQemu('QEMU guests', () => {
+  const t = useCluster([a, b], { FERRY_HYPERVISOR: 'qemu' });
+
+  async function guestReady(host: string, vmId: string): Promise<void> {
+    const until = Date.now() + 120_000;
+    for (;;) {
+      const s = await t.ferry.hostCommand(host, 'vmInspect', { vmId });
+      if (s.guest && s.guest.ops > 20) return;
+      if (Date.now() > until) throw new Error(`the guest of ${vmId} did not start working on ${host}`);
+      await new Promise((r) => setTimeout(r, 500));
+    }
+  }
+
+  it.each<[MigrationMode]>([['tpm'], ['precopy']])('%s mode under randwrite: completes, one QEMU, the guest verifies clean', async (mode) => {
+    const vm = qemuVm();
+    await t.ferry.hostCommand(a, 'vmCreate', vm);
+    await guestReady(a, vm.vmId);
+    const report = await (await t.ferry.migrate({ vmId: vm.vmId, sourceHost: a, destinationHosts: [b], mode })).result();
+    expect(report).toMatchObject({ outcome: 'completed', destinationHost: b, mode });
+    expect(report.memoryBytesSent).toBeGreaterThan(0);
+    expect(report.downtimeMs).not.toBeNull();
+    expect((await t.cluster.vmProcesses(a)).map((p) => p.vmId)).not.toContain(vm.vmId);
+    expect((await t.cluster.vmProcesses(b)).map((p) => p.vmId)).toContain(vm.vmId);
+    const after = await t.ferry.hostCommand(b, 'vmInspect', { vmId: vm.vmId });
+    expect(after.state).toBe('running');
+    const verified = await t.ferry.hostCommand(b, 'vmVerify', { vmId: vm.vmId });
+    expect({ violations: verified.violations, details: verified.details }).toEqual({ violations: 0, details: expect.any(String) as string });
+  });
+});
