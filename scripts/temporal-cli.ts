@@ -218,7 +218,7 @@ async function moveIntoPlace(
   return { path: target.bin, version, route };
 }
 
-function tempSibling(dir: string): string {
+export function tempSibling(dir: string): string {
   return `${dir}.tmp-${process.pid}-${randomBytes(4).toString('hex')}`;
 }
 
@@ -239,7 +239,7 @@ export async function readCliVersion(bin: string): Promise<string> {
   return match[1];
 }
 
-async function isExecutable(file: string): Promise<boolean> {
+export async function isExecutable(file: string): Promise<boolean> {
   try {
     const stat = await fsp.stat(file);
     if (!stat.isFile()) return false;
@@ -257,7 +257,7 @@ async function isExecutable(file: string): Promise<boolean> {
 const LOCK_TIMEOUT_MS = 30 * 60_000; // a cold `go install` can take many minutes
 const LOCK_POLL_MS = 500;
 
-async function withLock<T>(lockDir: string, log: LogFn, fn: () => Promise<T>): Promise<T> {
+export async function withLock<T>(lockDir: string, log: LogFn, fn: () => Promise<T>): Promise<T> {
   await acquireLock(lockDir, log);
   try {
     return await fn();
@@ -283,7 +283,7 @@ async function acquireLock(lockDir: string, log: LogFn): Promise<void> {
       continue;
     }
     if (!announced) {
-      log(`waiting for another process installing the Temporal CLI (lock ${lockDir})`);
+      log(`waiting for another process that is installing into the cache (lock ${lockDir})`);
       announced = true;
     }
     if (Date.now() > deadline) {
@@ -326,7 +326,7 @@ interface StreamResult {
 }
 
 /** Runs a command, passing each output line to log and keeping the last lines for error messages. */
-function runStreaming(cmd: string, args: string[], opts: { log: LogFn; env: NodeJS.ProcessEnv }): Promise<StreamResult> {
+export function runStreaming(cmd: string, args: string[], opts: { log: LogFn; env: NodeJS.ProcessEnv }): Promise<StreamResult> {
   return new Promise((resolve) => {
     const child = spawn(cmd, args, { env: opts.env, stdio: ['ignore', 'pipe', 'pipe'] });
     const tail = collectLines(child, opts.log, 30);
@@ -338,7 +338,7 @@ function runStreaming(cmd: string, args: string[], opts: { log: LogFn; env: Node
 }
 
 /** Reads stdout and stderr line by line (a pipe nobody reads would eventually block the child). */
-function collectLines(child: ChildProcess, log: LogFn | undefined, keep: number): string[] {
+export function collectLines(child: ChildProcess, log: LogFn | undefined, keep: number): string[] {
   const tail: string[] = [];
   for (const stream of [child.stdout, child.stderr]) {
     if (!stream) continue;
@@ -499,7 +499,7 @@ async function checkSearchAttributes(address: string, namespace: string, wanted:
   }
 }
 
-async function stopChild(child: ChildProcess, exited: Promise<number | null>): Promise<void> {
+export async function stopChild(child: ChildProcess, exited: Promise<number | null>): Promise<void> {
   if (child.exitCode !== null || child.signalCode !== null || child.pid === undefined) return;
   child.kill('SIGTERM');
   const timer = setTimeout(() => child.kill('SIGKILL'), STOP_GRACE_MS);
@@ -514,7 +514,7 @@ async function stopChild(child: ChildProcess, exited: Promise<number | null>): P
  * If this process dies without stopping the server (kill -9, a test runner's timeout), a tiny
  * detached watchdog stops it, so no orphaned server keeps holding ports and memory.
  */
-function startOrphanWatchdog(serverPid: number): void {
+export function startOrphanWatchdog(serverPid: number): void {
   const script = `
     const [parent, server] = process.argv.slice(1).map(Number);
     const alive = (pid) => { try { process.kill(pid, 0); return true; } catch (e) { return e.code === 'EPERM'; } };
@@ -557,6 +557,6 @@ export function freePort(): Promise<number> {
   });
 }
 
-function errorMessage(err: unknown): string {
+export function errorMessage(err: unknown): string {
   return err instanceof Error ? err.message : String(err);
 }
