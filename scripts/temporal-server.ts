@@ -9,6 +9,7 @@ import { promises as fsp } from 'node:fs';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { Connection } from '@temporalio/client';
+import { msToTs } from '@temporalio/common/lib/time';
 import { temporal } from '@temporalio/proto';
 import { TEMPORAL_SERVER, ensureGoTool, type GoTool } from './go-tools';
 import { FERRY_SEARCH_ATTRIBUTES, collectLines, errorMessage, runStreaming, stopChild, type LogFn, type SearchAttributeTypeName } from './temporal-cli';
@@ -279,7 +280,7 @@ export async function registerNamespace(address: string, namespace: string, attr
   const connection = await Connection.connect({ address });
   try {
     try {
-      await connection.workflowService.registerNamespace({ namespace, workflowExecutionRetentionPeriod: { seconds: 3 * 24 * 3600 } });
+      await connection.workflowService.registerNamespace({ namespace, workflowExecutionRetentionPeriod: msToTs('3 days') });
     } catch (err) {
       if (!/already exists/i.test(errorMessage(err))) throw new Error(`cannot register namespace ${namespace}: ${errorMessage(err)}`);
     }
