@@ -15,7 +15,8 @@ import {
   type IncrementalRequest,
   type IncomingRecord,
 } from '../migration/destination';
-import { DestinationUnreachable, type MigrationRef, type Progress, type Source } from '../migration/source';
+import { DestinationUnreachable, dataPlaneLiveness, type MigrationRef, type Progress, type Source } from '../migration/source';
+import { DataPlaneError } from '../dataplane/api';
 import { isHypervisorError } from '../hypervisor';
 import { DEFAULTS } from '../common/migration';
 import { BaseInUse, BaseStore, type BaseRecord } from '../migration/bases';
@@ -84,10 +85,13 @@ export function createActivities(deps: HostDeps) {
       unreachableSince.delete(ref.migrationId);
       return result;
     } catch (err) {
-      if (!(err instanceof ApplicationFailure && err.type === 'DestinationUnreachable')) throw err;
-      const since = unreachableSince.get(ref.migrationId) ?? Date.now();
+      if (!(err instanceof ApplicationFailure && (err.type === 'DestinationUnreachable' || err.type === 'DataPlaneLost'))) throw err;
+      const deadlineSeconds = ref.destinationDeadlineSeconds ?? DEFAULTS.destinationDeadlineSeconds;
+      // A lost session has already waited for the destination (silence, then its reconnect window): count that time too.
+      const lostAt = err.type === 'DataPlaneLost' ? Date.now() - dataPlaneLiveness(deadlineSeconds).lostAfterMs : Date.now();
+      const since = Math.min(unreachableSince.get(ref.migrationId) ?? lostAt, lostAt);
       unreachableSince.set(ref.migrationId, since);
-      const deadline = ref.destinationDeadlineSeconds ?? DEFAULTS.destinationDeadlineSeconds;
+      const deadline = deadlineSeconds;
       const seconds = Math.round((Date.now() - since) / 1000);
       if (seconds < deadline) throw err;
       unreachableSince.delete(ref.migrationId);
@@ -305,6 +309,7 @@ async function guard<T>(fn: () => Promise<T>): Promise<T> {
     if (err instanceof BaseInUse) throw ApplicationFailure.nonRetryable(err.message, 'BaseInUse');
     if (err instanceof IncrementalUnavailable) throw ApplicationFailure.nonRetryable(err.message, 'IncrementalUnavailable');
     if (err instanceof DestinationUnreachable) throw ApplicationFailure.retryable(err.message, 'DestinationUnreachable');
+    if (err instanceof DataPlaneError && err.code === 'disconnected') throw ApplicationFailure.retryable(err.message, 'DataPlaneLost');
     if (isHypervisorError(err) && PERMANENT_HYPERVISOR_ERRORS.includes(err.code)) throw ApplicationFailure.nonRetryable(err.message, err.code);
     throw err;
   }
