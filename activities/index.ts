@@ -1,10 +1,10 @@
 // Host-side activities. Every agent registers all of them on its own task queue (`host-<name>`);
 // the workflow chooses the host by choosing the queue. Built by a factory that receives the host's
 // dependencies, as in the Temporal samples.
-import { ApplicationFailure, Context, getClient } from '@temporalio/activity';
+import { ApplicationFailure, Context } from '@temporalio/activity';
 import type { HypervisorDriver, VmSpec, VmStatus } from '../hypervisor/driver';
-import { MIGRATION_TASK_QUEUE, vmId as checkVmId, type VmId, type Workload } from '../common/types';
-import { CLUSTER_SCOPE, admissionWorkflowId, hostScope, requestSlotSignal, type AdmissionState } from '../workflows/definitions';
+import { vmId as checkVmId, type VmId, type Workload } from '../common/types';
+import { requestSlotActivity } from './admission';
 import type { Logger } from '../common/log';
 import { OwnershipConflict, type OwnershipRecord, type OwnershipStore } from '../migration/ownership';
 import {
@@ -189,20 +189,7 @@ export function createActivities(deps: HostDeps) {
     // ----- admission -----
 
     /** Ask for a slot of this host (or of the cluster, with this agent's cluster limit). */
-    async requestSlot(input: { scope: 'host' | 'cluster'; ticket: number }): Promise<void> {
-      const run = Context.current().info.workflowExecution;
-      if (!run) throw ApplicationFailure.nonRetryable('requestSlot is called by a migration workflow only', 'InvalidArgument');
-      const scope = input.scope === 'cluster' ? CLUSTER_SCOPE : hostScope(deps.host);
-      const limit = input.scope === 'cluster' ? deps.limits.cluster : deps.limits.host;
-      const initial: AdmissionState = { scope, limit, holders: [], waiting: [] };
-      await getClient().workflow.signalWithStart('admission', {
-        workflowId: admissionWorkflowId(scope),
-        taskQueue: MIGRATION_TASK_QUEUE,
-        args: [initial],
-        signal: requestSlotSignal,
-        signalArgs: [{ holder: { workflowId: run.workflowId, runId: run.runId }, limit, ticket: input.ticket }],
-      });
-    },
+    requestSlot: requestSlotActivity(deps.host, deps.limits),
 
     // ----- source side -----
 

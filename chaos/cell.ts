@@ -114,6 +114,7 @@ export async function runCell(env: ChaosEnv, f: FaultName, p: PointName, seed: n
       if (settled.note) result.detail = settled.note;
       if (settled.problem) result.problems.push(settled.problem);
       await settle(result, handle, opts.settleTimeoutMs ?? 120_000);
+      if (settled.note && result.detail !== settled.note) result.detail = `${result.detail}; ${settled.note}`;
     }
     result.durationMs = Date.now() - started;
     await check(env, result, handle, spec);

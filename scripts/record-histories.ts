@@ -21,6 +21,7 @@ import type { FaultName } from '../chaos/faults';
 import type { PointName } from '../chaos/points';
 import type { MigrationHandle } from '../client/ferry-client';
 import type { MigrateVmInput } from '../common/migration';
+import { temporal } from '@temporalio/proto';
 
 export const HISTORIES_DIR = path.resolve(__dirname, '..', 'test', 'fixtures', 'histories');
 
@@ -29,6 +30,8 @@ const say = (line: string) => process.stderr.write(`[record-histories] ${line}\n
 
 interface Recorded {
   file: string;
+  /** The replay must use it: commands (child workflow ids...) are derived from it. */
+  workflowId: string;
   workflowType: string;
   events: number;
 }
@@ -45,6 +48,19 @@ async function main(out: string): Promise<void> {
       say(`${name}: ${recorded.at(-1)!.events} events`);
     };
     const vm = (suffix: string) => ({ vmId: `rec-${tag}-${suffix}`, diskBytes: 16 * MiB, memoryBytes: 8 * MiB, workload: 'mixed' as const, seed: 5, opsPerSecond: 300, fill: true });
+
+    // First: the chaos cells check that no VM process but theirs runs on the hosts.
+    const cells: [FaultName, PointName, string][] = [
+      ['kill-source', 'disk-precopy', 'fault-kill-source-disk-precopy'],
+      ['restart-temporal', 'before-pause', 'fault-restart-temporal-switchover'],
+      ['cut-link', 'postcopy', 'fault-cut-link-postcopy'],
+    ];
+    for (const [fault, point, name] of cells) {
+      say(`with faults: ${fault} at ${point}`);
+      const cell = await runCell(env, fault, point, 1, { tag, destinationDeadlineSeconds: 5 });
+      if (!cell.ok) throw new Error(`${fault} at ${point}: ${cell.outcome}: ${cell.problems.join('; ')}`);
+      await save(name, `migrate-chaos-${tag}-${fault}-${point}-1`);
+    }
 
     say('completed: a full migration there and an incremental one back');
     const v1 = vm('completed');
@@ -67,24 +83,12 @@ async function main(out: string): Promise<void> {
     const v3 = vm('failover');
     await env.ferry.hostCommand(a, 'vmCreate', v3);
     const failover = await env.ferry.migrate(
-      { vmId: v3.vmId, sourceHost: a, destinationHosts: [`gone-${tag}`, b], destinationDeadlineSeconds: 3 },
+      { vmId: v3.vmId, sourceHost: a, destinationHosts: [`gone-${tag}`, b], destinationDeadlineSeconds: 10 },
       { checkHosts: false },
     );
     const report = await expectOutcome(failover, 'completed');
     if (report.failedDestinations.length !== 1) throw new Error(`failover: expected one failed destination, got ${JSON.stringify(report.failedDestinations)}`);
     await save('failed-over', failover.workflowId);
-
-    const cells: [FaultName, PointName, string][] = [
-      ['kill-source', 'disk-precopy', 'fault-kill-source-disk-precopy'],
-      ['restart-temporal', 'before-pause', 'fault-restart-temporal-switchover'],
-      ['cut-link', 'postcopy', 'fault-cut-link-postcopy'],
-    ];
-    for (const [fault, point, name] of cells) {
-      say(`with faults: ${fault} at ${point}`);
-      const cell = await runCell(env, fault, point, 1, { tag, destinationDeadlineSeconds: 5 });
-      if (!cell.ok) throw new Error(`${fault} at ${point}: ${cell.outcome}: ${cell.problems.join('; ')}`);
-      await save(name, `migrate-chaos-${tag}-${fault}-${point}-1`);
-    }
 
     say('admission and host commands');
     await saveLatestClosed(env.cluster.client, `WorkflowType = 'admission'`, (id, run) => save('admission-cluster', id, run));
@@ -130,10 +134,24 @@ async function writeHistory(client: Client, out: string, name: string, workflowI
   const description = await handle.describe();
   const history = await handle.fetchHistory();
   const file = `${name}.json`;
-  // The JSON form Temporal's CLI and UI export, which Worker.runReplayHistories reads back.
-  const { historyToJSON } = await import('@temporalio/common/lib/proto-utils');
-  await fs.writeFile(path.join(out, file), `${historyToJSON(history)}\n`);
-  return { file, workflowType: description.type, events: history.events?.length ?? 0 };
+  await fs.writeFile(path.join(out, file), historyToText(history));
+  return { file, workflowId, workflowType: description.type, events: history.events?.length ?? 0 };
+}
+
+type History = temporal.api.history.v1.IHistory;
+const HistoryType = temporal.api.history.v1.History;
+
+/**
+ * A history as JSON text: the protobuf object form with enums as names, 64-bit numbers as strings and
+ * payload bytes in base64, so a diff of two recordings reads as events.
+ */
+export function historyToText(history: History): string {
+  const object = HistoryType.toObject(HistoryType.fromObject(history), { enums: String, longs: String, bytes: String });
+  return `${JSON.stringify(object, null, 1)}\n`;
+}
+
+export function historyFromText(text: string): History {
+  return HistoryType.fromObject(JSON.parse(text) as Record<string, unknown>);
 }
 
 if (require.main === module) {

@@ -312,3 +312,38 @@ async function retry<T>(what: string, timeoutMs: number, fn: () => Promise<T>): 
     }
   }
 }
+
+export interface RunProductionServerOptions {
+  postgresUrl: string;
+  /** Address the server binds and advertises (default 127.0.0.1; 0.0.0.0 is not allowed: it is advertised). */
+  ip?: string;
+  /** Frontend port; the other services take the ports beside it (defaultPorts). */
+  port?: number;
+  /** Config files and the server's own state; default ~/.local/share/ferry/temporal-server. */
+  dir?: string;
+  namespace?: string;
+  log?: LogFn;
+}
+
+/** `ferry server --postgres URL`: schema set up or updated, the server started, until SIGINT/SIGTERM. */
+export async function runProductionServer(o: RunProductionServerOptions): Promise<void> {
+  const log = o.log ?? ((line: string) => process.stderr.write(`${line}\n`));
+  const ip = o.ip ?? '127.0.0.1';
+  if (ip === '0.0.0.0' || ip === '::') throw new Error(`--ip ${ip}: the server advertises this address to its own services; give the host's address`);
+  const pg = parsePostgresUrl(o.postgresUrl);
+  const tool = await ensureTemporalServer({ log });
+  log(`Temporal server ${TEMPORAL_SERVER.version}: ${tool.bin('temporal-server')} (${tool.route})`);
+  await setupSchema(tool, pg, { log });
+  const dataHome = process.env.XDG_DATA_HOME || path.join(process.env.HOME ?? '.', '.local', 'share');
+  const ports = defaultPorts(o.port ?? 7233);
+  const server = await startTemporalServer({ tool, dir: o.dir ?? path.join(dataHome, 'ferry', 'temporal-server'), pg, ip, ports, namespace: o.namespace, log });
+  console.log(`Temporal server (pid ${server.pid()}) on PostgreSQL ${pg.host}:${pg.port}/${pg.database} (+ ${pg.visibilityDatabase})`);
+  console.log(`  address:  ${server.address}  (history ${ports.history}, matching ${ports.matching}, worker ${ports.worker}, membership ${ports.membership.join('/')})`);
+  console.log(`  namespace ${o.namespace ?? 'default'} with Ferry's search attributes. Press Ctrl-C to stop.`);
+  await new Promise<void>((resolve) => {
+    process.once('SIGINT', () => resolve());
+    process.once('SIGTERM', () => resolve());
+  });
+  console.log('stopping the Temporal server...');
+  await server.stop();
+}
