@@ -30,11 +30,17 @@ export interface AdmissionLoadOptions {
   holdMs?: number;
   /** Continue-as-new threshold of the scope (default: the workflow's own). */
   historyLimit?: number;
+  /** Stop waiting after this long and report what was granted by then (default: wait for all). */
+  timeoutMs?: number;
   log?: (line: string) => void;
 }
 
 export interface AdmissionLoadResult {
   migrations: number;
+  /** Migrations that got their slots and finished before the timeout. */
+  finished: number;
+  /** Seconds it took to start them all (the client's and the workers' share of the machine). */
+  startSeconds: number;
   hosts: number;
   clusterLimit: number;
   durationSeconds: number;
@@ -99,9 +105,20 @@ export async function runAdmissionLoad(o: AdmissionLoadOptions): Promise<Admissi
         )),
       );
     }
-    log(`all started in ${((performance.now() - started) / 1000).toFixed(1)} s; waiting for them to finish`);
-    const results = (await Promise.all(handles.map((h) => h.result()))) as ProbeResult[];
+    const startSeconds = (performance.now() - started) / 1000;
+    log(`all started in ${startSeconds.toFixed(1)} s; waiting for them to finish`);
+    const results: ProbeResult[] = [];
+    const all = Promise.all(handles.map((h) => h.result().then((r: ProbeResult) => void results.push(r))));
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<void>((resolve) => (timer = setTimeout(resolve, o.timeoutMs ?? 2 ** 31 - 1)));
+    await Promise.race([all, timeout]);
+    clearTimeout(timer);
     const durationSeconds = (performance.now() - started) / 1000;
+    if (results.length < o.migrations) {
+      log(`${o.migrations - results.length} migrations still waiting after ${durationSeconds.toFixed(0)} s: terminating them`);
+      await Promise.allSettled(handles.map((h) => h.terminate('admission load test over')));
+      await client.workflow.getHandle(admissionWorkflowId(CLUSTER_SCOPE)).terminate('admission load test over').catch(() => undefined);
+    }
     sampling = false;
     await sampler;
 
@@ -117,6 +134,8 @@ export async function runAdmissionLoad(o: AdmissionLoadOptions): Promise<Admissi
     }
     return {
       migrations: o.migrations,
+      finished: results.length,
+      startSeconds: round(startSeconds),
       hosts: o.hosts,
       clusterLimit: o.clusterLimit,
       durationSeconds: round(durationSeconds),
@@ -142,9 +161,10 @@ async function main(): Promise<void> {
     .option('--hosts <n>', 'fake hosts', '20')
     .option('--cluster-limit <n>', 'cluster-wide slots', '32')
     .option('--hold-ms <ms>', 'how long each migration holds its slots', '0')
+    .option('--timeout-s <s>', 'report what was granted by then', '600')
     .option('--json <file>', 'write the result as JSON')
     .parse()
-    .opts<{ migrations: string; hosts: string; clusterLimit: string; holdMs: string; json?: string }>();
+    .opts<{ migrations: string; hosts: string; clusterLimit: string; holdMs: string; timeoutS: string; json?: string }>();
   const cli = await ensureTemporalCli();
   const server: DevServer = await startDevServer({ cliPath: cli.path, uiPort: null });
   try {
@@ -154,6 +174,7 @@ async function main(): Promise<void> {
       hosts: Number(f.hosts),
       clusterLimit: Number(f.clusterLimit),
       holdMs: Number(f.holdMs),
+      timeoutMs: Number(f.timeoutS) * 1000,
       log: (l) => process.stderr.write(`[admission-load] ${l}\n`),
     });
     console.log(JSON.stringify(result, null, 2));
