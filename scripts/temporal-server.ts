@@ -247,20 +247,23 @@ async function waitForFrontend(address: string, exited: Promise<number | null>, 
   let last = '';
   let dead: number | null | undefined;
   void exited.then((code) => (dead = code));
-  while (Date.now() < deadline) {
-    if (dead !== undefined) throw new Error(`the server exited (code ${dead})`);
-    try {
-      const connection = await Connection.connect({ address, connectTimeout: '2s' });
+  // One lazy connection, each probe bounded by a gRPC deadline: Connection.connect with a connect
+  // timeout leaves a retry timer behind that fires on the closed channel when the port accepts but
+  // nothing answers (a forward into a namespace whose server is still starting).
+  const connection = Connection.lazy({ address });
+  try {
+    while (Date.now() < deadline) {
+      if (dead !== undefined) throw new Error(`the server exited (code ${dead})`);
       try {
-        await connection.workflowService.getSystemInfo({});
+        await connection.withDeadline(Date.now() + 2000, () => connection.workflowService.getSystemInfo({}));
         return;
-      } finally {
-        await connection.close();
+      } catch (err) {
+        last = errorMessage(err);
       }
-    } catch (err) {
-      last = errorMessage(err);
+      await sleep(500);
     }
-    await sleep(500);
+  } finally {
+    await connection.close().catch(() => undefined);
   }
   throw new Error(`its frontend at ${address} did not answer within ${timeoutMs / 1000} s (last error: ${last})`);
 }

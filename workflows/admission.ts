@@ -55,12 +55,20 @@ export async function admission(state: AdmissionState): Promise<void> {
 
   while (!historyFull()) {
     await condition(() => regrant.length > 0 || canGrant() || starved(), RECLAIM_INTERVAL);
-    for (const req of regrant.splice(0)) await grant(req);
+    // All grants of one wake-up as commands of one workflow task (runs from before the patch awaited each in turn).
+    const together = patched('admission-parallel-grants');
+    const granting: Promise<void>[] = [];
+    const issue = async (req: SlotRequest) => {
+      if (together) granting.push(grant(req));
+      else await grant(req);
+    };
+    for (const req of regrant.splice(0)) await issue(req);
     while (canGrant()) {
       const next = state.waiting.shift()!;
       state.holders.push(next);
-      await grant(next);
+      await issue(next);
     }
+    await Promise.all(granting);
     if (starved()) {
       const ended = await closedRuns(state.holders.map((h) => h.holder));
       state.holders = state.holders.filter((h) => !ended.some((e) => same(e, h.holder)));
