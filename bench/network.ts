@@ -77,8 +77,8 @@ function firstLine(stream: NodeJS.ReadableStream): Promise<string> {
   return new Promise((resolve, reject) => {
     const rl = createInterface({ input: stream });
     rl.once('line', (line) => {
-      rl.close();
       resolve(line);
+      rl.close();
     });
     rl.once('close', () => reject(new Error('the data-plane peer exited before it was ready')));
   });
