@@ -108,7 +108,7 @@ export async function runAdmissionLoad(o: AdmissionLoadOptions): Promise<Admissi
     const startSeconds = (performance.now() - started) / 1000;
     log(`all started in ${startSeconds.toFixed(1)} s; waiting for them to finish`);
     const results: ProbeResult[] = [];
-    const all = Promise.all(handles.map((h) => h.result().then((r: ProbeResult) => void results.push(r))));
+    const all = Promise.allSettled(handles.map((h) => h.result().then((r: ProbeResult) => void results.push(r))));
     let timer: NodeJS.Timeout | undefined;
     const timeout = new Promise<void>((resolve) => (timer = setTimeout(resolve, o.timeoutMs ?? 2 ** 31 - 1)));
     await Promise.race([all, timeout]);
@@ -119,6 +119,8 @@ export async function runAdmissionLoad(o: AdmissionLoadOptions): Promise<Admissi
       await Promise.allSettled(handles.map((h) => h.terminate('admission load test over')));
       await client.workflow.getHandle(admissionWorkflowId(CLUSTER_SCOPE)).terminate('admission load test over').catch(() => undefined);
     }
+    // Every result call must have ended before the connection closes (a pending retry would hit a closed channel).
+    await all.catch(() => undefined);
     sampling = false;
     await sampler;
 
