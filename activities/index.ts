@@ -1,10 +1,10 @@
 // Host-side activities. Every agent registers all of them on its own task queue (`host-<name>`);
 // the workflow chooses the host by choosing the queue. Built by a factory that receives the host's
 // dependencies, as in the Temporal samples.
-import { ApplicationFailure, Context, getClient } from '@temporalio/activity';
+import { ApplicationFailure, Context } from '@temporalio/activity';
 import type { HypervisorDriver, StaleWaitStats, VerifyResult, VmSpec, VmStatus } from '../hypervisor/driver';
-import { MIGRATION_TASK_QUEUE, vmId as checkVmId, type VmId, type Workload } from '../common/types';
-import { CLUSTER_SCOPE, admissionWorkflowId, hostScope, requestSlotSignal, type AdmissionState } from '../workflows/definitions';
+import { vmId as checkVmId, type VmId, type Workload } from '../common/types';
+import { requestSlotActivity } from './admission';
 import type { Logger } from '../common/log';
 import { OwnershipConflict, type OwnershipRecord, type OwnershipStore } from '../migration/ownership';
 import {
@@ -15,7 +15,8 @@ import {
   type IncrementalRequest,
   type IncomingRecord,
 } from '../migration/destination';
-import { DestinationUnreachable, type MachineStateOptions, type MigrationRef, type Progress, type Source } from '../migration/source';
+import { DestinationUnreachable, dataPlaneLiveness, type MachineStateOptions, type MigrationRef, type Progress, type Source } from '../migration/source';
+import { DataPlaneError } from '../dataplane/api';
 import { isHypervisorError } from '../hypervisor';
 import { DEFAULTS } from '../common/migration';
 import { BaseInUse, BaseStore, type BaseRecord } from '../migration/bases';
@@ -84,10 +85,13 @@ export function createActivities(deps: HostDeps) {
       unreachableSince.delete(ref.migrationId);
       return result;
     } catch (err) {
-      if (!(err instanceof ApplicationFailure && err.type === 'DestinationUnreachable')) throw err;
-      const since = unreachableSince.get(ref.migrationId) ?? Date.now();
+      if (!(err instanceof ApplicationFailure && (err.type === 'DestinationUnreachable' || err.type === 'DataPlaneLost'))) throw err;
+      const deadlineSeconds = ref.destinationDeadlineSeconds ?? DEFAULTS.destinationDeadlineSeconds;
+      // A lost session has already waited for the destination (silence, then its reconnect window): count that time too.
+      const lostAt = err.type === 'DataPlaneLost' ? Date.now() - dataPlaneLiveness(deadlineSeconds).lostAfterMs : Date.now();
+      const since = Math.min(unreachableSince.get(ref.migrationId) ?? lostAt, lostAt);
       unreachableSince.set(ref.migrationId, since);
-      const deadline = ref.destinationDeadlineSeconds ?? DEFAULTS.destinationDeadlineSeconds;
+      const deadline = deadlineSeconds;
       const seconds = Math.round((Date.now() - since) / 1000);
       if (seconds < deadline) throw err;
       unreachableSince.delete(ref.migrationId);
@@ -188,20 +192,7 @@ export function createActivities(deps: HostDeps) {
     // ----- admission -----
 
     /** Ask for a slot of this host (or of the cluster, with this agent's cluster limit). */
-    async requestSlot(input: { scope: 'host' | 'cluster'; ticket: number }): Promise<void> {
-      const run = Context.current().info.workflowExecution;
-      if (!run) throw ApplicationFailure.nonRetryable('requestSlot is called by a migration workflow only', 'InvalidArgument');
-      const scope = input.scope === 'cluster' ? CLUSTER_SCOPE : hostScope(deps.host);
-      const limit = input.scope === 'cluster' ? deps.limits.cluster : deps.limits.host;
-      const initial: AdmissionState = { scope, limit, holders: [], waiting: [] };
-      await getClient().workflow.signalWithStart('admission', {
-        workflowId: admissionWorkflowId(scope),
-        taskQueue: MIGRATION_TASK_QUEUE,
-        args: [initial],
-        signal: requestSlotSignal,
-        signalArgs: [{ holder: { workflowId: run.workflowId, runId: run.runId }, limit, ticket: input.ticket }],
-      });
-    },
+    requestSlot: requestSlotActivity(deps.host, deps.limits),
 
     // ----- source side -----
 
@@ -326,6 +317,7 @@ async function guard<T>(fn: () => Promise<T>): Promise<T> {
     if (err instanceof BaseInUse) throw ApplicationFailure.nonRetryable(err.message, 'BaseInUse');
     if (err instanceof IncrementalUnavailable) throw ApplicationFailure.nonRetryable(err.message, 'IncrementalUnavailable');
     if (err instanceof DestinationUnreachable) throw ApplicationFailure.retryable(err.message, 'DestinationUnreachable');
+    if (err instanceof DataPlaneError && err.code === 'disconnected') throw ApplicationFailure.retryable(err.message, 'DataPlaneLost');
     if (isHypervisorError(err) && PERMANENT_HYPERVISOR_ERRORS.includes(err.code)) throw ApplicationFailure.nonRetryable(err.message, err.code);
     throw err;
   }

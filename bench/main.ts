@@ -15,11 +15,15 @@ import { writeCharts } from './charts';
 import { formatReport, summarize, type Results } from './report';
 import { Bench, type ScenarioConfig } from './scenarios';
 import { measureTracking } from './tracking';
+import { measureNetwork, formatNetwork, type NetworkRun } from './network';
+import { runAdmissionLoad, type AdmissionLoadResult } from './admission/load';
 
 const MiB = 1024 * 1024;
 const HOSTS = ['h1', 'h2', 'h3', 'h4'];
-const SCENARIOS = ['baselines', 'tracking', 'matrix', 'im', 'heavy', 'bandwidth', 'concurrent'] as const;
+const SCENARIOS = ['baselines', 'tracking', 'matrix', 'im', 'heavy', 'bandwidth', 'concurrent', 'network', 'admission'] as const;
 type ScenarioName = (typeof SCENARIOS)[number];
+/** Run when no --only is given; `network` (needs root) and `admission` (a load test) only when named. */
+const DEFAULT_SCENARIOS: readonly ScenarioName[] = ['baselines', 'tracking', 'matrix', 'im', 'heavy', 'bandwidth', 'concurrent'];
 
 interface Flags {
   quick: boolean;
@@ -85,7 +89,7 @@ function config(f: Flags): { cfg: ScenarioConfig; scenarios: ScenarioName[] } {
     migrationTimeoutMs: q ? 90_000 : 15 * 60_000,
     heavyMaxRounds: q ? 4 : undefined,
   };
-  return { cfg, scenarios: list<ScenarioName>(f.only, SCENARIOS, SCENARIOS, 'scenario') };
+  return { cfg, scenarios: list<ScenarioName>(f.only, SCENARIOS, DEFAULT_SCENARIOS, 'scenario') };
 }
 
 async function main(f: Flags): Promise<number> {
@@ -159,8 +163,26 @@ async function main(f: Flags): Promise<number> {
       const bad = Object.entries(bench.violations).filter(([, v]) => v !== 0);
       for (const [vm, v] of bad) say(`WARNING: guest of ${vm} saw ${v} read-check violations`);
     }
+    let network: NetworkRun[] | null = null;
+    if (has('network')) {
+      say('network: the data plane between two network namespaces over 1 Gbit/s links at 1 and 20 ms RTT');
+      network = await measureNetwork({ mib: f.quick ? 128 : 512, reps: Math.min(cfg.reps, 3), log: say });
+    }
+    let admission: AdmissionLoadResult | null = null;
+    if (has('admission')) {
+      say('admission: 1,000 migrations with no data queue for the cluster scope (Temporal server of its own)');
+      const cli = await ensureTemporalCli({ log: (l) => say(`  ${l}`) });
+      const own = await startDevServer({ cliPath: cli.path, uiPort: null });
+      try {
+        admission = await runAdmissionLoad({ address: own.address, migrations: f.quick ? 200 : 1000, hosts: 20, clusterLimit: 32, log: say });
+      } finally {
+        await own.stop();
+      }
+    }
     const summary = summarize(res);
     process.stdout.write(`${formatReport(res, summary)}\n`);
+    if (network) process.stdout.write(`\n${formatNetwork(network)}\n`);
+    if (admission) process.stdout.write(`\nadmission load: ${JSON.stringify(admission)}\n`);
     const durationS = (performance.now() - t0) / 1000;
     if (f.json) {
       const meta = {
@@ -172,7 +194,7 @@ async function main(f: Flags): Promise<number> {
         machine: { cpus: os.cpus().length, cpu_model: os.cpus()[0]?.model ?? null, memory_gib: Math.round(os.totalmem() / 2 ** 30), platform: `${os.type()} ${os.release()}`, node: process.version },
         config: cfg,
       };
-      await fs.writeFile(f.json, `${JSON.stringify({ meta, summary, baselines: res.baselines, tracking: res.tracking, im: res.im, bandwidth: res.bandwidth, concurrent: res.concurrent, runs: res.runs }, null, 2)}\n`);
+      await fs.writeFile(f.json, `${JSON.stringify({ meta, summary, baselines: res.baselines, tracking: res.tracking, im: res.im, bandwidth: res.bandwidth, concurrent: res.concurrent, runs: res.runs, network, admission }, null, 2)}\n`);
       say(`wrote ${f.json}`);
     }
     if (f.charts) for (const file of await writeCharts(f.charts, res, summary, say)) say(`wrote ${file}`);

@@ -6,7 +6,7 @@ import type { MigrationReport } from '../common/migration';
 import type { VmSpec } from '../hypervisor/driver';
 import { vmId as asVmId } from '../common/types';
 import type { ChaosEnv } from './env';
-import { fault, type FaultName } from './faults';
+import { fault, unsupported, type FaultName } from './faults';
 import { AFTER_COMMIT, PointMissed, clearFaultPoints, point, type PointName } from './points';
 import { checkGuest, leftovers, violationsOnly, vmCopies, type GuestCheck } from './checks';
 
@@ -44,10 +44,10 @@ export interface CellOptions {
   destinationDeadlineSeconds?: number;
 }
 
-/** Cells the design does not define: after the commit the VM runs on the destination, so losing it loses the VM. */
-export function applicable(f: FaultName, p: PointName): string | null {
+/** Cells the design does not define (after the commit the VM runs on the destination, so losing it loses the VM), or that this environment cannot inject. */
+export function applicable(f: FaultName, p: PointName, env?: ChaosEnv): string | null {
   if (f === 'lose-dest' && AFTER_COMMIT.includes(p)) return 'after the commit the VM runs only on the destination: losing that host loses the VM';
-  return null;
+  return env ? unsupported(f, env) : null;
 }
 
 /** What the design promises for a cell. */
@@ -55,6 +55,8 @@ export function expectedOutcomes(f: FaultName, p: PointName): Outcome[] {
   if (AFTER_COMMIT.includes(p)) return ['completed'];
   // Only once the Final message may have left does the source have to wait for the destination's answer.
   if (f === 'lose-dest') return p === 'after-prepared' ? ['waiting'] : ['rolled-back'];
+  // A data plane cut for longer than the deadline before the commit: the destination is lost to this migration.
+  if (f === 'partition-dataplane') return ['rolled-back'];
   return ['completed', 'rolled-back'];
 }
 
@@ -64,7 +66,7 @@ export async function runCell(env: ChaosEnv, f: FaultName, p: PointName, seed: n
     fault: f, point: p, seed, outcome: 'n/a', detail: null, injected: null, violations: null, hashesEqual: null,
     vmProcesses: 0, runningCopies: 0, expectedHost: null, hosts: [], durationMs: 0, problems: [], ok: true,
   };
-  const na = applicable(f, p);
+  const na = applicable(f, p, env);
   if (na) return { ...result, detail: na };
 
   const spec: VmSpec = {
@@ -79,7 +81,7 @@ export async function runCell(env: ChaosEnv, f: FaultName, p: PointName, seed: n
   };
   const flt = fault(f);
   const pt = point(p);
-  const ctx = { env, source, dest };
+  const deadlineSeconds = opts.destinationDeadlineSeconds ?? 20;
   await clearFaultPoints(env.faultDir);
   await env.ferry.hostCommand(source, 'vmCreate', spec);
   const started = Date.now();
@@ -94,8 +96,9 @@ export async function runCell(env: ChaosEnv, f: FaultName, p: PointName, seed: n
       destinationHosts: [dest],
       bandwidthBytesPerSecond: pt.bandwidth,
       convergence: { maxRounds: 2, onStall: 'switchover' },
-      destinationDeadlineSeconds: opts.destinationDeadlineSeconds ?? 20,
+      destinationDeadlineSeconds: deadlineSeconds,
     });
+    const ctx = { env, source, dest, handle, afterCommit: AFTER_COMMIT.includes(p), deadlineSeconds };
     const pctx = { handle, faultDir: env.faultDir, signal: stop.signal };
     try {
       await pt.reach(pctx);
@@ -111,6 +114,7 @@ export async function runCell(env: ChaosEnv, f: FaultName, p: PointName, seed: n
       if (settled.note) result.detail = settled.note;
       if (settled.problem) result.problems.push(settled.problem);
       await settle(result, handle, opts.settleTimeoutMs ?? 120_000);
+      if (settled.note && result.detail !== settled.note) result.detail = `${result.detail}; ${settled.note}`;
     }
     result.durationMs = Date.now() - started;
     await check(env, result, handle, spec);

@@ -1,6 +1,8 @@
 // The world a chaos run works in: a Temporal dev server with SQLite persistence (so it can be killed
 // and restarted), a LocalCluster of real agents whose data planes are reached through proxies, and the
-// directory of armed fault points (common/fault-points.ts).
+// directory of armed fault points (common/fault-points.ts). With `net: 'netns'` every host and the
+// Temporal server have a network namespace of their own (harness/net-cluster.ts) instead, and the
+// network faults cut real links and routes.
 import os from 'node:os';
 import path from 'node:path';
 import { promises as fs } from 'node:fs';
@@ -8,6 +10,9 @@ import { ensureTemporalCli, freePort, startDevServer, type DevServer } from '../
 import { LocalCluster } from '../harness/cluster';
 import { FerryClient } from '../client/ferry-client';
 import { DataPlaneProxy } from './proxy';
+import { NetCluster } from '../harness/net-cluster';
+
+export type NetMode = 'loopback' | 'netns';
 
 export interface TemporalControl {
   address: string;
@@ -23,7 +28,10 @@ export interface ChaosEnv {
   cluster: LocalCluster;
   ferry: FerryClient;
   temporal: TemporalControl;
+  /** Loopback mode: the TCP proxy in front of each host's data plane. */
   proxies: Map<string, DataPlaneProxy>;
+  /** netns mode: the hosts' namespaces, links and Toxiproxies. */
+  net: NetCluster | null;
   faultDir: string;
   hosts: [string, string];
 }
@@ -51,10 +59,11 @@ export function sharedTemporal(address: string): TemporalControl {
   return { address, pid: () => null, restart: null, stop: async () => undefined };
 }
 
-export async function startChaosEnv(opts: { temporal?: TemporalControl; hosts?: [string, string]; root?: string } = {}): Promise<ChaosEnv> {
+export async function startChaosEnv(opts: { temporal?: TemporalControl; hosts?: [string, string]; root?: string; net?: NetMode } = {}): Promise<ChaosEnv> {
   const root = opts.root ?? (await fs.mkdtemp(path.join(os.tmpdir(), 'ferry-chaos-')));
   const faultDir = path.join(root, 'fault-points');
   await fs.mkdir(faultDir, { recursive: true });
+  if (opts.net === 'netns') return startNetnsEnv(root, faultDir, opts.hosts ?? ['a', 'b']);
   const temporal = opts.temporal ?? (await ownTemporal(root));
   const hosts = opts.hosts ?? ['a', 'b'];
   const proxies = new Map<string, DataPlaneProxy>();
@@ -73,12 +82,30 @@ export async function startChaosEnv(opts: { temporal?: TemporalControl; hosts?: 
     if (!opts.temporal) await temporal.stop();
     throw err;
   }
-  return { root, cluster, ferry: new FerryClient(cluster.client), temporal, proxies, faultDir, hosts };
+  return { root, cluster, ferry: new FerryClient(cluster.client), temporal, proxies, net: null, faultDir, hosts };
 }
 
-export async function stopChaosEnv(env: ChaosEnv, opts: { keepTemporal?: boolean; keepFiles?: boolean } = {}): Promise<void> {
+async function startNetnsEnv(root: string, faultDir: string, hosts: [string, string]): Promise<ChaosEnv> {
+  const net = await NetCluster.start({ hosts, root: path.join(root, 'net'), env: { FERRY_FAULT_POINTS_DIR: faultDir } });
+  const temporal: TemporalControl = {
+    address: net.temporal.address,
+    pid: () => net.temporal.pid(),
+    restart: (downMs) => net.temporal.restart(downMs),
+    stop: async () => undefined, // stopped with the lab
+  };
+  return { root, cluster: net.cluster, ferry: net.ferry, temporal, proxies: new Map(), net, faultDir, hosts };
+}
+
+/** Stops everything; in netns mode, returns what the lab left behind (namespaces, processes): a failure when not empty. */
+export async function stopChaosEnv(env: ChaosEnv, opts: { keepTemporal?: boolean; keepFiles?: boolean } = {}): Promise<string[]> {
+  if (env.net) {
+    const left = await env.net.stop({ keepFiles: opts.keepFiles });
+    if (!opts.keepFiles) await fs.rm(env.root, { recursive: true, force: true });
+    return left;
+  }
   await env.cluster.stop();
   for (const p of env.proxies.values()) await p.close();
   if (!opts.keepTemporal) await env.temporal.stop();
   if (!opts.keepFiles) await fs.rm(env.root, { recursive: true, force: true });
+  return [];
 }

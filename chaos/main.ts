@@ -1,9 +1,9 @@
 // npm run chaos: the fault-injection matrix (or the soak) on a Temporal server and cluster of its own.
 import { promises as fs } from 'node:fs';
 import { Command, InvalidArgumentError } from 'commander';
-import { FAULTS, type FaultName } from './faults';
+import { ALL_FAULTS, FAULTS, type FaultName } from './faults';
 import { POINTS, type PointName } from './points';
-import { startChaosEnv, stopChaosEnv } from './env';
+import { startChaosEnv, stopChaosEnv, type NetMode } from './env';
 import { runMatrix } from './matrix';
 import type { CellResult } from './cell';
 import { formatDetails, formatTable } from './table';
@@ -25,28 +25,34 @@ function positiveInt(value: string): number {
 
 const program = new Command('chaos')
   .description('Inject every fault of the failure table at every migration point into real agents, VMs and a Temporal server, and check every byte')
-  .option('--faults <list>', `comma-separated faults (${FAULTS.join(', ')})`, listOf(FAULTS, 'fault'))
+  .option('--faults <list>', `comma-separated faults (${ALL_FAULTS.join(', ')}; the last three need --net netns)`, listOf(ALL_FAULTS, 'fault'))
   .option('--points <list>', `comma-separated points (${POINTS.join(', ')})`, listOf(POINTS, 'point'))
   .option('--seeds <n>', 'seeds per cell', positiveInt, 3)
   .option('--quick', 'one seed per cell')
   .option('--json <file>', 'write every cell (or the soak summary) as JSON')
   .option('--soak [n]', 'instead of the matrix: N back-and-forth migrations of one VM under randwrite (default 100)')
   .option('--keep', 'keep the run directory (agent logs) afterwards')
+  .option('--net <mode>', 'loopback: hosts on this machine\'s loopback, links cut by a TCP proxy; netns: each host and Temporal in a network namespace of its own (root)', (v: string) => {
+    if (v !== 'loopback' && v !== 'netns') throw new InvalidArgumentError('use loopback or netns');
+    return v as NetMode;
+  }, 'loopback')
   .parse();
 
-const opts = program.opts<{ faults?: FaultName[]; points?: PointName[]; seeds: number; quick?: boolean; json?: string; soak?: string | true; keep?: boolean }>();
+const opts = program.opts<{ faults?: FaultName[]; points?: PointName[]; seeds: number; quick?: boolean; json?: string; soak?: string | true; keep?: boolean; net: NetMode }>();
 
 async function main(): Promise<number> {
-  const env = await startChaosEnv();
+  const env = await startChaosEnv({ net: opts.net });
   let stopping = false;
+  let leftovers: string[] = [];
   const stop = async () => {
     if (stopping) return;
     stopping = true;
-    await stopChaosEnv(env, { keepFiles: opts.keep });
+    leftovers = await stopChaosEnv(env, { keepFiles: opts.keep });
+    for (const l of leftovers) console.error(`LEFTOVER ${l}`);
   };
   for (const sig of ['SIGINT', 'SIGTERM'] as const) process.once(sig, () => void stop().finally(() => process.exit(130)));
   try {
-    console.log(`chaos run in ${env.root} (Temporal ${env.temporal.address}, SQLite)`);
+    console.log(`chaos run in ${env.root} (Temporal ${env.temporal.address}, SQLite; network ${opts.net})`);
     if (opts.soak !== undefined) {
       const n = opts.soak === true ? 100 : positiveInt(opts.soak);
       const summary = await runSoak(env, n, (line) => console.log(line));
@@ -56,7 +62,7 @@ async function main(): Promise<number> {
     }
     const done: CellResult[] = [];
     const cells = await runMatrix(env, {
-      faults: opts.faults,
+      faults: opts.faults ?? (opts.net === 'netns' ? ALL_FAULTS : FAULTS),
       points: opts.points,
       seeds: opts.quick ? 1 : opts.seeds,
       tag: Date.now().toString(36),
@@ -71,7 +77,8 @@ async function main(): Promise<number> {
     const details = formatDetails(cells);
     if (details) console.log(`${details}\n`);
     console.log(`${cells.filter((c) => c.ok).length}/${cells.length} cells passed`);
-    return cells.every((c) => c.ok) ? 0 : 1;
+    await stop();
+    return cells.every((c) => c.ok) && leftovers.length === 0 ? 0 : 1;
   } finally {
     await stop();
   }

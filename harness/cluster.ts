@@ -51,6 +51,20 @@ export interface ClusterOptions {
   hostEnv?: (host: string) => Record<string, string>;
   /** Serve Prometheus metrics from every agent (on a free port: AgentProcess.metricsPort). */
   metrics?: boolean;
+  /** The data port of a host's agent (default: a free port of this machine). */
+  dataPort?: (host: string) => number;
+  /** Where each host's agent runs: by default on this machine's loopback, like every other host. */
+  placement?: (host: string) => AgentPlacement;
+}
+
+/** An agent somewhere else than this process's loopback: inside a network namespace, say. */
+export interface AgentPlacement {
+  /** Prefix of the agent's command line (e.g. `ip netns exec NS`). */
+  launcher: string[];
+  /** Address its data plane listens on. */
+  dataListenHost: string;
+  /** Where it reaches Temporal from there. */
+  temporalAddress: string;
 }
 
 export class LocalCluster {
@@ -86,34 +100,42 @@ export class LocalCluster {
     return path.join(this.root, host);
   }
 
-  /** Start (or restart) the agent of a host, on the same data port as before. */
-  async startAgent(host: string, extraEnv: Record<string, string> = {}): Promise<AgentProcess> {
+  /**
+   * Start (or restart) the agent of a host, on the same data port as before. `repo` runs it from
+   * another checkout of Ferry (a changed build, for upgrade tests), which bundles its own workflows.
+   */
+  async startAgent(host: string, extraEnv: Record<string, string> = {}, opts: { repo?: string } = {}): Promise<AgentProcess> {
     const home = this.home(host);
     await fs.mkdir(home, { recursive: true });
     let port = this.ports.get(host);
     if (port === undefined) {
-      port = await freePort();
+      port = this.opts.dataPort?.(host) ?? (await freePort());
       this.ports.set(host, port);
     }
     const log = createWriteStream(path.join(home, 'agent.log'), { flags: 'a' });
-    const child = spawn(
+    const place = this.opts.placement?.(host) ?? { launcher: [], dataListenHost: '127.0.0.1', temporalAddress: this.opts.temporalAddress };
+    const repo = opts.repo ?? REPO;
+    const argv = [
+      ...place.launcher,
       process.execPath,
-      [
-        ...nodeEntryArgs(path.join(REPO, 'client', 'cli', 'main')),
-        'worker',
-        '--host', host,
-        '--home', home,
-        '--data-listen', `127.0.0.1:${port}`,
-        '--temporal-address', this.opts.temporalAddress,
-        '--namespace', this.opts.namespace ?? 'default',
-        ...(this.opts.metrics ? ['--metrics-port', '0'] : []),
-      ],
+      ...nodeEntryArgs(path.join(repo, 'client', 'cli', 'main')),
+      'worker',
+      '--host', host,
+      '--home', home,
+      '--data-listen', `${place.dataListenHost}:${port}`,
+      '--temporal-address', place.temporalAddress,
+      '--namespace', this.opts.namespace ?? 'default',
+      ...(this.opts.metrics ? ['--metrics-listen', `${place.dataListenHost}:0`] : []),
+    ];
+    const child = spawn(
+      argv[0],
+      argv.slice(1),
       {
-        cwd: REPO,
+        cwd: repo,
         env: {
           ...process.env,
           FERRY_DATA_SECRET: this.secret,
-          FERRY_WORKFLOW_BUNDLE: this.bundle,
+          ...(opts.repo ? {} : { FERRY_WORKFLOW_BUNDLE: this.bundle }),
           FERRY_LOG_PRETTY: '0',
           ...this.opts.env,
           ...this.opts.hostEnv?.(host),

@@ -15,6 +15,7 @@ import { createHash } from 'node:crypto';
 import { MIGRATION_PROTOCOL, Msg, bitmapIndices, type QueryReply } from './messages';
 import { CarriedStream } from './machine-stream';
 import { faultPoint } from '../common/fault-points';
+import { DEFAULTS } from '../common/migration';
 import { setTimeout as sleep } from 'node:timers/promises';
 
 export interface MigrationRef {
@@ -84,7 +85,21 @@ const FORCED_DOWNTIME_MS = 3_600_000;
 /** Contiguous blocks travel in one read and one message of up to this size. */
 const RUN_BYTES = 4 << 20;
 /** Unacknowledged bytes in flight per session: several large messages. */
-const WINDOW_BYTES = 16 << 20;
+/** The data-plane window of every transfer: 16 MiB, enough for a 1 Gbit/s link of up to ~130 ms round trip. */
+export const WINDOW_BYTES = 16 << 20;
+
+/**
+ * How soon a silent data plane counts as lost (three keepalive intervals without a byte) and how long
+ * it may then take to come back, chosen from the migration's destination deadline so that a cut link
+ * fails the session about when the deadline expires (not 45 s later), but never faster than a busy
+ * host can answer a keepalive, and never before a link down for a few seconds is back.
+ */
+export function dataPlaneLiveness(deadlineSeconds: number): { keepaliveMs: number; reconnectTimeoutMs: number; lostAfterMs: number } {
+  const deadlineMs = deadlineSeconds * 1000;
+  const keepaliveMs = Math.round(Math.min(5_000, Math.max(2_000, deadlineMs / 6)));
+  const reconnectTimeoutMs = Math.round(Math.min(30_000, Math.max(10_000, deadlineMs - 3 * keepaliveMs)));
+  return { keepaliveMs, reconnectTimeoutMs, lostAfterMs: 3 * keepaliveMs + reconnectTimeoutMs };
+}
 // Bitmap names are short (QEMU's are node-local too); the migration id is hashed into one.
 const trackingName = (migrationId: string): string => `mig-${createHash('sha256').update(migrationId).digest('hex').slice(0, 20)}`;
 
@@ -699,6 +714,7 @@ export class Source {
         identity: { migrationId: ref.migrationId, epoch: ref.epoch, vmId: ref.vmId, stream },
         bandwidthBytesPerSecond: bw,
         windowBytes: WINDOW_BYTES,
+        ...dataPlaneLiveness(ref.destinationDeadlineSeconds ?? DEFAULTS.destinationDeadlineSeconds),
         observer: this.deps.observer,
         onReconnectError: (err) => this.deps.log.warn({ migrationId: ref.migrationId, err: err.message }, 'data plane reconnect failed'),
       });

@@ -241,7 +241,7 @@ export async function readCliVersion(bin: string): Promise<string> {
 const LOCK_TIMEOUT_MS = 30 * 60_000; // a cold `go install` can take many minutes
 const LOCK_POLL_MS = 500;
 
-async function withLock<T>(lockDir: string, log: LogFn, fn: () => Promise<T>): Promise<T> {
+export async function withLock<T>(lockDir: string, log: LogFn, fn: () => Promise<T>): Promise<T> {
   await acquireLock(lockDir, log);
   try {
     return await fn();
@@ -267,7 +267,7 @@ async function acquireLock(lockDir: string, log: LogFn): Promise<void> {
       continue;
     }
     if (!announced) {
-      log(`waiting for another process installing the Temporal CLI (lock ${lockDir})`);
+      log(`waiting for another process that is installing into the cache (lock ${lockDir})`);
       announced = true;
     }
     if (Date.now() > deadline) {
@@ -317,6 +317,12 @@ export interface DevServerOptions {
   searchAttributes?: Record<string, SearchAttributeTypeName>;
   /** How long to wait for the frontend to answer; default 60 s. */
   readyTimeoutMs?: number;
+  /** Address to listen on (default 127.0.0.1). */
+  ip?: string;
+  /** Prefix of the server's command line: e.g. `ip netns exec NS`, to run it inside a network namespace. */
+  launcher?: string[];
+  /** Where this process reaches the frontend, when not at IP:PORT (a forward into a namespace). */
+  clientAddress?: string;
 }
 
 export interface DevServer {
@@ -355,13 +361,15 @@ export async function startDevServer(opts: DevServerOptions): Promise<DevServer>
 async function startDevServerOnce(opts: DevServerOptions): Promise<DevServer> {
   const namespace = opts.namespace ?? 'default';
   // Otherwise the readiness probe could be answered by another server already on that port.
-  if (opts.port !== undefined) await assertPortFree(opts.port, '--port');
-  if (typeof opts.uiPort === 'number') await assertPortFree(opts.uiPort, '--ui-port');
+  // (In a namespace of its own the ports of this machine do not matter.)
+  if (opts.port !== undefined && !opts.launcher) await assertPortFree(opts.port, '--port');
+  if (typeof opts.uiPort === 'number' && !opts.launcher) await assertPortFree(opts.uiPort, '--ui-port');
   const port = opts.port ?? (await freePort());
   const uiPort = opts.uiPort === null ? null : (opts.uiPort ?? (await freePort()));
   const args = devServerArgs({ ...opts, namespace, port, uiPort });
 
-  const child = spawn(opts.cliPath, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+  const argv = [...(opts.launcher ?? []), opts.cliPath, ...args];
+  const child = spawn(argv[0], argv.slice(1), { stdio: ['ignore', 'pipe', 'pipe'] });
   if (child.pid !== undefined) startOrphanWatchdog(child.pid);
   const tail = collectLines(child, opts.log ? (line) => opts.log?.(`temporal: ${line}`) : undefined, 40);
   const exited = new Promise<number | null>((resolve) => {
@@ -370,10 +378,11 @@ async function startDevServerOnce(opts: DevServerOptions): Promise<DevServer> {
   });
   const spawnError = new Promise<Error>((resolve) => child.once('error', resolve));
 
-  const address = `127.0.0.1:${port}`;
+  const ip = opts.ip ?? '127.0.0.1';
+  const address = opts.clientAddress ?? `${ip}:${port}`;
   const server: DevServer = {
     address,
-    uiUrl: uiPort === null ? null : `http://127.0.0.1:${uiPort}`,
+    uiUrl: uiPort === null ? null : `http://${ip}:${uiPort}`,
     port,
     uiPort,
     pid: child.pid ?? -1,
@@ -397,7 +406,7 @@ async function startDevServerOnce(opts: DevServerOptions): Promise<DevServer> {
 }
 
 function devServerArgs(o: DevServerOptions & { namespace: string; port: number; uiPort: number | null }): string[] {
-  const args = ['server', 'start-dev', '--ip', '127.0.0.1', '--port', String(o.port)];
+  const args = ['server', 'start-dev', '--ip', o.ip ?? '127.0.0.1', '--port', String(o.port)];
   args.push(...(o.uiPort === null ? ['--headless'] : ['--ui-port', String(o.uiPort)]));
   if (o.dbFile) args.push('--db-filename', o.dbFile);
   args.push('--namespace', o.namespace, '--log-level', 'warn');
@@ -446,7 +455,7 @@ async function checkSearchAttributes(address: string, namespace: string, wanted:
   }
 }
 
-async function stopChild(child: ChildProcess, exited: Promise<number | null>): Promise<void> {
+export async function stopChild(child: ChildProcess, exited: Promise<number | null>): Promise<void> {
   if (child.exitCode !== null || child.signalCode !== null || child.pid === undefined) return;
   child.kill('SIGTERM');
   const timer = setTimeout(() => child.kill('SIGKILL'), STOP_GRACE_MS);
@@ -461,7 +470,7 @@ async function stopChild(child: ChildProcess, exited: Promise<number | null>): P
  * If this process dies without stopping the server (kill -9, a test runner's timeout), a tiny
  * detached watchdog stops it, so no orphaned server keeps holding ports and memory.
  */
-function startOrphanWatchdog(serverPid: number): void {
+export function startOrphanWatchdog(serverPid: number): void {
   const script = `
     const [parent, server] = process.argv.slice(1).map(Number);
     const alive = (pid) => { try { process.kill(pid, 0); return true; } catch (e) { return e.code === 'EPERM'; } };

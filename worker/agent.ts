@@ -83,8 +83,8 @@ export async function startAgent(config: AgentConfig, opts: AgentOptions = {}): 
   });
 
   let metricsServer: MetricsServer | null = null;
-  if (config.metricsPort !== null) {
-    metricsServer = await serveMetrics({ port: config.metricsPort, metrics, temporalMetricsUrl: opts.temporalMetricsUrl ?? null, log });
+  if (config.metricsListen !== null) {
+    metricsServer = await serveMetrics({ ...config.metricsListen, metrics, temporalMetricsUrl: opts.temporalMetricsUrl ?? null, log });
   }
   const metricsPort = metricsServer?.port ?? null;
 

@@ -23,7 +23,8 @@ export interface AgentConfig {
   dataSecret: Buffer;
   dataTls?: { cert: Buffer; key: Buffer; ca?: Buffer };
   temporal: TemporalConnectionConfig;
-  metricsPort: number | null;
+  /** Where /metrics is served; null: metrics are off. */
+  metricsListen: { host: string; port: number } | null;
   /** Migrations that may run at once touching this host (as source or destination), and cluster-wide. */
   limits: { host: number; cluster: number };
   /** A prebuilt workflow bundle (jest and the demo build it once for all agents). */
@@ -49,6 +50,7 @@ export interface AgentFlags {
   tlsKey?: string;
   tlsCa?: string;
   tlsServerName?: string;
+  metricsListen?: string;
   metricsPort?: string;
   maxMigrations?: string;
   clusterMaxMigrations?: string;
@@ -95,12 +97,7 @@ export function loadAgentConfig(flags: AgentFlags, env: NodeJS.ProcessEnv = proc
   }
   const home = path.resolve(flags.home ?? env.FERRY_HOME ?? path.join(process.cwd(), '.ferry', host));
   const listen = flags.dataListen ?? env.FERRY_DATA_LISTEN ?? '127.0.0.1:0';
-  const parsed = listenSchema.safeParse(listen);
-  if (!parsed.success) throw new ConfigError(`--data-listen ${listen}: ${parsed.error.issues[0].message}`);
-  const sep = listen.lastIndexOf(':');
-  const port = Number(listen.slice(sep + 1));
-  if (port > 65535) throw new ConfigError(`--data-listen ${listen}: port ${port} is out of range (0-65535)`);
-  const dataHost = listen.slice(0, sep).replace(/^\[|\]$/g, '');
+  const data = parseListen(listen, '--data-listen');
 
   const dataTlsCert = flags.dataTlsCert ?? env.FERRY_DATA_TLS_CERT;
   const dataTlsKey = flags.dataTlsKey ?? env.FERRY_DATA_TLS_KEY;
@@ -112,11 +109,7 @@ export function loadAgentConfig(flags: AgentFlags, env: NodeJS.ProcessEnv = proc
   const wantTls = flags.tls || env.TEMPORAL_TLS === 'true' || Boolean(tlsCert || tlsCa);
   if (Boolean(tlsCert) !== Boolean(tlsKey)) throw new ConfigError('Temporal mTLS needs both --tls-cert and --tls-key');
 
-  const metrics = flags.metricsPort ?? env.FERRY_METRICS_PORT;
-  const metricsPort = metrics === undefined || metrics === '' ? null : Number(metrics);
-  if (metricsPort !== null && (!Number.isInteger(metricsPort) || metricsPort < 0 || metricsPort > 65535)) {
-    throw new ConfigError(`--metrics-port ${metrics} is not a port number`);
-  }
+  const metricsListen = metricsAddress(flags, env);
 
   const limits = {
     host: positiveInt(flags.maxMigrations ?? env.FERRY_MAX_MIGRATIONS, 4, '--max-migrations'),
@@ -126,8 +119,8 @@ export function loadAgentConfig(flags: AgentFlags, env: NodeJS.ProcessEnv = proc
   return {
     host,
     home,
-    dataListenHost: dataHost,
-    dataListenPort: port,
+    dataListenHost: data.host,
+    dataListenPort: data.port,
     dataAdvertise: flags.dataAdvertise ?? env.FERRY_DATA_ADVERTISE ?? null,
     dataSecret: readSecret(flags.dataSecretFile, env),
     dataTls: dataTlsCert ? { cert: readOptional(dataTlsCert, 'the data-plane certificate')!, key: readOptional(dataTlsKey, 'the data-plane key')!, ca: readOptional(flags.dataTlsCa ?? env.FERRY_DATA_TLS_CA, 'the data-plane CA') } : undefined,
@@ -143,7 +136,7 @@ export function loadAgentConfig(flags: AgentFlags, env: NodeJS.ProcessEnv = proc
           }
         : undefined,
     },
-    metricsPort,
+    metricsListen,
     limits,
     workflowBundlePath: env.FERRY_WORKFLOW_BUNDLE ?? null,
     hypervisor: driverKind(flags.hypervisor ?? env.FERRY_HYPERVISOR ?? 'sim'),
@@ -153,6 +146,27 @@ export function loadAgentConfig(flags: AgentFlags, env: NodeJS.ProcessEnv = proc
 function driverKind(value: string): DriverKind {
   if (!(DRIVER_KINDS as readonly string[]).includes(value)) throw new ConfigError(`--hypervisor ${value}: use ${DRIVER_KINDS.join(' or ')}`);
   return value as DriverKind;
+}
+
+function parseListen(value: string, flag: string): { host: string; port: number } {
+  const parsed = listenSchema.safeParse(value);
+  if (!parsed.success) throw new ConfigError(`${flag} ${value}: ${parsed.error.issues[0].message}`);
+  const sep = value.lastIndexOf(':');
+  const port = Number(value.slice(sep + 1));
+  if (port > 65535) throw new ConfigError(`${flag} ${value}: port ${port} is out of range (0-65535)`);
+  return { host: value.slice(0, sep).replace(/^\[|\]$/g, ''), port };
+}
+
+/** --metrics-listen ADDR:PORT, or the older --metrics-port PORT (all interfaces); neither: metrics off. */
+function metricsAddress(flags: AgentFlags, env: NodeJS.ProcessEnv): { host: string; port: number } | null {
+  const listen = flags.metricsListen ?? env.FERRY_METRICS_LISTEN;
+  const port = flags.metricsPort ?? env.FERRY_METRICS_PORT;
+  if (listen && port) throw new ConfigError('give either --metrics-listen ADDR:PORT or --metrics-port PORT, not both');
+  if (listen) return parseListen(listen, '--metrics-listen');
+  if (port === undefined || port === '') return null;
+  const n = Number(port);
+  if (!Number.isInteger(n) || n < 0 || n > 65535) throw new ConfigError(`--metrics-port ${port} is not a port number (or use --metrics-listen ADDR:PORT)`);
+  return { host: '0.0.0.0', port: n };
 }
 
 function positiveInt(value: string | undefined, fallback: number, flag: string): number {

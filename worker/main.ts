@@ -21,8 +21,9 @@ export function workerCommand(): Command {
     .option('--tls-key <file>', 'Temporal mTLS client key (env TEMPORAL_TLS_CLIENT_KEY_PATH)')
     .option('--tls-ca <file>', 'Temporal server CA certificate (env TEMPORAL_TLS_SERVER_CA_CERT_PATH)')
     .option('--tls-server-name <name>', 'TLS server name override (env TEMPORAL_TLS_SERVER_NAME)')
-    .option('--metrics-port <port>', 'serve Prometheus metrics on this port (env FERRY_METRICS_PORT)')
     .option('--hypervisor <kind>', 'the hypervisor of this host\'s VMs: sim (Ferry\'s simulator) or qemu (env FERRY_HYPERVISOR; default sim)')
+    .option('--metrics-listen <addr:port>', 'serve Prometheus metrics at http://ADDR:PORT/metrics; port 0 picks one (env FERRY_METRICS_LISTEN; default off)')
+    .option('--metrics-port <port>', 'the same on all interfaces: --metrics-listen 0.0.0.0:PORT (env FERRY_METRICS_PORT)')
     .option('--max-migrations <n>', 'migrations that may run at once touching this host, as source or destination (env FERRY_MAX_MIGRATIONS; default 4)')
     .option('--cluster-max-migrations <n>', 'migrations that may run at once in the whole cluster; the latest asking agent\'s value applies (env FERRY_CLUSTER_MAX_MIGRATIONS; default 32)')
     .action(async (flags: AgentFlags) => {
@@ -39,7 +40,7 @@ export function workerCommand(): Command {
       // Loaded here, not at the top: every other ferry command starts faster without the worker SDK.
       const [{ startAgent }, { installTemporalRuntime }, { createLogger }] = await Promise.all([import('./agent'), import('./runtime'), import('../common/log')]);
       const log = createLogger({ host: config.host });
-      const temporalMetricsUrl = await installTemporalRuntime({ log, metrics: config.metricsPort !== null, host: config.host });
+      const temporalMetricsUrl = await installTemporalRuntime({ log, metrics: config.metricsListen !== null, host: config.host });
       const agent = await startAgent(config, { log, temporalMetricsUrl });
       const stop = (signal: string) => {
         agent.log.info({ signal }, 'shutting down');

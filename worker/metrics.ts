@@ -148,7 +148,7 @@ export async function serveMetrics(opts: { port: number; host?: string; metrics:
       resolve();
     });
   }).catch((err: Error) => {
-    throw new Error(`cannot serve metrics on port ${opts.port}: ${err.message} (choose another --metrics-port)`);
+    throw new Error(`cannot serve metrics on ${opts.host ?? '0.0.0.0'}:${opts.port}: ${err.message} (choose another --metrics-listen)`);
   });
   return {
     port: (server.address() as AddressInfo).port,

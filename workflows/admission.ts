@@ -5,6 +5,7 @@ import {
   condition,
   continueAsNew,
   getExternalWorkflowHandle,
+  patched,
   proxyActivities,
   setHandler,
   workflowInfo,
@@ -24,6 +25,12 @@ const { closedRuns } = proxyActivities<ControlActivities>({ startToCloseTimeout:
 
 /** While someone waits and every slot is taken, check this often whether a holder's run has ended. */
 const RECLAIM_INTERVAL = '15 seconds';
+/**
+ * A run continues as new past this many history events, long before Temporal's own suggestion
+ * (4 Ki events or 4 MiB by default) and its hard limits (50 Ki events, 50 MiB): a busy scope's
+ * history stays small, so its replay on a worker that lost its cache stays fast.
+ */
+export const ADMISSION_HISTORY_EVENTS = 2_000;
 
 const same = (a: SlotHolder, b: SlotHolder) => a.workflowId === b.workflowId && a.runId === b.runId;
 
@@ -46,14 +53,22 @@ export async function admission(state: AdmissionState): Promise<void> {
     state.waiting = state.waiting.filter((w) => !same(w.holder, holder));
   });
 
-  while (!workflowInfo().continueAsNewSuggested) {
+  while (!historyFull()) {
     await condition(() => regrant.length > 0 || canGrant() || starved(), RECLAIM_INTERVAL);
-    for (const req of regrant.splice(0)) await grant(req);
+    // All grants of one wake-up as commands of one workflow task (runs from before the patch awaited each in turn).
+    const together = patched('admission-parallel-grants');
+    const granting: Promise<void>[] = [];
+    const issue = async (req: SlotRequest) => {
+      if (together) granting.push(grant(req));
+      else await grant(req);
+    };
+    for (const req of regrant.splice(0)) await issue(req);
     while (canGrant()) {
       const next = state.waiting.shift()!;
       state.holders.push(next);
-      await grant(next);
+      await issue(next);
     }
+    await Promise.all(granting);
     if (starved()) {
       const ended = await closedRuns(state.holders.map((h) => h.holder));
       state.holders = state.holders.filter((h) => !ended.some((e) => same(e, h.holder)));
@@ -62,6 +77,12 @@ export async function admission(state: AdmissionState): Promise<void> {
   }
   await continueAsNew<typeof admission>(state);
 
+  function historyFull(): boolean {
+    const info = workflowInfo();
+    if (info.continueAsNewSuggested) return true;
+    // Runs that began before this limit existed keep going as they did (their histories replay unchanged).
+    return patched('admission-history-limit') && info.historyLength >= (state.historyLimit ?? ADMISSION_HISTORY_EVENTS);
+  }
   function canGrant(): boolean {
     return state.waiting.length > 0 && state.holders.length < state.limit;
   }

@@ -38,6 +38,8 @@ export interface AdmissionState {
   limit: number;
   holders: SlotRequest[];
   waiting: SlotRequest[];
+  /** Continue as new past this many history events (default ADMISSION_HISTORY_EVENTS; load tests set it lower). */
+  historyLimit?: number;
 }
 export const requestSlotSignal = defineSignal<[SlotRequest]>('requestSlot');
 export const releaseSlotSignal = defineSignal<[SlotHolder]>('releaseSlot');

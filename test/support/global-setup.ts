@@ -4,7 +4,11 @@
  * FERRY_TEST_TEMPORAL_UI, which jest workers inherit. If FERRY_TEST_TEMPORAL_ADDRESS is already set,
  * that server is used and nothing is started (set FERRY_TEST_TEMPORAL_UI too for the UI test).
  */
+import { spawn } from 'node:child_process';
+import { closeSync, mkdirSync, openSync } from 'node:fs';
+import path from 'node:path';
 import { defineSearchAttributeKey, SearchAttributeType } from '@temporalio/common';
+import { nodeEntryArgs } from '../../common/node-entry';
 import {
   ensureTemporalCli,
   FERRY_SEARCH_ATTRIBUTES,
@@ -16,6 +20,7 @@ import {
 export const ADDRESS_ENV = 'FERRY_TEST_TEMPORAL_ADDRESS';
 export const UI_ENV = 'FERRY_TEST_TEMPORAL_UI';
 export const HANDLE_KEY = '__ferryTestTemporalServer';
+export const PROVISION_KEY = '__ferryServerProvisioning';
 
 export interface TestServerHandle {
   address: string;
@@ -28,6 +33,7 @@ const log = (line: string): void => {
 };
 
 export default async function globalSetup(): Promise<void> {
+  startServerProvisioning();
   if (process.env[ADDRESS_ENV]) {
     log(`using the Temporal server at ${process.env[ADDRESS_ENV]} (${ADDRESS_ENV})`);
     return;
@@ -37,6 +43,26 @@ export default async function globalSetup(): Promise<void> {
   process.env[ADDRESS_ENV] = handle.address;
   if (handle.uiUrl) process.env[UI_ENV] = handle.uiUrl;
   (globalThis as Record<string, unknown>)[HANDLE_KEY] = handle;
+}
+
+/**
+ * The production-server test needs the Temporal server built from source (cold: minutes): start
+ * `setup:temporal-server` now, in the background and niced, so the build runs while the other files
+ * do; that test waits for it (the cache's install lock) and runs last (test/support/sequencer.js).
+ * Only where that test runs: as root (network namespaces), or in CI.
+ */
+function startServerProvisioning(): void {
+  const root = process.getuid?.() === 0;
+  if (!root && !process.env.CI) return;
+  const repo = path.resolve(__dirname, '..', '..');
+  const logFile = path.join(repo, 'test-artifacts', 'setup-temporal-server.log');
+  mkdirSync(path.dirname(logFile), { recursive: true });
+  const out = openSync(logFile, 'w');
+  const child = spawn('nice', ['-n', '10', process.execPath, ...nodeEntryArgs(path.join(repo, 'scripts', 'setup-temporal-server'))], { stdio: ['ignore', out, out], detached: true });
+  closeSync(out);
+  child.on('error', (err) => log(`setup:temporal-server did not start: ${err.message}`));
+  log(`provisioning the production Temporal server in the background (pid ${child.pid}; progress in ${path.relative(repo, logFile)})`);
+  (globalThis as Record<string, unknown>)[PROVISION_KEY] = child;
 }
 
 /** Server output is only shown with FERRY_TEST_TEMPORAL_LOG=1; it is part of any startup error anyway. */
