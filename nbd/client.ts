@@ -377,7 +377,9 @@ export class NbdClient {
         else throw new NbdProtocolError(`reply magic 0x${magic.toString(16)} from ${this.target} is neither a simple nor a negotiated structured reply`);
       }
     } catch (err) {
-      if (!this.failure) this.fail(err instanceof NbdError ? err : new NbdProtocolError(String(err)));
+      if (this.failure) return;
+      if (err instanceof NbdDisconnectedError) this.fail(new NbdDisconnectedError(`${err.message}: the NBD server at ${this.target} (export '${this.exportName}') is gone`));
+      else this.fail(err instanceof NbdError ? err : new NbdProtocolError(String(err)));
     }
   }
 

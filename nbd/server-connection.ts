@@ -218,9 +218,9 @@ export class ServerConnection {
   }
 
   private transmissionFlags(backend: NbdBackend): number {
-    let f = TransmissionFlag.HAS_FLAGS | TransmissionFlag.SEND_FLUSH | TransmissionFlag.SEND_FUA | TransmissionFlag.SEND_WRITE_ZEROES | TransmissionFlag.SEND_CACHE;
+    let f = TransmissionFlag.HAS_FLAGS | TransmissionFlag.SEND_FLUSH | TransmissionFlag.SEND_CACHE;
     if (backend.readOnly) f |= TransmissionFlag.READ_ONLY;
-    if (backend.trim) f |= TransmissionFlag.SEND_TRIM;
+    else f |= TransmissionFlag.SEND_FUA | TransmissionFlag.SEND_WRITE_ZEROES | (backend.trim ? TransmissionFlag.SEND_TRIM : 0);
     if (backend.multiConn) f |= TransmissionFlag.CAN_MULTI_CONN;
     if (this.structured) f |= TransmissionFlag.SEND_DF;
     return f;
