@@ -97,9 +97,11 @@ export class ServerConnection {
       const selected = await this.handshake();
       if (selected) await this.transmit(selected);
     } catch (err) {
-      if (!(err instanceof NbdDisconnectedError) && !this.host.shuttingDown) this.host.onError(err instanceof NbdError ? err : new NbdError(`${this.label}: ${String(err)}`));
+      if (!(err instanceof NbdDisconnectedError) && !this.host.shuttingDown) this.host.onError(this.labelled(err));
     } finally {
-      this.stream.destroy();
+      // end, not destroy: a last reply (NBD_REP_ERR_TOO_BIG, an ABORT's ACK) still reaches the peer.
+      const destroy = setTimeout(() => this.stream.destroy(), 2_000);
+      this.stream.end(() => (clearTimeout(destroy), this.stream.destroy()));
     }
   }
 
@@ -228,6 +230,12 @@ export class ServerConnection {
 
   private reply(option: number, type: number, message = ''): void {
     this.stream.write(encodeOptionReply(option, type, message ? Buffer.from(message.slice(0, MAX_STRING_BYTES), 'utf8') : undefined));
+  }
+
+  private labelled(err: unknown): NbdError {
+    const message = err instanceof Error ? err.message : String(err);
+    if (message.startsWith(this.label)) return err as NbdError;
+    return err instanceof NbdProtocolError ? new NbdProtocolError(`${this.label}: ${message}; connection dropped`) : new NbdError(`${this.label}: ${message}`);
   }
 
   private violation(what: string): NbdProtocolError {
