@@ -56,6 +56,11 @@ export interface ReadRangesOptions {
   requestBytes?: number;
   /** Bytes read ahead of the consumer, default 64 MiB. */
   windowBytes?: number;
+  /**
+   * Recycle the data buffers: a piece's `data` is valid only until the consumer asks for the next
+   * piece. Saves allocating (and the kernel zeroing) fresh memory for every piece: about 0.5 CPU-s per GiB here.
+   */
+  reuseBuffers?: boolean;
 }
 
 interface InFlight {
@@ -81,6 +86,9 @@ const MAX_ERROR_PAYLOAD = 64 << 10;
 
 /** Commands without payload are split at 2 GiB (a multiple of every minimum block size; lengths are 32 bits). */
 const NO_PAYLOAD_SPAN = 2 ** 31;
+
+/** Bytes the socket may deliver per read (a Unix socket's receive buffer is about 208 KiB). */
+const RECEIVE_BUFFER = 256 << 10;
 
 const describeTarget = (t: NbdTarget): string => ('path' in t ? `unix:${t.path}` : `${t.host}:${t.port}`);
 
@@ -114,18 +122,19 @@ export class NbdClient {
   static async connect(target: NbdTarget, opts: NbdConnectOptions): Promise<NbdClient> {
     const where = describeTarget(target);
     const timeoutMs = opts.timeoutMs ?? 10_000;
-    const socket = net.connect(target);
+    // One reusable receive buffer (see ByteReader.feed); `reader` exists before any byte arrives.
+    let reader: ByteReader | undefined = undefined;
+    const socket = net.connect({ ...target, onread: { buffer: Buffer.allocUnsafe(RECEIVE_BUFFER), callback: (n, buf) => reader!.feed((buf as Buffer).subarray(0, n)) } });
+    reader = new ByteReader(socket, undefined, { fed: true });
     const timer = setTimeout(() => socket.destroy(new NbdTimeoutError(`no NBD handshake from ${where} within ${timeoutMs} ms`)), timeoutMs);
     try {
       await new Promise<void>((resolve, reject) => {
-        socket.once('connect', resolve);
-        socket.once('error', (err: NodeJS.ErrnoException) =>
-          reject(err instanceof NbdError ? err : new NbdConnectError(`cannot connect to the NBD server at ${where}: ${err.code ?? err.message} (is it running, and is that its socket?)`)),
-        );
+        const failed = (err: NodeJS.ErrnoException) =>
+          reject(err instanceof NbdError ? err : new NbdConnectError(`cannot connect to the NBD server at ${where}: ${err.code ?? err.message} (is it running, and is that its socket?)`));
+        socket.once('error', failed);
+        socket.once('connect', () => (socket.off('error', failed), resolve()));
       });
-      socket.removeAllListeners('error');
       if ('host' in target) socket.setNoDelay(true);
-      const reader = new ByteReader(socket);
       let timedOut: Error | null = null;
       socket.once('error', (err) => (timedOut = err instanceof NbdTimeoutError ? err : null));
       const info = await negotiate(socket, reader, {
@@ -180,8 +189,13 @@ export class NbdClient {
 
   async read(offset: number, length: number): Promise<Buffer> {
     this.checkRange('read', offset, length, 'EINVAL');
-    const target = Buffer.allocUnsafe(length);
-    await this.bySpans(length, this.maxRequest(), (at, n) => this.request(Cmd.READ, 0, offset + at, n, { target: target.subarray(at, at + n) }));
+    return this.readInto(offset, Buffer.allocUnsafe(length));
+  }
+
+  /** Reads `target.length` bytes at `offset` into `target` (a buffer the caller reuses: no allocation per read). */
+  async readInto(offset: number, target: Buffer): Promise<Buffer> {
+    this.checkRange('read', offset, target.length, 'EINVAL');
+    await this.bySpans(target.length, this.maxRequest(), (at, n) => this.request(Cmd.READ, 0, offset + at, n, { target: target.subarray(at, at + n) }));
     return target;
   }
 
@@ -235,16 +249,18 @@ export class NbdClient {
     const pieces = (function* () {
       for (const r of ranges) for (let at = 0; at < r.length; at += pieceBytes) yield { offset: r.offset + at, length: Math.min(pieceBytes, r.length - at) };
     })();
-    const ahead: { offset: number; length: number; data: Promise<Buffer> }[] = [];
+    const free: Buffer[] = [];
+    const ahead: { offset: number; length: number; buffer: Buffer; data: Promise<Buffer> }[] = [];
     let aheadBytes = 0;
     let next = pieces.next();
     try {
       for (;;) {
         while (!next.done && (ahead.length === 0 || aheadBytes + next.value.length <= windowBytes)) {
           const p = next.value;
-          const data = this.read(p.offset, p.length);
+          const buffer = opts.reuseBuffers ? (free.pop() ?? Buffer.allocUnsafe(pieceBytes)) : Buffer.allocUnsafe(p.length);
+          const data = this.readInto(p.offset, buffer.subarray(0, p.length));
           data.catch(() => undefined); // awaited below, in order
-          ahead.push({ ...p, data });
+          ahead.push({ ...p, buffer, data });
           aheadBytes += p.length;
           next = pieces.next();
         }
@@ -252,6 +268,7 @@ export class NbdClient {
         if (!head) return;
         aheadBytes -= head.length;
         yield { offset: head.offset, data: await head.data };
+        if (opts.reuseBuffers) free.push(head.buffer);
       }
     } finally {
       await Promise.allSettled(ahead.map((a) => a.data));

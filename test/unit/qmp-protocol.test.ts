@@ -9,6 +9,15 @@ import { QmpConnectError, QmpDisconnectedError, QmpProtocolError, QmpTimeoutErro
 import { classify, parseGreeting } from '../../hypervisor/qemu/qmp/messages';
 import { decodeLine, encodeCommand, LineSplitter, MAX_LINE_BYTES } from '../../hypervisor/qemu/qmp/protocol';
 
+async function rejection(p: Promise<unknown>): Promise<Error> {
+  try {
+    await p;
+  } catch (err) {
+    return err as Error;
+  }
+  throw new Error('expected a rejection');
+}
+
 const GREETING = JSON.stringify({ QMP: { version: { qemu: { major: 7, minor: 2, micro: 22 }, package: 'test' }, capabilities: ['oob'] } });
 const EVENT = (name: string, data: object) => JSON.stringify({ event: name, data, timestamp: { seconds: 1, microseconds: 2 } });
 
@@ -81,7 +90,7 @@ describe('QMP client against a scripted peer', () => {
     await expect(QmpClient.connect(bad.path)).rejects.toThrow(expect.objectContaining({ name: 'QmpConnectError', message: expect.stringMatching(/not JSON: SSH-2.0/) }));
     await bad.close();
     const refusing = await peer(dir, (cmd, send) => send(JSON.stringify({ id: cmd.id, error: { class: 'GenericError', desc: 'go away' } })));
-    const err = await QmpClient.connect(refusing.path).catch((e) => e);
+    const err = await rejection(QmpClient.connect(refusing.path));
     expect(err).toBeInstanceOf(QmpConnectError);
     expect(err.message).toMatch(/capabilities negotiation .* failed: qmp_capabilities failed: GenericError: go away/);
     await refusing.close();
@@ -110,7 +119,7 @@ describe('QMP client against a scripted peer', () => {
     const c = await QmpClient.connect(p.path);
     const reasons: Error[] = [];
     c.onClose((r) => reasons.push(r));
-    const err = await c.execute('query-status').catch((e) => e);
+    const err = await rejection(c.execute('query-status'));
     expect(err).toBeInstanceOf(QmpDisconnectedError);
     expect(err.message).toMatch(/query-status got no reply: QEMU replied to id "someone-else", which no command in flight has/);
     expect(reasons[0]).toBeInstanceOf(QmpProtocolError);
