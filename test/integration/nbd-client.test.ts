@@ -8,20 +8,11 @@ import { NbdCommandError, NbdConnectError, NbdDisconnectedError, NbdError, NbdOp
 import { BASE_ALLOCATION, State, TransmissionFlag } from '../../nbd/protocol';
 import { freePort } from '../../scripts/temporal-cli';
 import { describeWithTools, Peers } from '../support/qemu';
+import { rejection, openFds } from '../support/assertions';
 
 jest.setTimeout(60_000);
 
 const MiB = 1 << 20;
-const openFds = async (): Promise<number> => (await fs.readdir('/proc/self/fd')).length;
-
-async function rejection(p: Promise<unknown>): Promise<Error> {
-  try {
-    await p;
-  } catch (err) {
-    return err as Error;
-  }
-  throw new Error('expected a rejection');
-}
 
 /** A 96 MiB image: data at 8-24 MiB and 40-41 MiB (+ 3 bytes at 90 MiB), holes elsewhere. */
 async function sparseImage(peers: Peers, dir: string): Promise<{ file: string; content: Buffer }> {

@@ -12,6 +12,7 @@ import { QmpCommandError } from '../../hypervisor/qemu/qmp/errors';
 import { NbdClient } from '../../nbd/client';
 import { BASE_ALLOCATION, DIRTY, State } from '../../nbd/protocol';
 import { describeWithTools, Peers } from '../support/qemu';
+import { rejection } from '../support/assertions';
 
 jest.setTimeout(120_000);
 
@@ -34,15 +35,6 @@ interface Write {
 function seeded(seed: number): () => number {
   let x = seed >>> 0;
   return () => ((x = (Math.imul(x, 1664525) + 1013904223) >>> 0) / 2 ** 32);
-}
-
-async function rejection(p: Promise<unknown>): Promise<Error> {
-  try {
-    await p;
-  } catch (err) {
-    return err as Error;
-  }
-  throw new Error('expected a rejection');
 }
 
 describeWithTools('dirty-bitmap rounds on a QEMU block node', ['qemu-system-x86_64'], () => {

@@ -1,24 +1,14 @@
 // Ferry's QMP client against a real QEMU with no guest (-machine none): replies, QEMU's error
 // classes, events, pipelining, timeouts, QEMU dying under a command, and no leaked sockets.
-import { promises as fs } from 'node:fs';
 import * as path from 'node:path';
 import { QmpClient } from '../../hypervisor/qemu/qmp/client';
 import { queryStatus } from '../../hypervisor/qemu/qmp/commands';
 import { QmpCommandError, QmpConnectError, QmpDisconnectedError, QmpError, QmpTimeoutError } from '../../hypervisor/qemu/qmp/errors';
 import { describeWithTools, Peers } from '../support/peers';
+import { rejection, openFds } from '../support/assertions';
 
 jest.setTimeout(60_000);
 
-const openFds = async (): Promise<number> => (await fs.readdir('/proc/self/fd')).length;
-
-async function rejection(p: Promise<unknown>): Promise<Error> {
-  try {
-    await p;
-  } catch (err) {
-    return err as Error;
-  }
-  throw new Error('expected a rejection');
-}
 
 describeWithTools('QMP client against QEMU', ['qemu-system-x86_64'], () => {
   const peers = new Peers();

@@ -8,15 +8,7 @@ import { QmpClient } from '../../hypervisor/qemu/qmp/client';
 import { QmpConnectError, QmpDisconnectedError, QmpProtocolError, QmpTimeoutError } from '../../hypervisor/qemu/qmp/errors';
 import { classify, parseGreeting } from '../../hypervisor/qemu/qmp/messages';
 import { decodeLine, encodeCommand, LineSplitter, MAX_LINE_BYTES } from '../../hypervisor/qemu/qmp/protocol';
-
-async function rejection(p: Promise<unknown>): Promise<Error> {
-  try {
-    await p;
-  } catch (err) {
-    return err as Error;
-  }
-  throw new Error('expected a rejection');
-}
+import { rejection } from '../support/assertions';
 
 const GREETING = JSON.stringify({ QMP: { version: { qemu: { major: 7, minor: 2, micro: 22 }, package: 'test' }, capabilities: ['oob'] } });
 const EVENT = (name: string, data: object) => JSON.stringify({ event: name, data, timestamp: { seconds: 1, microseconds: 2 } });
