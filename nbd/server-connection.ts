@@ -100,7 +100,7 @@ export class ServerConnection {
       if (!(err instanceof NbdDisconnectedError) && !this.host.shuttingDown) this.host.onError(this.labelled(err));
     } finally {
       // end, not destroy: a last reply (NBD_REP_ERR_TOO_BIG, an ABORT's ACK) still reaches the peer.
-      const destroy = setTimeout(() => this.stream.destroy(), 2_000);
+      const destroy = setTimeout(() => this.stream.destroy(), 2_000).unref();
       this.stream.end(() => (clearTimeout(destroy), this.stream.destroy()));
     }
   }

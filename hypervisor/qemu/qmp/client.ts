@@ -45,7 +45,7 @@ export class QmpClient {
   private closeReason: QmpError | null = null;
   private readonly socketClosed: Promise<void>;
   private negotiated = false;
-  greeting!: QmpGreeting;
+  private greetingMessage: QmpGreeting | null = null;
 
   private constructor(
     private readonly socket: net.Socket,
@@ -71,6 +71,11 @@ export class QmpClient {
       if (err instanceof QmpConnectError) throw err;
       throw new QmpConnectError(`no QMP session on ${socketPath}: ${(err as Error).message}`);
     }
+  }
+
+  /** QEMU's greeting: its version and capabilities. */
+  get greeting(): QmpGreeting {
+    return this.greetingMessage!;
   }
 
   get closed(): boolean {
@@ -178,7 +183,7 @@ export class QmpClient {
     });
     this.greetingWaiter = null;
     if (greeting instanceof QmpError) throw greeting;
-    this.greeting = greeting;
+    this.greetingMessage = greeting;
     try {
       await this.execute(CAPABILITIES_COMMAND, undefined, { timeoutMs: left() });
     } catch (err) {
