@@ -83,7 +83,6 @@ export const ReplyType = {
 export const isErrorChunk = (type: number): boolean => (type & 0x8000) !== 0;
 
 export const NbdErrno = { EPERM: 1, EIO: 5, ENOMEM: 12, EINVAL: 22, ENOSPC: 28, EOVERFLOW: 75, ENOTSUP: 95, ESHUTDOWN: 108 } as const;
-export type NbdErrnoName = keyof typeof NbdErrno;
 
 /** `base:allocation` flags. */
 export const State = { HOLE: 1 << 0, ZERO: 1 << 1 } as const;
@@ -124,7 +123,6 @@ export const repName = nameOf(Rep, 'NBD_REP_');
 export const cmdName = nameOf(Cmd, 'NBD_CMD_');
 export const replyTypeName = nameOf(ReplyType, 'NBD_REPLY_TYPE_');
 export const errnoName = nameOf(NbdErrno, 'NBD_');
-export const isRepError = (type: number): boolean => (type & REP_ERR) !== 0;
 
 /** NBD error values from a Node.js error code (the spec's mapping: EDQUOT and EFBIG are ENOSPC). */
 export function errnoFromCode(code: string | undefined): number {

@@ -392,7 +392,7 @@ export class ServerConnection {
   }
 }
 
-export function blockSizesOf(backend: NbdBackend): BlockSizes {
+function blockSizesOf(backend: NbdBackend): BlockSizes {
   return { minimum: 1, preferred: 4096, maximum: DEFAULT_MAX_PAYLOAD, ...backend.blockSizes };
 }
 

@@ -16,6 +16,7 @@ import {
   Rep,
   SIMPLE_REPLY_BYTES,
   SIMPLE_REPLY_MAGIC,
+  u32,
   type Request,
 } from '../../nbd/protocol';
 
@@ -97,12 +98,6 @@ export class RawPeer {
     }
   }
 }
-
-export const u32 = (n: number): Buffer => {
-  const b = Buffer.alloc(4);
-  b.writeUInt32BE(n);
-  return b;
-};
 
 /** A disk in memory, for server tests that need no file. */
 export class MemoryBackend implements NbdBackend {

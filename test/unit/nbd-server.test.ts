@@ -26,11 +26,12 @@ import {
   ReplyType,
   Rep,
   State,
+  u32,
 } from '../../nbd/protocol';
 import { MAX_OPTION_DATA } from '../../nbd/server-connection';
 import { NbdServer } from '../../nbd/server';
 import { FUZZ_SEED, boundedRun, mutated, randomBytes as randomInput, spliced } from '../support/fuzz';
-import { duplexPair, MemoryBackend, RawPeer, u32, type Reply } from '../support/nbd-peer';
+import { duplexPair, MemoryBackend, RawPeer, type Reply } from '../support/nbd-peer';
 
 const SIZE = 1 << 20;
 
