@@ -7,7 +7,7 @@ import { NbdClient } from '../../nbd/client';
 import { NbdCommandError, NbdConnectError, NbdDisconnectedError, NbdError, NbdOptionError, NbdTimeoutError } from '../../nbd/errors';
 import { BASE_ALLOCATION, State, TransmissionFlag } from '../../nbd/protocol';
 import { freePort } from '../../scripts/temporal-cli';
-import { describeWithTools, Peers } from '../support/qemu';
+import { describeWithTools, Peers } from '../support/peers';
 import { rejection, openFds } from '../support/assertions';
 
 jest.setTimeout(60_000);

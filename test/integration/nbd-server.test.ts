@@ -12,7 +12,7 @@ import { NbdBackendError, NbdCommandError, NbdError } from '../../nbd/errors';
 import { NbdErrno } from '../../nbd/protocol';
 import { NbdServer } from '../../nbd/server';
 import { freePort } from '../../scripts/temporal-cli';
-import { describeWithTools, nbdUri, Peers, run } from '../support/qemu';
+import { describeWithTools, nbdUri, Peers, run } from '../support/peers';
 
 jest.setTimeout(90_000);
 

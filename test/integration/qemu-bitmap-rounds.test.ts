@@ -11,7 +11,7 @@ import type { QmpClient } from '../../hypervisor/qemu/qmp/client';
 import { QmpCommandError } from '../../hypervisor/qemu/qmp/errors';
 import { NbdClient } from '../../nbd/client';
 import { BASE_ALLOCATION, DIRTY, State } from '../../nbd/protocol';
-import { describeWithTools, Peers } from '../support/qemu';
+import { describeWithTools, Peers } from '../support/peers';
 import { rejection } from '../support/assertions';
 
 jest.setTimeout(120_000);

@@ -10,13 +10,15 @@ import { QmpClient } from '../../hypervisor/qemu/qmp/client';
 
 export type Tool = 'qemu-system-x86_64' | 'qemu-nbd' | 'qemu-io' | 'qemu-img' | 'nbdinfo' | 'nbdcopy';
 
+const QEMU = 'apt-get install qemu-system-x86 qemu-utils (npm run setup:qemu does it as root)';
+const LIBNBD = 'apt-get install libnbd-bin (npm run setup:nbd-tools does it as root)';
 const INSTALL: Record<Tool, string> = {
-  'qemu-system-x86_64': 'apt-get install qemu-system-x86',
-  'qemu-nbd': 'apt-get install qemu-utils',
-  'qemu-io': 'apt-get install qemu-utils',
-  'qemu-img': 'apt-get install qemu-utils',
-  nbdinfo: 'apt-get install libnbd-bin',
-  nbdcopy: 'apt-get install libnbd-bin',
+  'qemu-system-x86_64': QEMU,
+  'qemu-nbd': QEMU,
+  'qemu-io': QEMU,
+  'qemu-img': QEMU,
+  nbdinfo: LIBNBD,
+  nbdcopy: LIBNBD,
 };
 
 function onPath(tool: string): boolean {
