@@ -578,10 +578,16 @@ static void *workload_main(void *arg) {
           continue;
         }
       }
+      /* Under disk_lock and re-checked there: once change_settings has taken the lock after a change,
+         no operation of the old setting runs or counts (its reply is the line after which they stop). */
       pthread_mutex_lock(&g.disk_lock);
+      if (LOAD(g.settings) != seen) {
+        pthread_mutex_unlock(&g.disk_lock);
+        break;
+      }
       run_op(w, LOAD(g.c.ops), buf, scratch);
-      pthread_mutex_unlock(&g.disk_lock);
       ADD(g.c.ops, 1);
+      pthread_mutex_unlock(&g.disk_lock);
       k++;
     }
   }
@@ -601,6 +607,8 @@ static void change_settings(int workload, uint32_t rate, bool rate_given) {
   __atomic_add_fetch(&g.settings, 1, __ATOMIC_RELAXED);
   pthread_cond_broadcast(&g.settings_changed);
   pthread_mutex_unlock(&g.settings_lock);
+  pthread_mutex_lock(&g.disk_lock); /* waits out an operation of the old setting in flight */
+  pthread_mutex_unlock(&g.disk_lock);
 }
 
 /* ------------------------------------------------------------------------------------------ */

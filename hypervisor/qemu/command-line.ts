@@ -37,6 +37,21 @@ export interface QemuVmConfig {
 
 const MIB = 1024 * 1024;
 
+/**
+ * QEMU 7.2's TCG loses guest stores during migration when the RAM block is a multiple of 64 pages:
+ * the fast path of cpu_physical_memory_sync_dirty_bitmap clears dirty bits without resetting the TCG
+ * TLB, so stores through a still-writable TLB entry set no dirty bit and are never sent again (fixed
+ * upstream in QEMU 9.0, "physmem: Fix migration dirty bitmap coherency with TCG memory access").
+ * Two pages more than asked take the per-page path, which resets the TLB. KVM tracks dirty pages
+ * itself and gets the size asked.
+ */
+export const TCG_RAM_PAD_BYTES = 8192;
+
+function ramSize(c: QemuVmConfig): string {
+  const bytes = c.memoryBytes + (c.accel === 'tcg' ? TCG_RAM_PAD_BYTES : 0);
+  return `${bytes / 1024}K`;
+}
+
 /** QEMU's option syntax: a comma inside a value is written twice. */
 const opt = (value: string): string => value.replace(/,/g, ',,');
 
@@ -49,7 +64,7 @@ export function qemuArgs(c: QemuVmConfig): string[] {
     '-name', c.vmId,
     '-machine', QEMU_MACHINE,
     '-accel', c.accel,
-    '-m', `${c.memoryBytes / MIB}M`,
+    '-m', ramSize(c),
     '-smp', String(c.vcpus),
     '-nodefaults', '-no-user-config', '-nographic', '-nic', 'none', '-no-reboot',
     '-kernel', c.kernel,

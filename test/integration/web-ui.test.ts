@@ -88,7 +88,7 @@ if (missing && !inCi) process.stderr.write(`\n*** SKIPPED: the Web UI test canno
 
     await page.getByText('User Metadata', { exact: true }).click();
     await expectShown(page, `migrate ${vm.vmId} from ${a} to ${b} (tpm)`); // the summary
-    await expectShown(page, `awaiting-cutover: converged; waiting for approval to switch over to ${b}`); // the current details
+    await expectShown(page, `awaiting-cutover: disk copied; waiting for approval to switch over to ${b}`); // the current details
     await fs.mkdir(ARTIFACTS, { recursive: true });
     const screenshot = path.join(ARTIFACTS, 'web-ui-migration.png');
     await page.screenshot({ path: screenshot, fullPage: true });
