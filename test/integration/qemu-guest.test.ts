@@ -37,10 +37,20 @@ describeQemu('the QEMU guest and its probe', (assets) => {
     if (dir) await fsp.rm(dir, { recursive: true, force: true });
   });
 
+  /**
+   * A heartbeat whose counters were read after the last command's reply: the latest one received may
+   * predate the reply, and the one right after it may have been formatted before the reply (the
+   * heartbeat thread reads the counters, then waits for the channel); the one after that cannot.
+   */
+  async function settled(): Promise<Heartbeat> {
+    const last = await vm!.probe.waitForHeartbeat(() => true);
+    return vm!.probe.waitForHeartbeat((hb) => hb.seq >= last.seq + 2);
+  }
+
   /** Waits until the counters named in `grow` advanced by at least `by` from now. */
   async function advances(grow: (keyof GuestCounters)[], by = 20): Promise<{ from: Heartbeat; to: Heartbeat }> {
     const probe = vm!.probe;
-    const from = await probe.waitForHeartbeat(() => true);
+    const from = await settled();
     const to = await probe.waitForHeartbeat((hb) => grow.every((k) => hb[k] >= from[k] + by), { timeoutMs: 60_000 });
     return { from, to };
   }
@@ -79,7 +89,7 @@ describeQemu('the QEMU guest and its probe', (assets) => {
 
   it('idle does nothing but heartbeat', async () => {
     await vm!.probe.setWorkload('idle');
-    const from = await vm!.probe.waitForHeartbeat(() => true);
+    const from = await settled();
     const to = await vm!.probe.waitForHeartbeat((hb) => hb.seq >= from.seq + 40);
     expect({ ops: to.ops, reads: to.reads, writes: to.writes, pages: to.pages }).toEqual({ ops: from.ops, reads: from.reads, writes: from.writes, pages: from.pages });
   });
