@@ -16,7 +16,7 @@ import { OwnershipConflict } from '../migration/ownership';
 import { IncrementalUnavailable, InsufficientSpace } from '../migration/destination';
 import { DestinationUnreachable, FenceUnconfirmed, VmGone } from '../migration/source';
 import { BaseInUse } from '../migration/bases';
-import { DESTINATION_STEPS, formatRetry, type RetryState, type StepFailure } from '../common/migration';
+import { DESTINATION_STEPS, SOURCE_STEPS, formatRetry, type RetryState, type StepFailure } from '../common/migration';
 import type { Logger } from '../common/log';
 import { stepRetryingSignal } from '../workflows/definitions';
 
@@ -67,7 +67,8 @@ function errnoOf(err: unknown): string | null {
 function errnoFailure(code: string, message: string, host: string, blame: StepFailure['blame']): Classified | null {
   const known = PERMANENT_ERRNO[code];
   if (known) {
-    return { kind: 'permanent', type: code, blame, message: `host ${host}: ${known.what} (${message}): ${known.fix}, or migrate to another host` };
+    const elsewhere = blame === 'destination' ? ', or migrate to another destination' : '';
+    return { kind: 'permanent', type: code, blame, message: `host ${host}: ${known.what} (${message}): ${known.fix}${elsewhere}` };
   }
   return TRANSIENT_ERRNO.has(code) ? { kind: 'transient', type: code, blame, message } : null;
 }
@@ -110,13 +111,8 @@ export function classify(err: unknown, ctx: StepContext): Classified {
   return classified ?? { kind: 'unknown', type: 'UnexpectedError', blame: own, message };
 }
 
-/** Source steps: whose problem a failure of theirs is, unless the error says otherwise. */
-const SOURCE_STEPS = new Set([
-  'inspectSource', 'copyDiskFirstPass', 'copyDiskDirty', 'copyMachineState', 'setThrottle', 'switchover', 'postcopy', 'rollbackSource', 'resumeSourceAfterLoss', 'finalizeSource',
-]);
-
 function stepContext(host: string, activityType: string, input: unknown): StepContext {
-  const role = DESTINATION_STEPS.includes(activityType) ? 'destination' : SOURCE_STEPS.has(activityType) ? 'source' : null;
+  const role = DESTINATION_STEPS.includes(activityType) ? 'destination' : SOURCE_STEPS.includes(activityType) ? 'source' : null;
   const ref = (input as { ref?: { destinationHost?: unknown } | null } | null)?.ref ?? (input as { destinationHost?: unknown } | null);
   const peer = typeof ref?.destinationHost === 'string' ? ref.destinationHost : null;
   return { host, role, peer };

@@ -101,8 +101,12 @@ export interface StepFailure {
   retry?: RetryState;
 }
 
-/** Host steps that run on the destination (the others run on the source): a failure of theirs is the destination's. */
+/** Host steps that run on the destination: a failure of theirs is the destination's, unless it says otherwise. */
 export const DESTINATION_STEPS: readonly string[] = ['prepareDestination', 'abortDestination', 'finishDestination', 'revokeDestination'];
+/** Host steps that run on the source (requestSlot runs on either). */
+export const SOURCE_STEPS: readonly string[] = [
+  'inspectSource', 'copyDiskFirstPass', 'copyDiskDirty', 'copyMachineState', 'setThrottle', 'switchover', 'postcopy', 'rollbackSource', 'resumeSourceAfterLoss', 'finalizeSource',
+];
 
 /** An operator's decision that a destination is lost for good (`ferry resolve VM --destination-lost`). */
 export interface DestinationLostResolution {

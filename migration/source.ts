@@ -171,6 +171,10 @@ export class Source {
       const work = fn(ac.signal, cleanup);
       work.catch(() => undefined); // after an abort it fails on its own, released resources and all
       return await Promise.race([work, abortedWith(ac.signal)]);
+    } catch (err) {
+      // A session that lost its connection for good: the destination is as unreachable as one that never answered.
+      if (err instanceof DataPlaneError && CONNECTION_ERRORS.has(err.code)) throw new DestinationUnreachable(`lost the data plane to the destination: ${err.message}`);
+      throw err;
     } finally {
       signal.removeEventListener('abort', onCancel);
       steps.delete(ac);

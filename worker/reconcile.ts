@@ -3,7 +3,8 @@
 //     say) is fenced and removed.
 //   - A copy of a migration whose destination an operator declared lost (ferry resolve) is
 //     destroyed, committed or not, before anything here could resume it.
-//   - Committed VMs of unfinished migrations are resumed after an agent restart (roll forward).
+//   - Incoming migrations a previous agent process left are reopened, and a committed VM among them
+//     is resumed (roll forward).
 //   - Source-side leftovers of a migration whose workflow closed (its stream, tracking, throttle) go.
 //   - Temp files of atomic writes that a crash cut short are removed.
 import { WorkflowNotFoundError, type Client } from '@temporalio/client';
@@ -29,8 +30,11 @@ export interface ReconcileDeps {
 type RunState = 'running' | 'closed' | 'unknown';
 
 export class Reconciler {
-  /** Migrations whose committed VM this agent process has already rolled forward once. */
-  private readonly recovered = new Set<string>();
+  /**
+   * Incoming migrations a previous agent process left (null until the first pass listed them): each
+   * is reopened once, as soon as Temporal says its fate. Shells this process prepares it opens itself.
+   */
+  private leftBehind: Set<string> | null = null;
   private timer: NodeJS.Timeout | null = null;
   private pass: Promise<void> | null = null;
 
@@ -62,7 +66,9 @@ export class Reconciler {
     const removed = await sweepTempFiles(this.deps.home, TEMP_FILE_AGE_MS);
     if (removed.length > 0) log.info({ files: removed }, 'removed temp files of atomic writes a crash cut short');
 
-    for (const { record, committed } of await destination.records()) {
+    const records = await destination.records();
+    this.leftBehind ??= new Set(records.map((r) => r.record.migrationId));
+    for (const { record, committed } of records) {
       const ids = { migrationId: record.migrationId, vmId: record.vmId, epoch: record.epoch };
       if (await this.revoked(record)) {
         await destination.revoke(record.migrationId, record.vmId, record.epoch);
@@ -73,8 +79,7 @@ export class Reconciler {
       if (!committed && state === 'closed') {
         log.warn(ids, 'incoming shell of a migration whose workflow closed without a commit: fencing and removing it');
         await destination.abort(record.migrationId, record.vmId, record.epoch);
-      } else if (!this.recovered.has(record.migrationId)) {
-        this.recovered.add(record.migrationId);
+      } else if (this.leftBehind.delete(record.migrationId)) {
         await destination.recoverIncoming(record.migrationId).catch((err: unknown) => log.warn({ ...ids, err: String(err) }, 'could not reopen incoming migration'));
       }
     }

@@ -21,7 +21,7 @@ import {
 import type { Activities } from '../activities';
 import type { MigrationRef, RollbackResult, SwitchoverResult } from '../migration/source';
 import {
-  DESTINATION_STEPS,
+  SOURCE_STEPS,
   formatRetry,
   initialProgress,
   type DestinationLostResolution,
@@ -60,7 +60,8 @@ const MAX_SWITCHOVER_ATTEMPTS = 5;
  * How long a rollback waits for the destination to fence its epoch before it lets a background
  * workflow go on trying: before the switchover the VM runs on the source, so nothing waits for it.
  */
-const FENCE_WAIT = '15 seconds';
+const FENCE_WAIT_SECONDS = 15;
+const FENCE_WAIT = `${FENCE_WAIT_SECONDS} seconds`;
 /** A step that failed after the commit is tried again this often (the migration can only go forward). */
 const ROLL_FORWARD_RETRY = '30 seconds';
 const PRE_COMMIT: MigrationPhase[] = ['validating', 'waiting-for-slot', 'preparing', 'disk-precopy', 'disk-dirty-rounds', 'memory-precopy', 'awaiting-cutover', 'converging'];
@@ -497,7 +498,7 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
         const dst = hostActivities(dest, cfg.destinationDeadlineSeconds);
         // Fence first: the source resumes only once the destination can never run this epoch.
         await dst.fence.abortDestination({ migrationId, vmId: cfg.vmId, epoch }).catch(async (err) => {
-          log.warn(`could not fence destination ${dest} now (${stepFailure(err, dest, cfg.destinationDeadlineSeconds).message}): the fence goes on in the background until it answers`, {
+          log.warn(`could not fence destination ${dest} now (${stepFailure(err, { source: cfg.sourceHost, other: dest }, FENCE_WAIT_SECONDS).message}): the fence goes on in the background until it answers`, {
             vmId: cfg.vmId,
             migrationId,
           });
@@ -519,7 +520,7 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
       try {
         return await fn();
       } catch (err) {
-        progress.message = `${what}: ${stepFailure(err, host, cfg.destinationDeadlineSeconds).message} (trying again every 10 s)`;
+        progress.message = `${what}: ${stepFailure(err, { source: cfg.sourceHost, other: host }, cfg.destinationDeadlineSeconds).message} (trying again every 10 s)`;
         showDetails();
         log.warn(progress.message, { vmId: cfg.vmId, migrationId });
         await sleep('10 seconds');
@@ -533,7 +534,7 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
       try {
         return await fn();
       } catch (err) {
-        progress.message = `${what} waits: ${stepFailure(err, host, cfg.destinationDeadlineSeconds).message}. The VM runs on ${destination}; the step is tried again every 30 s`;
+        progress.message = `${what} waits: ${stepFailure(err, { source: cfg.sourceHost, other: host }, cfg.destinationDeadlineSeconds).message}. The VM runs on ${destination}; the step is tried again every 30 s`;
         showDetails();
         log.error(progress.message, { vmId: cfg.vmId, migrationId });
         await sleep(ROLL_FORWARD_RETRY);
@@ -562,7 +563,7 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
       try {
         sw = await preCommitScope.run(() => precopy(dest));
       } catch (err) {
-        const failure = stepFailure(err, dest, cfg.destinationDeadlineSeconds);
+        const failure = stepFailure(err, { source: cfg.sourceHost, other: dest }, cfg.destinationDeadlineSeconds);
         const reason = abortReason ?? failure.message;
         // Another destination cannot help when the source is the problem (its VM died, its image fails).
         const final = abortReason !== null || isCancellation(err) || failure.blame === 'source';
@@ -659,18 +660,14 @@ interface DestinationLost {
 
 /**
  * What a failed step says and whose problem it is (the agents classify their errors: activities/failures.ts).
- * `host`: the destination being tried (a step that times out is named by the host it runs on).
+ * A step that timed out is named by the host it runs on: the source for source steps, else `other`.
  */
-function stepFailure(err: unknown, dest: string, deadlineSeconds: number): { message: string; blame: StepFailure['blame'] } {
+function stepFailure(err: unknown, hosts: { source: string; other: string }, deadlineSeconds: number): { message: string; blame: StepFailure['blame'] } {
   if (err instanceof ApplicationFailure) return { message: err.message, blame: (err.details?.[0] as StepFailure | undefined)?.blame ?? null };
   const e = err as { cause?: unknown; message?: string; activityType?: string };
   if (e?.cause instanceof TimeoutFailure) {
-    const host = e.activityType === undefined || DESTINATION_STEPS.includes(e.activityType) ? dest : null;
-    const who = host ?? 'the source host';
-    return {
-      message: `${host ? `host ${host}` : who} did not answer${host ? ` on task queue ${hostTaskQueue(host)}` : ''} within ${deadlineSeconds} s: is its agent running (ferry worker --host ${host ?? 'SOURCE'})?`,
-      blame: null,
-    };
+    const host = e.activityType !== undefined && SOURCE_STEPS.includes(e.activityType) ? hosts.source : hosts.other;
+    return { message: `host ${host} did not answer on task queue ${hostTaskQueue(host)} within ${deadlineSeconds} s: is its agent running (ferry worker --host ${host})?`, blame: null };
   }
   if (e?.cause instanceof ApplicationFailure) return { message: e.cause.message, blame: (e.cause.details?.[0] as StepFailure | undefined)?.blame ?? null };
   const cause = e?.cause as { message?: string } | undefined;
