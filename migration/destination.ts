@@ -268,7 +268,9 @@ export class Destination {
     const own = await this.deps.ownership.get(inc.record.vmId);
     if (own?.state !== 'running' || own.epoch !== inc.record.epoch) return;
     const state = (await inc.vm!.status()).state;
-    if ((state === 'incoming' || state === 'paused') && inc.record.measured?.guestRunning !== false) {
+    if (inc.record.measured?.guestRunning === false) {
+      if (state === 'incoming') await inc.vm!.pause(); // a cold migration: committed, and paused as it was
+    } else if (state === 'incoming' || state === 'paused') {
       await inc.vm!.resume();
       this.deps.log.info({ migrationId: inc.record.migrationId, vmId: inc.record.vmId, epoch: own.epoch, was: state }, 'committed VM resumed after an agent restart');
     }
@@ -452,6 +454,7 @@ export class Destination {
     const committedAtMs = Date.now();
     await faultPoint('switchover-after-commit');
     if (final.guestRunning) await vm.resume();
+    else await vm.pause();
     this.deps.log.info({ migrationId, vmId, epoch, staleBlocks: final.count, guestRunning: final.guestRunning }, 'committed: VM resumed on this host');
     await this.measure(inc, (m) => {
       m.committedAtMs = committedAtMs;
