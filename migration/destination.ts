@@ -200,7 +200,8 @@ export class Destination {
       await fs.rm(this.recordFile(migrationId), { force: true });
       return false;
     }
-    await this.removeShell(migrationId, vmId);
+    // Only a VM this migration put here is destroyed (with no ownership record, only its recorded shell).
+    await this.removeShell(migrationId, own ? vmId : undefined);
     await this.deps.ownership.revoke(vmId, epoch, migrationId);
     this.deps.log.warn({ migrationId, vmId, epoch }, 'revoked: the operator declared this host lost during the migration and resumed the source; the copy here was destroyed');
     return true;

@@ -547,7 +547,7 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
     const how = rb.exit ? ` (${describeExit(rb.exit)})` : '';
     const cleaned = dest ? `; destination ${dest} was fenced and its incoming VM removed` : '';
     return new SourceVmCrashed(
-      `VM ${cfg.vmId} is ${rb.state} on ${cfg.sourceHost}${how}: its process died during the migration (${cause})${cleaned}. Restarting it is your choice: ferry vm start ${cfg.vmId} --host ${cfg.sourceHost}`,
+      `VM ${cfg.vmId} is ${rb.state} on ${cfg.sourceHost}${how}: its process ended during the migration (${cause})${cleaned}. Restarting it is your choice: ferry vm start ${cfg.vmId} --host ${cfg.sourceHost}`,
     );
   }
 

@@ -1,10 +1,12 @@
 // The error taxonomy of host steps (activities/failures.ts): each class of error, classified once.
-import { classify, type StepContext } from '../../activities/failures';
+import pino from 'pino';
+import { ApplicationFailure } from '@temporalio/common';
+import { UNKNOWN_ERROR_ATTEMPTS, classify, failureInterceptor, type StepContext } from '../../activities/failures';
 import { DataPlaneError } from '../../dataplane/api';
 import { HypervisorError } from '../../hypervisor/errors';
 import { OwnershipConflict } from '../../migration/ownership';
 import { DestinationUnreachable, FenceUnconfirmed, VmGone } from '../../migration/source';
-import { formatRetry } from '../../common/migration';
+import { formatRetry, type RetryState, type StepFailure } from '../../common/migration';
 
 const source: StepContext = { host: 'a', role: 'source', peer: 'b' };
 const destination: StepContext = { host: 'b', role: 'destination', peer: null };
@@ -64,4 +66,54 @@ it('says "retrying: <cause> (attempt N, since T)"', () => {
   expect(formatRetry({ step: 'copyDiskDirty', cause: 'cannot open the data plane', attempt: 3, sinceMs: Date.UTC(2026, 0, 2, 3, 4, 5, 678) })).toBe(
     'retrying: cannot open the data plane (attempt 3, since 2026-01-02T03:04:05Z)',
   );
+});
+
+describe('the activity boundary', () => {
+  const log = pino({ level: 'silent' });
+  type Ctx = Parameters<ReturnType<typeof failureInterceptor>>[0];
+
+  /** Runs one attempt of a migration step that throws `err`, as the worker would; returns what Temporal gets and the signals sent. */
+  async function attempt(err: Error, n: number, signals: unknown[], activityType = 'copyDiskDirty'): Promise<ApplicationFailure> {
+    const ctx = {
+      info: { attempt: n, activityType, activityId: '7', workflowType: 'migrateVm', workflowExecution: { workflowId: 'migrate-vm1', runId: 'r1' } },
+      cancellationSignal: new AbortController().signal,
+      client: { workflow: { getHandle: () => ({ signal: async (_def: unknown, arg: unknown) => void signals.push(arg) }) } },
+    } as unknown as Ctx;
+    const interceptors = boundary(ctx);
+    const thrown = await interceptors.inbound!.execute!({ args: [{ ref: { destinationHost: 'b' } }], headers: {} }, async () => {
+      throw err;
+    }).then(
+      () => null,
+      (e: unknown) => e,
+    );
+    expect(thrown).toBeInstanceOf(ApplicationFailure);
+    return thrown as ApplicationFailure;
+  }
+  const boundary = failureInterceptor({ host: 'a', log });
+
+  it('retries an unknown error a bounded number of times, then gives up with the host named', async () => {
+    const signals: unknown[] = [];
+    for (let n = 1; n < UNKNOWN_ERROR_ATTEMPTS; n++) {
+      const f = await attempt(new Error('something odd'), n, signals);
+      expect(f).toMatchObject({ nonRetryable: false, type: 'UnexpectedError', message: 'something odd' });
+      expect((f.details?.[0] as StepFailure).retry).toMatchObject({ step: 'copyDiskDirty', cause: 'something odd', attempt: n, sinceMs: expect.any(Number) });
+    }
+    const last = await attempt(new Error('something odd'), UNKNOWN_ERROR_ATTEMPTS, signals);
+    expect(last).toMatchObject({ nonRetryable: true, type: 'UnexpectedError', message: `something odd (failed ${UNKNOWN_ERROR_ATTEMPTS} times with an error Ferry does not know: see the log of host a)` });
+    // The workflow hears of attempts 1, 2 and 4 (then 8, 16...): its progress says so without one signal per attempt.
+    expect(signals.map((s) => (s as RetryState).attempt)).toEqual([1, 2, 4]);
+  });
+
+  it('keeps "since" across the attempts of one step', async () => {
+    const first = await attempt(errno('ECONNRESET', 'read'), 1, [], 'copyMachineState');
+    await new Promise((r) => setTimeout(r, 20));
+    const second = await attempt(errno('ECONNRESET', 'read'), 2, [], 'copyMachineState');
+    expect((second.details?.[0] as StepFailure).retry!.sinceMs).toBe((first.details?.[0] as StepFailure).retry!.sinceMs);
+  });
+
+  it('a permanent error is not retried and says whose problem it is', async () => {
+    const f = await attempt(new DataPlaneError('auth_failed', 'the server could not prove the shared secret'), 1, []);
+    expect(f).toMatchObject({ nonRetryable: true, type: 'DataPlaneAuthFailed' });
+    expect(f.details?.[0]).toEqual({ host: 'a', blame: 'destination' });
+  });
 });
