@@ -6,24 +6,12 @@ import type { HypervisorDriver, StaleWaitStats, VerifyResult, VmSpec, VmStatus }
 import { vmId as checkVmId, type VmId, type Workload } from '../common/types';
 import { requestSlotActivity } from './admission';
 import type { Logger } from '../common/log';
-import { OwnershipConflict, type OwnershipRecord, type OwnershipStore } from '../migration/ownership';
-import {
-  InsufficientSpace,
-  IncrementalUnavailable,
-  type Destination,
-  type IncrementalDecision,
-  type IncrementalRequest,
-  type IncomingRecord,
-} from '../migration/destination';
-import { DestinationUnreachable, dataPlaneLiveness, type MachineStateOptions, type MigrationRef, type Progress, type Source } from '../migration/source';
-import { DataPlaneError } from '../dataplane/api';
-import { isHypervisorError } from '../hypervisor';
+import type { OwnershipRecord, OwnershipStore } from '../migration/ownership';
+import type { Destination, IncrementalDecision, IncrementalRequest, IncomingRecord } from '../migration/destination';
+import { DestinationUnreachable, dataPlaneLiveness, type MachineStateOptions, type MigrationRef, type Progress, type RollbackResult, type Source } from '../migration/source';
 import { DEFAULTS } from '../common/migration';
-import { BaseInUse, BaseStore, type BaseRecord } from '../migration/bases';
+import { BaseStore, type BaseRecord } from '../migration/bases';
 import type { AgentMetrics } from '../worker/metrics';
-
-/** Hypervisor refusals that no retry can change. */
-const PERMANENT_HYPERVISOR_ERRORS = ['VmNotFound', 'VmExists', 'InvalidArgument', 'CommandNotFound'];
 
 export interface HostDeps {
   host: string;
@@ -85,10 +73,10 @@ export function createActivities(deps: HostDeps) {
       unreachableSince.delete(ref.migrationId);
       return result;
     } catch (err) {
-      if (!(err instanceof ApplicationFailure && (err.type === 'DestinationUnreachable' || err.type === 'DataPlaneLost'))) throw err;
+      if (!(err instanceof DestinationUnreachable)) throw err;
       const deadlineSeconds = ref.destinationDeadlineSeconds ?? DEFAULTS.destinationDeadlineSeconds;
       // A lost session has already waited for the destination (silence, then its reconnect window): count that time too.
-      const lostAt = err.type === 'DataPlaneLost' ? Date.now() - dataPlaneLiveness(deadlineSeconds).lostAfterMs : Date.now();
+      const lostAt = err.lostSession ? Date.now() - dataPlaneLiveness(deadlineSeconds).lostAfterMs : Date.now();
       const since = Math.min(unreachableSince.get(ref.migrationId) ?? lostAt, lostAt);
       unreachableSince.set(ref.migrationId, since);
       const deadline = deadlineSeconds;
@@ -112,9 +100,19 @@ export function createActivities(deps: HostDeps) {
         opsPerSecond: input.opsPerSecond ?? 0,
         fill: input.fill,
       };
-      await guard(() => driver.create(spec));
-      await guard(() => ownership.claimNew(input.vmId));
-      if (input.start !== false) (await driver.start(id)).close();
+      await driver.create(spec);
+      let claimed = false;
+      try {
+        await ownership.claimNew(input.vmId);
+        claimed = true;
+        if (input.start !== false) (await driver.start(id)).close();
+      } catch (err) {
+        // Half a VM (its files written, its process not started) is rolled back: the id stays free.
+        log.warn({ vmId: input.vmId, err: String(err) }, 'VM creation failed: removing what it wrote');
+        await driver.destroy(id).catch((e: unknown) => log.warn({ vmId: input.vmId, err: String(e) }, 'could not remove the half-created VM'));
+        if (claimed) await ownership.remove(input.vmId);
+        throw err;
+      }
       return summary(input.vmId);
     },
 
@@ -142,9 +140,9 @@ export function createActivities(deps: HostDeps) {
 
     async vmPause(input: { vmId: string }): Promise<VmSummary> {
       await summary(input.vmId);
-      const vm = await guard(() => driver.attach(asVmId(input.vmId)));
+      const vm = await driver.attach(asVmId(input.vmId));
       try {
-        await guard(() => vm.pause());
+        await vm.pause();
       } finally {
         vm.close();
       }
@@ -153,9 +151,9 @@ export function createActivities(deps: HostDeps) {
 
     async vmResume(input: { vmId: string }): Promise<VmSummary> {
       await summary(input.vmId);
-      const vm = await guard(() => driver.attach(asVmId(input.vmId)));
+      const vm = await driver.attach(asVmId(input.vmId));
       try {
-        await guard(() => vm.resume());
+        await vm.resume();
       } finally {
         vm.close();
       }
@@ -165,10 +163,10 @@ export function createActivities(deps: HostDeps) {
     /** The guest's own check of its data (the simulator: a comparison with a reference run; it halts the guest). */
     async vmVerify(input: { vmId: string }): Promise<VerifyResult & { host: string; vmId: string }> {
       await summary(input.vmId);
-      const vm = await guard(() => driver.attach(asVmId(input.vmId)));
+      const vm = await driver.attach(asVmId(input.vmId));
       const beat = setInterval(() => Context.current().heartbeat(), 1000);
       try {
-        return { ...(await guard(() => vm.verify())), host: deps.host, vmId: input.vmId };
+        return { ...(await vm.verify()), host: deps.host, vmId: input.vmId };
       } finally {
         clearInterval(beat);
         vm.close();
@@ -185,7 +183,7 @@ export function createActivities(deps: HostDeps) {
       if (await driver.exists(asVmId(input.vmId))) {
         throw ApplicationFailure.nonRetryable(`VM ${input.vmId} is defined on host ${deps.host}: its disk is not a base here`, 'BaseInUse');
       }
-      await guard(() => bases.removeUnused(input.vmId));
+      await bases.removeUnused(input.vmId);
       await driver.destroy(asVmId(input.vmId));
     },
 
@@ -217,7 +215,7 @@ export function createActivities(deps: HostDeps) {
     },
 
     async setThrottle(input: { migrationId: string; vmId: string; fraction: number }): Promise<void> {
-      await guard(() => source.setThrottle(input.vmId, input.fraction));
+      await source.setThrottle(input.vmId, input.fraction);
     },
 
     /** Memory precopy and the freeze, in one activity (no Temporal round trip inside the freeze). */
@@ -231,7 +229,7 @@ export function createActivities(deps: HostDeps) {
     },
 
     async forceSwitchover(input: { migrationId: string }): Promise<void> {
-      await guard(() => source.forceSwitchover(input.migrationId));
+      await source.forceSwitchover(input.migrationId);
     },
 
     async postcopy(ref: MigrationRef) {
@@ -239,14 +237,28 @@ export function createActivities(deps: HostDeps) {
     },
 
     /** `final`: the migration ends with this rollback (no other destination is tried). */
-    async rollbackSource(input: { ref: MigrationRef | null; vmId: string; migrationId: string; wasRunning: boolean; final: boolean; startedAtMs: number }) {
-      const result = await guard(() => source.rollback(input.ref, input.vmId, input.migrationId, input.wasRunning));
-      if (input.final) metrics.migrationEnded({ migrationId: input.migrationId, role: 'source', outcome: 'rolled-back', durationSeconds: secondsSince(input.startedAtMs) });
+    async rollbackSource(input: { ref: MigrationRef | null; vmId: string; migrationId: string; wasRunning: boolean; final: boolean; startedAtMs: number }): Promise<RollbackResult> {
+      const result = await source.rollback(input.ref, input.vmId, input.migrationId, input.wasRunning);
+      if (input.final && result.state !== 'crashed') {
+        metrics.migrationEnded({ migrationId: input.migrationId, role: 'source', outcome: 'rolled-back', durationSeconds: secondsSince(input.startedAtMs) });
+      }
+      return result;
+    },
+
+    /**
+     * The operator declared the destination lost after the Final message (ferry resolve), and the
+     * workflow has recorded the fence of its epoch (the revokeDestination workflow): resume here.
+     */
+    async resumeSourceAfterLoss(input: { ref: MigrationRef; wasRunning: boolean; startedAtMs: number }): Promise<RollbackResult> {
+      const { ref } = input;
+      log.warn({ destination: ref.destinationHost, epoch: ref.epoch }, 'resuming the source VM without the destination\'s answer: an operator declared the destination lost');
+      const result = await source.rollback(ref, ref.vmId, ref.migrationId, input.wasRunning, { destinationLost: true });
+      metrics.migrationEnded({ migrationId: ref.migrationId, role: 'source', outcome: 'rolled-back', durationSeconds: secondsSince(input.startedAtMs) });
       return result;
     },
 
     async finalizeSource(input: { vmId: string; migrationId: string; blockBytes: number; startedAtMs: number }): Promise<void> {
-      await guard(() => source.finalize(input));
+      await source.finalize(input);
       metrics.migrationEnded({ migrationId: input.migrationId, role: 'source', outcome: 'completed', durationSeconds: secondsSince(input.startedAtMs) });
     },
 
@@ -264,14 +276,21 @@ export function createActivities(deps: HostDeps) {
 
     async prepareDestination(input: PrepareInput): Promise<{ dataAddress: string } & IncrementalDecision> {
       const { incremental, ...request } = input;
-      const decision = await guard(() => destination.prepare(request, incremental));
+      const decision = await destination.prepare(request, incremental);
       log.info({ migrationId: input.migrationId, vmId: input.vmId, epoch: input.epoch, ...decision }, 'incoming VM prepared');
       return { dataAddress: deps.dataAddress, ...decision };
     },
 
     async abortDestination(input: { migrationId: string; vmId: string; epoch: number }): Promise<void> {
-      await guard(() => destination.abort(input.migrationId, input.vmId, input.epoch));
+      await destination.abort(input.migrationId, input.vmId, input.epoch);
       metrics.migrationEnded({ migrationId: input.migrationId, role: 'destination', outcome: 'rolled-back' });
+    },
+
+    /** This host was declared lost during the migration and the source resumed: destroy the copy here. */
+    async revokeDestination(input: { migrationId: string; vmId: string; epoch: number }): Promise<void> {
+      if (await destination.revoke(input.migrationId, input.vmId, input.epoch)) {
+        metrics.migrationEnded({ migrationId: input.migrationId, role: 'destination', outcome: 'rolled-back' });
+      }
     },
 
     async finishDestination(input: { migrationId: string; vmId: string }): Promise<DestinationFacts> {
@@ -307,22 +326,6 @@ function secondsSince(ms: number): number {
   return Math.max(0, (Date.now() - ms) / 1000);
 }
 
-/** Errors a retry cannot fix become non-retryable failures with their own type. */
-async function guard<T>(fn: () => Promise<T>): Promise<T> {
-  try {
-    return await fn();
-  } catch (err) {
-    if (err instanceof OwnershipConflict) throw ApplicationFailure.nonRetryable(err.message, 'OwnershipConflict');
-    if (err instanceof InsufficientSpace) throw ApplicationFailure.nonRetryable(err.message, 'InsufficientSpace');
-    if (err instanceof BaseInUse) throw ApplicationFailure.nonRetryable(err.message, 'BaseInUse');
-    if (err instanceof IncrementalUnavailable) throw ApplicationFailure.nonRetryable(err.message, 'IncrementalUnavailable');
-    if (err instanceof DestinationUnreachable) throw ApplicationFailure.retryable(err.message, 'DestinationUnreachable');
-    if (err instanceof DataPlaneError && err.code === 'disconnected') throw ApplicationFailure.retryable(err.message, 'DataPlaneLost');
-    if (isHypervisorError(err) && PERMANENT_HYPERVISOR_ERRORS.includes(err.code)) throw ApplicationFailure.nonRetryable(err.message, err.code);
-    throw err;
-  }
-}
-
 /**
  * Run a long step with a heartbeat every second carrying its latest progress; a retry starts from
  * the details of the last heartbeat. Cancellation (abort) reaches the step through the signal.
@@ -334,7 +337,7 @@ async function withHeartbeat<T>(fn: (from: Progress, report: (p: Progress) => vo
   ctx.heartbeat(latest);
   const timer = setInterval(() => ctx.heartbeat(latest), 1000);
   try {
-    return await guard(() => fn(from, (p) => (latest = p), ctx.cancellationSignal));
+    return await fn(from, (p) => (latest = p), ctx.cancellationSignal);
   } finally {
     clearInterval(timer);
   }

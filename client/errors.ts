@@ -13,7 +13,7 @@ import { hostTaskQueue, migrationWorkflowId } from '../common/types';
 /** Failure types raised by the workflows and agents that mean "refused as asked", not "broke". */
 const REFUSAL_TYPES = new Set([
   'ValidationError', 'VmNotFound', 'VmExists', 'VmNotRunning', 'InvalidArgument', 'OwnershipConflict', 'AbortRefused',
-  'IncrementalUnavailable', 'BaseNotFound', 'BaseInUse',
+  'ApproveRefused', 'ResolveRefused', 'IncrementalUnavailable', 'BaseNotFound', 'BaseInUse',
 ]);
 
 export class FerryRequestError extends Error {
@@ -98,7 +98,7 @@ export class MigrationNotFound extends FerryRequestError {
  * Turn a Temporal client error into a Ferry error whose message is the root cause: the innermost
  * failure message (an agent's or the workflow's own words), typed by its ApplicationFailure type.
  */
-export function toFerryError(err: unknown, ctx: { vmId?: string; running?: boolean } = {}): Error {
+export function toFerryError(err: unknown, ctx: { vmId?: string; running?: boolean; refusal?: string } = {}): Error {
   if (err instanceof FerryRequestError) return err;
   if (err instanceof WorkflowExecutionAlreadyStartedError && ctx.vmId) return new MigrationAlreadyRunning(ctx.vmId);
   if (err instanceof WorkflowNotFoundError && ctx.vmId) return new MigrationNotFound(ctx.vmId, ctx.running ?? false);
@@ -114,8 +114,8 @@ export function toFerryError(err: unknown, ctx: { vmId?: string; running?: boole
     if (next instanceof ApplicationFailure && next.type) type = next.type;
     cur = next;
   }
-  // abort is the workflow's only update: a rejected update is a refused abort (past the commit point).
-  if (err instanceof WorkflowUpdateFailedError) return new FerryRequestError(message, 'AbortRefused');
+  // A rejected update (abort, approve, resolve) is a refusal with the workflow's reason.
+  if (err instanceof WorkflowUpdateFailedError) return new FerryRequestError(message, ctx.refusal ?? 'UpdateRefused');
   if (type === 'ValidationError') return new ValidationFailed(message);
   if (type === 'VmNotFound') return new VmNotFound(message);
   return new FerryRequestError(message, type);

@@ -1,10 +1,11 @@
 // FerryClient: the typed programmatic API over Temporal.
 import { randomUUID } from 'node:crypto';
+import os from 'node:os';
 import { Client, TimeoutFailure, WorkflowFailedError, type WorkflowExecutionStatusName, type WorkflowHandle } from '@temporalio/client';
 import type { SwitchoverProgress } from '../migration/source';
 import { defaultPayloadConverter, TimeoutType } from '@temporalio/common';
 import type { Activities } from '../activities';
-import type { MigrateVmInput, MigrationPhase, MigrationProgress, MigrationReport } from '../common/migration';
+import type { MigrateVmInput, MigrationPhase, MigrationProgress, MigrationReport, RetryState, StepFailure } from '../common/migration';
 import { MIGRATION_TASK_QUEUE, hostName, hostTaskQueue, migrationWorkflowId } from '../common/types';
 import type { HostCommand } from '../workflows/host-command';
 import {
@@ -13,9 +14,10 @@ import {
   abortUpdate,
   admissionStateQuery,
   admissionWorkflowId,
-  approveCutoverSignal,
+  approveCutoverUpdate,
   hostScope,
   progressQuery,
+  resolveDestinationLostUpdate,
   setBandwidthSignal,
   type AdmissionState,
 } from '../workflows/definitions';
@@ -95,12 +97,15 @@ export class MigrationHandle {
 
   /**
    * The workflow's progress, with the bytes of the transfer running right now added from its last
-   * heartbeat (the workflow itself learns them only when the activity ends).
+   * heartbeat (the workflow itself learns them only when the activity ends), and the step being
+   * retried, if one is, from Temporal's record of its last failure.
    */
   async progress(): Promise<MigrationProgress> {
     try {
       const [p, desc] = await Promise.all([this.workflow.query(progressQuery), this.workflow.describe()]);
-      for (const act of desc.raw.pendingActivities ?? []) {
+      const pending = desc.raw.pendingActivities ?? [];
+      p.retrying = pending.map(retryStateOf).find((r) => r !== null) ?? (pending.length > 0 ? p.retrying : null);
+      for (const act of pending) {
         const payload = act.heartbeatDetails?.payloads?.[0];
         if (!payload) continue;
         const details = defaultPayloadConverter.fromPayload(payload) as Partial<SwitchoverProgress> | undefined;
@@ -182,16 +187,35 @@ export class MigrationHandle {
     try {
       return await this.workflow.executeUpdate(abortUpdate, { args: [reason] });
     } catch (err) {
-      throw toFerryError(err, { vmId: this.vmId, running: true });
+      throw toFerryError(err, { vmId: this.vmId, running: true, refusal: 'AbortRefused' });
     }
   }
 
-  /** Let a `cutover: 'manual'` migration go to the switchover. */
-  async approveCutover(): Promise<void> {
+  /** Let a `cutover: 'manual'` migration go to the switchover; refused (type ApproveRefused, with the reason) for any other. */
+  async approveCutover(): Promise<{ accepted: true; phase: string }> {
     try {
-      await this.workflow.signal(approveCutoverSignal);
+      return await this.workflow.executeUpdate(approveCutoverUpdate);
     } catch (err) {
-      throw toFerryError(err, { vmId: this.vmId, running: true });
+      throw toFerryError(err, { vmId: this.vmId, running: true, refusal: 'ApproveRefused' });
+    }
+  }
+
+  /**
+   * The operator's decision for a migration whose destination stopped answering after the Final
+   * message left (the VM waits, paused, on the source): the destination is lost for good. The
+   * workflow records who, when and why in its history, fences the lost host's epoch (its agent
+   * destroys its copy if it ever returns) and resumes the VM on the source. Refused (type
+   * ResolveRefused) unless the migration waits for exactly that.
+   *
+   * DANGER: use it only when the destination host is known to be powered off or fenced. If it still
+   * runs, it may have committed and resumed the VM: there are then two running copies until its
+   * agent reaches Temporal again and destroys its own.
+   */
+  async resolveDestinationLost(reason: string, by = operatorName()): Promise<{ accepted: true; host: string; epoch: number }> {
+    try {
+      return await this.workflow.executeUpdate(resolveDestinationLostUpdate, { args: [{ reason, by }] });
+    } catch (err) {
+      throw toFerryError(err, { vmId: this.vmId, running: true, refusal: 'ResolveRefused' });
     }
   }
 
@@ -323,6 +347,33 @@ export class FerryClient {
   async close(): Promise<void> {
     await this.temporal.connection.close();
   }
+}
+
+/** Who runs this program, for the record of an operator's decision. */
+function operatorName(): string {
+  let user = 'unknown';
+  try {
+    user = os.userInfo().username;
+  } catch {
+    // no passwd entry (a container): the host name still says where it came from
+  }
+  return `${user}@${os.hostname()}`;
+}
+
+/** A pending activity that has failed at least once: the agent's StepFailure (or Temporal's own record). */
+function retryStateOf(act: { activityType?: { name?: string | null } | null; attempt?: number | null; lastFailure?: { message?: string | null; applicationFailureInfo?: { details?: { payloads?: unknown[] | null } | null } | null } | null; lastAttemptCompleteTime?: { seconds?: unknown } | null }): RetryState | null {
+  const failure = act.lastFailure;
+  if (!failure) return null;
+  const payload = failure.applicationFailureInfo?.details?.payloads?.[0];
+  const details = payload ? (defaultPayloadConverter.fromPayload(payload as never) as StepFailure | undefined) : undefined;
+  if (details?.retry) return { ...details.retry, attempt: Math.max(details.retry.attempt, (act.attempt ?? 1) - 1) };
+  const at = act.lastAttemptCompleteTime?.seconds;
+  return {
+    step: act.activityType?.name ?? 'a step',
+    cause: failure.message ?? 'unknown error',
+    attempt: Math.max(1, (act.attempt ?? 1) - 1),
+    sinceMs: at != null ? Number(at) * 1000 : Date.now(),
+  };
 }
 
 function isHostName(h: string): boolean {

@@ -1,9 +1,9 @@
 // `ferry migrate`, `ferry status` and `ferry list`: start, watch and find migrations.
 import { Command, InvalidArgumentError, Option } from 'commander';
-import type { MigrateVmInput, MigrationPhase, MigrationProgress, MigrationReport } from '../../common/migration';
+import { formatRetry, type MigrateVmInput, type MigrationPhase, type MigrationProgress, type MigrationReport } from '../../common/migration';
 import type { FerryClient, MigrationHandle, MigrationState } from '../ferry-client';
 import { FerryRequestError } from '../errors';
-import { followMigration, formatBytes, formatReport } from './progress-view';
+import { followMigration, formatBytes, formatReport, incrementalLine } from './progress-view';
 import { EXIT, ferryAction, hostArg, printJson, table, vmIdArg, withConnectionFlags } from './common';
 import { parseRate, parseSize } from './units';
 
@@ -88,6 +88,8 @@ function describeProgress(p: MigrationProgress): string {
     `  disk ${formatBytes(p.disk.totalBytes)} (sent ${formatBytes(p.disk.sentBytes)}), memory ${formatBytes(p.memory.totalBytes)} (sent ${formatBytes(p.memory.sentBytes)}), ` +
       `${formatBytes(p.transferBytesPerSecond)}/s, dirty ${p.disk.dirtyBlocks} blocks ${p.memory.dirtyPages} pages, ETA ${p.etaSeconds === null ? '-' : `${p.etaSeconds}s`}`,
     `  ${p.message}`,
+    ...(p.incremental ? [`  ${incrementalLine(p.incremental.incremental, p.incremental.fallbackReason)}`] : []),
+    ...(p.retrying ? [`  ${formatRetry(p.retrying)}`] : []),
   ].join('\n');
 }
 

@@ -470,7 +470,13 @@ export class Machine {
     c.set('query-status', () => ({ ret: this.status() }));
 
     c.set('pause', () => {
-      this.requireState('pause', ['running', 'paused', 'halted'], 'an incoming VM has no guest to pause yet');
+      if (this.state === 'incoming' && this.cpuLoaded) {
+        // A loaded incoming VM that stays paused (a cold migration): it is this host's VM from now on.
+        this.config = { ...this.config, incoming: false };
+        writeFileAtomic(this.paths.config, JSON.stringify(this.config, null, 2));
+      } else {
+        this.requireState('pause', ['running', 'paused', 'halted'], 'an incoming VM has no guest to pause before its machine-state stream is loaded');
+      }
       this.setState('paused');
       return { ret: { ops: this.guest.ops } };
     });

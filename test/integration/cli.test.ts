@@ -48,7 +48,10 @@ describe('parsing, in process', () => {
 });
 
 describe('without a server', () => {
-  const commands = [[], ['server'], ['worker'], ['vm'], ['vm', 'create'], ['vm', 'list'], ['vm', 'inspect'], ['vm', 'destroy'], ['migrate'], ['status'], ['list'], ['abort'], ['approve'], ['bandwidth']];
+  const commands = [
+    [], ['server'], ['worker'], ['vm'], ['vm', 'create'], ['vm', 'list'], ['vm', 'inspect'], ['vm', 'pause'], ['vm', 'resume'], ['vm', 'verify'], ['vm', 'destroy'],
+    ['migrate'], ['status'], ['list'], ['abort'], ['approve'], ['resolve'], ['bandwidth'],
+  ];
 
   it('--help works for every command', async () => {
     const runs = await inBatches(commands, (c) => ferry(...c, '--help'));
