@@ -104,6 +104,32 @@ describe('postcopy', () => {
   });
 });
 
+describe('on-demand fetches at 1 MiB/s', () => {
+  it('serve every stale read of the guest long before the push would reach its block', async () => {
+    const vm = testVm('mixed', { opsPerSecond: 2000, memoryBytes: 2 * 1024 * 1024 });
+    await t.ferry.hostCommand(a, 'vmCreate', vm);
+    const handle = await t.ferry.migrate({
+      vmId: vm.vmId,
+      sourceHost: a,
+      destinationHosts: [b],
+      convergence: { maxRounds: 1, dirtyBlockThreshold: 1_000_000 },
+      downtimeTargetMs: 10_000,
+    });
+    await waitForPhase(handle, ['memory-precopy']);
+    await handle.setBandwidth(1024 * 1024);
+    const report = await handle.result();
+    const dest = await t.ferry.hostCommand(b, 'vmInspect', { vmId: vm.vmId });
+    // The push of the stale blocks took seconds at 1 MiB/s, and the guest read stale blocks meanwhile.
+    expect(report.postcopyMs).toBeGreaterThan(3000);
+    expect(dest.staleWaits).toBeGreaterThan(5);
+    expect(report.onDemandFetches).toBeGreaterThan(5);
+    // The guest's longest gap between two operations is its downtime (the last pages cross the slow
+    // link in the freeze) or a stale read's wait: that is a few round trips, not a wait for the push.
+    expect(dest.maxGapMs).toBeLessThan(Math.max((report.downtimeMs ?? 0) + 1, report.postcopyMs / 4));
+    await expectGuestCorrect(b, vm);
+  });
+});
+
 describe('refusals', () => {
   it('refuses a second migration of a VM that is migrating', async () => {
     const vm = testVm('idle');
