@@ -3,7 +3,7 @@
 // dependencies, as in the Temporal samples.
 import { ApplicationFailure, Context, getClient } from '@temporalio/activity';
 import type { HypervisorDriver, VmSpec, VmStatus } from '../hypervisor/driver';
-import { MIGRATION_TASK_QUEUE, vmId as checkVmId, type VmId, type Workload } from '../common/types';
+import { DEFAULT_OPS_PER_SECOND, MIGRATION_TASK_QUEUE, vmId as checkVmId, type VmId, type Workload } from '../common/types';
 import { CLUSTER_SCOPE, admissionWorkflowId, hostScope, requestSlotSignal, type AdmissionState } from '../workflows/definitions';
 import type { Logger } from '../common/log';
 import { OwnershipConflict, type OwnershipRecord, type OwnershipStore } from '../migration/ownership';
@@ -105,7 +105,7 @@ export function createActivities(deps: HostDeps) {
         memoryBytes: input.memoryBytes,
         workload: input.workload,
         seed: input.seed ?? 1,
-        opsPerSecond: input.opsPerSecond ?? 0,
+        opsPerSecond: input.opsPerSecond ?? DEFAULT_OPS_PER_SECOND[input.workload] ?? 0,
         fill: input.fill,
       };
       await guard(() => driver.create(spec));

@@ -49,5 +49,19 @@ export const MIN_BLOCK_BYTES = 4096;
 export const MAX_BLOCK_BYTES = 1 << 20;
 export const DEFAULT_BLOCK_BYTES = 64 * 1024;
 
-export type Workload = 'idle' | 'seqwrite' | 'randwrite' | 'mixed' | 'readmostly';
-export const WORKLOADS: readonly Workload[] = ['idle', 'seqwrite', 'randwrite', 'mixed', 'readmostly'];
+export type Workload = 'idle' | 'memhog' | 'seqwrite' | 'randwrite' | 'mixed' | 'readmostly';
+export const WORKLOADS: readonly Workload[] = ['idle', 'memhog', 'seqwrite', 'randwrite', 'mixed', 'readmostly'];
+
+/**
+ * Guest operations per second when a VM is created without a rate (0 = as fast as it can). idle
+ * ticks like a 100 Hz timer; memhog exists to dirty memory as fast as it can; the disk workloads run
+ * at a rate a migration over a 1 Gbit/s link converges on (seqwrite writes 256 KiB per operation).
+ */
+export const DEFAULT_OPS_PER_SECOND: Readonly<Record<Workload, number>> = {
+  idle: 100,
+  memhog: 0,
+  seqwrite: 50,
+  randwrite: 500,
+  mixed: 500,
+  readmostly: 500,
+};

@@ -10,7 +10,7 @@ import { LocalCluster } from '../harness/cluster';
 import { FerryClient } from '../client/ferry-client';
 import { followMigration, formatBytes, formatReport } from '../client/cli/progress-view';
 import { referenceRun } from '../hypervisor';
-import { vmId as asVmId, type Workload } from '../common/types';
+import { WORKLOADS, vmId as asVmId, type Workload } from '../common/types';
 import type { MigrationReport } from '../common/migration';
 
 interface DemoOptions {
@@ -134,7 +134,7 @@ const program = new Command('ferry-demo')
   .option('--json', 'print the report as JSON on stdout', false)
   .option('--disk-mib <n>', 'VM disk size in MiB', '256')
   .option('--memory-mib <n>', 'VM memory size in MiB', '64')
-  .option('--workload <name>', 'guest workload: idle, seqwrite, randwrite, mixed, readmostly', 'randwrite')
+  .option('--workload <name>', `guest workload: ${WORKLOADS.join(', ')}`, 'randwrite')
   .action(async (opts: DemoOptions) => {
     process.exitCode = await main(opts);
   });

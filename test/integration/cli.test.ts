@@ -7,6 +7,7 @@ import type { MigrationReport } from '../../common/migration';
 import { migrationQuery } from '../../client/ferry-client';
 import { resolveConnection } from '../../client/connection';
 import { parseRate, parseSize } from '../../client/cli/units';
+import { DEFAULT_OPS_PER_SECOND } from '../../common/types';
 
 jest.setTimeout(120_000);
 
@@ -120,6 +121,19 @@ describe('against real agents', () => {
     const again = await ferry('vm', 'create', vm.vmId, '--host', A, '--disk', '32MiB', '--memory', '8MiB', '--workload', 'idle');
     expect(again.code).toBe(4);
     expect(again.stderr).toMatch(new RegExp(`already exists on host ${A}`));
+  });
+
+  it('creates a VM at its workload\'s default rate when --ops-per-second is not given', async () => {
+    for (const workload of ['idle', 'randwrite'] as const) {
+      const id = `${vm.vmId}-rate-${workload}`;
+      const created = await ferry('vm', 'create', id, '--host', A, '--disk', '1MiB', '--memory', '1MiB', '--workload', workload, '--json');
+      expect(exitOf(created)).toBe(0);
+      expect(json(created)).toMatchObject({ vmId: id, workload, opsPerSecond: DEFAULT_OPS_PER_SECOND[workload] });
+      expect(exitOf(await ferry('vm', 'destroy', id, '--host', A))).toBe(0);
+    }
+    expect(DEFAULT_OPS_PER_SECOND.idle).toBeGreaterThan(0);
+    const help = await ferry('vm', 'create', '--help');
+    expect(help.stdout.replace(/\s+/g, ' ')).toContain(`default by workload: idle ${DEFAULT_OPS_PER_SECOND.idle}, memhog 0,`);
   });
 
   it('migrates with --wait --json, then status and list show it', async () => {
