@@ -14,6 +14,8 @@ import { VmPaths, writeFileAtomic, type SavedRun, type VmConfig } from './vm-fil
 
 /** The guest runs ops in a synchronous slice this long, then yields so the control socket stays responsive. */
 const SLICE_MS = 1.5;
+/** A throttled guest running as fast as it can makes up for late timers, but not for a stall or a pause. */
+const MAX_OWED_MS = 50;
 const MAX_LOGGED_VIOLATIONS = 20;
 
 type LiveState = Exclude<VmRunState, 'stopped'>;
@@ -63,6 +65,8 @@ export class Machine {
   private scheduled = false;
   private rateBaseAt = 0;
   private rateBaseOps = 0;
+  /** Time spent running operations since the rate base (a throttled guest without a rate). */
+  private busyMs = 0;
   private loggedViolations = 0;
   private stopping = false;
 
@@ -171,6 +175,7 @@ export class Machine {
   private rebaseRate(): void {
     this.rateBaseAt = nowMs();
     this.rateBaseOps = this.guest.ops;
+    this.busyMs = 0;
   }
 
   private schedule(delayMs: number): void {
@@ -186,7 +191,10 @@ export class Machine {
     const guest = this.guest;
     const start = nowMs();
     let budget = Number.POSITIVE_INFINITY;
-    const rate = guest.opsPerSecond;
+    let sliceMs = SLICE_MS;
+    // Auto-converge: the guest keeps (1 - throttle) of its rate, or of its time when it has no rate.
+    const keep = 1 - this.throttle;
+    const rate = guest.opsPerSecond * keep;
     if (rate > 0) {
       const due = this.rateBaseOps + Math.floor(((start - this.rateBaseAt) * rate) / 1000);
       if (due - guest.ops > Math.max(1, rate * 0.2)) {
@@ -200,6 +208,14 @@ export class Machine {
         this.schedule(Math.max(1, nextAt - start));
         return;
       }
+    } else if (keep < 1) {
+      const owed = (start - this.rateBaseAt) * keep - this.busyMs;
+      if (owed < 0) {
+        this.schedule(Math.max(1, -owed / keep));
+        return;
+      }
+      if (owed > MAX_OWED_MS) this.rebaseRate();
+      else sliceMs = Math.min(SLICE_MS + owed, 4 * SLICE_MS);
     }
     let now = start;
     for (let done = 0; done < budget; done++) {
@@ -211,10 +227,10 @@ export class Machine {
       if (this.stale !== null && this.stale.size > 0 && this.blockedByStale(op)) return; // a delivery reschedules
       guest.execute(op, now);
       now = nowMs();
-      if (now - start >= SLICE_MS) break;
+      if (now - start >= sliceMs) break;
     }
-    if (this.throttle > 0) this.schedule(((now - start) * this.throttle) / (1 - this.throttle));
-    else this.schedule(0);
+    this.busyMs += now - start;
+    this.schedule(0);
   }
 
   /** haltAt stays set: it is part of the CPU state, so a halted guest stays halted wherever it moves. */
