@@ -18,6 +18,7 @@ import {
 import { DestinationUnreachable, type MigrationRef, type Progress, type Source } from '../migration/source';
 import { isHypervisorError } from '../hypervisor';
 import { DEFAULTS } from '../common/migration';
+import { furthest, recentSamples, type StepProgress } from '../common/progress';
 import { BaseInUse, BaseStore, type BaseRecord } from '../migration/bases';
 import type { AgentMetrics } from '../worker/metrics';
 
@@ -311,17 +312,25 @@ async function guard<T>(fn: () => Promise<T>): Promise<T> {
 }
 
 /**
- * Run a long step with a heartbeat every second carrying its latest progress; a retry starts from
- * the details of the last heartbeat. Cancellation (abort) reaches the step through the signal.
+ * Run a long step with a heartbeat every second carrying its latest progress, never behind an
+ * earlier one, and samples of its bytes for the rate (common/progress.ts); a retry starts from the
+ * details of the last heartbeat. Cancellation (abort) reaches the step through the signal.
  */
 async function withHeartbeat<T>(fn: (from: Progress, report: (p: Progress) => void, signal: AbortSignal) => Promise<T>): Promise<T> {
   const ctx = Context.current();
-  const from: Progress = (ctx.info.heartbeatDetails as Progress | undefined) ?? { cursor: 0, bytes: 0, items: 0 };
+  const last = ctx.info.heartbeatDetails as StepProgress | undefined;
+  const from: Progress = last ? furthest(last, last) : { cursor: 0, bytes: 0, items: 0 };
   let latest = from;
-  ctx.heartbeat(latest);
-  const timer = setInterval(() => ctx.heartbeat(latest), 1000);
+  let samples = last?.samples ?? [];
+  const beat = (): void => {
+    const now = Date.now();
+    samples = recentSamples([...samples, { atMs: now, bytes: latest.bytes }], now);
+    ctx.heartbeat({ ...latest, samples } satisfies StepProgress);
+  };
+  beat();
+  const timer = setInterval(beat, 1000);
   try {
-    return await guard(() => fn(from, (p) => (latest = p), ctx.cancellationSignal));
+    return await guard(() => fn(from, (p) => (latest = furthest(latest, p)), ctx.cancellationSignal));
   } finally {
     clearInterval(timer);
   }

@@ -4,6 +4,7 @@ import { Client, TimeoutFailure, WorkflowFailedError, type WorkflowExecutionStat
 import { defaultPayloadConverter, TimeoutType } from '@temporalio/common';
 import type { Activities } from '../activities';
 import type { MigrateVmInput, MigrationPhase, MigrationProgress, MigrationReport } from '../common/migration';
+import { liveProgress, type RunningTransfer, type StepProgress } from '../common/progress';
 import { MIGRATION_TASK_QUEUE, hostName, hostTaskQueue, migrationWorkflowId } from '../common/types';
 import type { HostCommand } from '../workflows/host-command';
 import {
@@ -68,6 +69,8 @@ export interface MigrationSummary {
 /** Where a migration stands: its progress while it runs, its report or its error once it has ended. */
 export interface MigrationState {
   vmId: string;
+  /** When this state was read (ISO 8601, this client's clock). */
+  asOf: string;
   workflowId: string;
   runId: string;
   status: WorkflowExecutionStatusName;
@@ -93,22 +96,14 @@ export class MigrationHandle {
   }
 
   /**
-   * The workflow's progress, with the bytes of the transfer running right now added from its last
-   * heartbeat (the workflow itself learns them only when the activity ends).
+   * The workflow's progress, completed with the last heartbeat of the transfer running right now
+   * (the workflow itself learns its bytes only when it ends): percent, rate and ETA of the model in
+   * common/progress.ts.
    */
   async progress(): Promise<MigrationProgress> {
     try {
       const [p, desc] = await Promise.all([this.workflow.query(progressQuery), this.workflow.describe()]);
-      for (const act of desc.raw.pendingActivities ?? []) {
-        const payload = act.heartbeatDetails?.payloads?.[0];
-        if (!payload) continue;
-        const details = defaultPayloadConverter.fromPayload(payload) as { bytes?: number } | undefined;
-        const bytes = details?.bytes ?? 0;
-        const kind = act.activityType?.name ?? '';
-        if (kind === 'copyDiskFirstPass' || kind === 'copyDiskDirty' || kind === 'postcopy') p.disk.sentBytes += bytes;
-        if (kind === 'copyMemory') p.memory.sentBytes += bytes;
-      }
-      return p;
+      return liveProgress(p, runningTransfer(desc.raw.pendingActivities ?? []), Date.now());
     } catch (err) {
       throw toFerryError(err, { vmId: this.vmId });
     }
@@ -150,6 +145,7 @@ export class MigrationHandle {
     });
     const state: MigrationState = {
       vmId: this.vmId,
+      asOf: new Date().toISOString(),
       workflowId: desc.workflowId,
       runId: desc.runId,
       status: desc.status.name,
@@ -161,7 +157,8 @@ export class MigrationHandle {
       state.progress = await this.progress().catch(() => null);
       return state;
     }
-    state.progress = await this.workflow.query(progressQuery).catch(() => null);
+    const published = await this.workflow.query(progressQuery).catch(() => null);
+    state.progress = published && liveProgress(published, null, Date.now());
     try {
       state.report = await this.result();
     } catch (err) {
@@ -317,6 +314,19 @@ export class FerryClient {
   async close(): Promise<void> {
     await this.temporal.connection.close();
   }
+}
+
+type PendingActivity = NonNullable<Awaited<ReturnType<WorkflowHandle['describe']>>['raw']['pendingActivities']>[number];
+
+/** The transfer activity under way and its last heartbeat (one at a time: the workflow runs them in turn). */
+function runningTransfer(pending: PendingActivity[]): RunningTransfer | null {
+  for (const act of pending) {
+    const payload = act.heartbeatDetails?.payloads?.[0];
+    const heartbeat = payload ? ((defaultPayloadConverter.fromPayload(payload) as StepProgress | undefined) ?? null) : null;
+    const activity = act.activityType?.name ?? '';
+    if (heartbeat) return { activity, heartbeat };
+  }
+  return null;
 }
 
 function isHostName(h: string): boolean {

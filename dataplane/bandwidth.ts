@@ -38,7 +38,8 @@ export class TokenBucket {
     if (this.rate === null) return 0;
     this.refill();
     const own = urgent ? this.urgentTokens : this.tokens;
-    if (own < 0) return Math.max(1, Math.ceil((-own / this.rate) * 1000));
+    // At most a second: a debt at a very low rate would overflow a timer (and the rate may change).
+    if (own < 0) return Math.min(1000, Math.max(1, Math.ceil((-own / this.rate) * 1000)));
     this.tokens -= n;
     if (urgent) this.urgentTokens -= n;
     return 0;

@@ -71,6 +71,8 @@ export async function startAgent(config: AgentConfig, opts: AgentOptions = {}): 
     activities,
     interceptors: { activity: [logContextInterceptor] },
     maxConcurrentActivityTaskExecutions: 64,
+    // Heartbeats carry the transfers' progress and rate samples: let them reach the server every second.
+    maxHeartbeatThrottleInterval: '1 second',
   });
   const workflowWorker = await Worker.create({
     connection,

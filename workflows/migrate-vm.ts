@@ -22,6 +22,7 @@ import type { Activities } from '../activities';
 import type { MigrationRef } from '../migration/source';
 import { initialProgress, type MigrateVmInput, type MigrationPhase, type MigrationProgress, type MigrationReport } from '../common/migration';
 import { PAGE_BYTES, hostTaskQueue } from '../common/types';
+import { displayPercent, recentSamples, type ProgressStage, type ProgressTrack } from '../common/progress';
 import { CLUSTER_SCOPE, SearchAttributes, abortUpdate, approveCutoverSignal, hostScope, progressQuery, setBandwidthSignal } from './definitions';
 import { bandwidthError, validateInput } from './validate';
 import { Slots } from './slots';
@@ -110,8 +111,15 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
   let bandwidth = cfg.bandwidthBytesPerSecond;
   let destination: string | null = null;
   let ref: MigrationRef | null = null;
-  let maxPercent = 0;
   const progress: MigrationProgress = initialProgress(cfg.vmId, cfg.sourceHost, cfg.mode);
+  const track: ProgressTrack = {
+    plan: { diskBytes: 0, memoryBytes: 0, blockBytes: cfg.blockBytes, postcopy: cfg.mode === 'tpm' },
+    position: { stage: 'prepare', round: 0 },
+    staleBlocks: 0,
+    samples: [],
+    floor: 0,
+  };
+  let convergingRound = 0;
   const report: MigrationReport = {
     vmId: cfg.vmId,
     outcome: 'completed',
@@ -136,7 +144,7 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
 
   let preCommitScope: CancellationScope | null = null;
 
-  setHandler(progressQuery, () => ({ ...progress, percent: maxPercent }));
+  setHandler(progressQuery, () => ({ ...progress, percent: track.floor, track }));
   setHandler(approveCutoverSignal, () => void (approved = true));
   setHandler(setBandwidthSignal, (bps) => {
     // A signal cannot be refused to its sender (FerryClient checks first): a bad value is dropped, never applied.
@@ -177,17 +185,30 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
     log.info(message, { phase: next, vmId: cfg.vmId, migrationId });
   }
 
-  function updatePercent(): void {
+  /** Percent, rate and ETA come from the progress model (common/progress.ts): the workflow keeps its track. */
+  function updatePercent(stepDone = 0): void {
     // The report counts every round, the switchover and the postcopy: the progress shows the same.
     progress.disk.sentBytes = report.diskBytesSent;
     progress.memory.sentBytes = report.memoryBytesSent;
-    const total = progress.disk.totalBytes + progress.memory.totalBytes;
-    const done = progress.disk.sentBytes + progress.memory.sentBytes;
-    const byBytes = total > 0 ? Math.min(0.9, done / (total * 1.1)) : 0;
-    const byPhase: Partial<Record<MigrationPhase, number>> = { switchover: 0.9, postcopy: 0.92, finalizing: 0.98, completed: 1 };
-    maxPercent = Math.max(maxPercent, Math.round(100 * Math.max(byBytes, byPhase[phase] ?? 0)));
-    const rate = progress.transferBytesPerSecond;
-    progress.etaSeconds = rate > 0 ? Math.round((progress.disk.remainingBytes + progress.memory.remainingBytes) / rate) : null;
+    track.floor = displayPercent(track.plan, { ...track.position, stepDone }, track.floor);
+  }
+
+  /** A transfer starts: the position moves, and the bytes so far are a rate sample. */
+  function stage(next: ProgressStage, round = 0): void {
+    track.position = { stage: next, round };
+    sample();
+    updatePercent();
+  }
+
+  /** A transfer finished: its step is done, and its bytes are a rate sample. */
+  function transferred(): void {
+    sample();
+    updatePercent(1);
+  }
+
+  function sample(): void {
+    const now = workflowNow();
+    track.samples = recentSamples([...track.samples, { atMs: now, bytes: report.diskBytesSent + report.memoryBytesSent }], now);
   }
 
   upsertSearchAttributes([
@@ -204,6 +225,7 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
   report.epoch = epoch;
   progress.disk.totalBytes = vm.diskBytes;
   progress.memory.totalBytes = vm.memoryBytes;
+  track.plan = { ...track.plan, diskBytes: vm.diskBytes, memoryBytes: vm.memoryBytes };
   upsertMemo({ vm: cfg.vmId, source: cfg.sourceHost, candidates: cfg.destinationHosts.join(','), diskBytes: vm.diskBytes, memoryBytes: vm.memoryBytes, mode: cfg.mode });
 
   // Completion timeout: measured from the start, per GiB of disk and memory.
@@ -256,6 +278,7 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
     };
 
     setPhase('disk-precopy', `copying the ${prepared.incremental ? 'blocks written since the last migration' : 'disk'} of ${cfg.vmId} to ${dest}`);
+    stage('disk-first-pass');
     const full = await src.transfer.copyDiskFirstPass.executeWithOptions(
       { ...src.options.transfer, summary: prepared.incremental ? 'disk precopy: incremental pass (blocks written since)' : 'disk precopy: full pass' },
       [{ ref, incremental: prepared.incremental }],
@@ -263,8 +286,7 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
     report.skippedBlocks = full.skippedBlocks;
     report.diskBytesSent += full.bytes;
     report.diskPrecopyResumedFromBlock = full.resumedFromBlock;
-    progress.transferBytesPerSecond = full.durationMs > 0 ? Math.round((full.bytes / full.durationMs) * 1000) : 0;
-    updatePercent();
+    transferred();
 
     setPhase('disk-dirty-rounds', 'copying the blocks written during the full pass');
     let throttle = 0;
@@ -272,6 +294,7 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
     let stalls = 0;
     for (let round = 1; round <= cfg.convergence.maxRounds && !forceSwitchover; round++) {
       progress.round = round;
+      stage('disk-rounds', round);
       const r = await src.transfer.copyDiskDirty.executeWithOptions({ ...src.options.transfer, summary: `disk precopy round ${round}` }, [ref]);
       report.diskRounds = round;
       report.diskBytesSent += r.bytes;
@@ -279,7 +302,7 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
       progress.disk.remainingBytes = r.items * cfg.blockBytes;
       progress.dirtyBytesPerSecond = r.durationMs > 0 ? Math.round((r.bytes / r.durationMs) * 1000) : 0;
       progress.message = `disk precopy round ${round}: ${r.items} blocks`;
-      updatePercent();
+      transferred();
       if (r.items <= cfg.convergence.dirtyBlockThreshold) break;
       stalls = r.items >= previous * 0.9 ? stalls + 1 : 0;
       previous = r.items;
@@ -293,17 +316,19 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
     }
 
     setPhase('memory-precopy', `copying the memory of ${cfg.vmId}`);
+    stage('memory');
     const memFull = await src.transfer.copyMemory.executeWithOptions({ ...src.options.transfer, summary: 'memory precopy: full pass' }, [{ ref, full: true }]);
     report.memoryBytesSent += memFull.bytes;
-    updatePercent();
+    transferred();
     const memRate = memFull.durationMs > 0 ? memFull.bytes / memFull.durationMs : Infinity; // bytes per ms
     for (let round = 1; round <= 10 && !forceSwitchover; round++) {
+      stage('converging', ++convergingRound);
       const r = await src.transfer.copyMemory.executeWithOptions({ ...src.options.transfer, summary: `memory precopy round ${round}` }, [{ ref, full: false }]);
       report.memoryRounds = round;
       report.memoryBytesSent += r.bytes;
       progress.memory.dirtyPages = r.items;
       progress.memory.remainingBytes = r.items * PAGE_BYTES;
-      updatePercent();
+      transferred();
       // The next round's dirty set is about this one's: stop once it fits in half the downtime target.
       if ((r.items * PAGE_BYTES) / memRate <= cfg.downtimeTargetMs / 2) break;
     }
@@ -312,20 +337,26 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
       setPhase('awaiting-cutover', `converged; waiting for approval to switch over to ${dest} (ferry approve ${cfg.vmId})`);
       await condition(() => approved || forceSwitchover, '5 seconds');
       if (!approved && !forceSwitchover) {
+        stage('converging', ++convergingRound);
         const r = await src.transfer.copyDiskDirty.executeWithOptions({ ...src.options.transfer, summary: 'disk round while awaiting cutover' }, [ref]);
         report.diskBytesSent += r.bytes;
+        transferred();
         const m = await src.transfer.copyMemory.executeWithOptions({ ...src.options.transfer, summary: 'memory round while awaiting cutover' }, [{ ref, full: false }]);
         report.memoryBytesSent += m.bytes;
+        transferred();
       }
     }
     // Disk and memory rounds in turn right before the freeze: what the memory precopy let pile up on the
     // disk goes first, each pair is shorter than the last, and the freeze carries as little as possible.
     let lastDiskItems = Infinity;
     for (let round = 1; round <= FINAL_ROUNDS; round++) {
+      stage('converging', ++convergingRound);
       const d = await src.transfer.copyDiskDirty.executeWithOptions({ ...src.options.transfer, summary: `disk: round ${round} before the freeze` }, [ref]);
       report.diskBytesSent += d.bytes;
+      transferred();
       const m = await src.transfer.copyMemory.executeWithOptions({ ...src.options.transfer, summary: `memory: round ${round} before the freeze` }, [{ ref, full: false }]);
       report.memoryBytesSent += m.bytes;
+      transferred();
       const memoryFits = (m.items * PAGE_BYTES) / memRate <= cfg.downtimeTargetMs / 2;
       // In tpm mode stale blocks go to the postcopy, not into the freeze: once the disk set stops
       // halving, more rounds only send the same blocks again.
@@ -416,6 +447,7 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
     preCommitScope = null;
 
     setPhase('switchover', `freeze-and-copy to ${dest}`);
+    stage('switchover');
     const sw = await CancellationScope.nonCancellable(() => switchover(dest));
     if (sw.outcome === 'aborted') {
       await rollBack(dest, sw.reason, false);
@@ -426,15 +458,20 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
     committed = true;
     report.memoryBytesSent += sw.memoryBytes;
     report.diskBytesSent += sw.diskBytes;
+    track.staleBlocks = sw.staleBlocks;
+    transferred();
     const dst = hostActivities(dest, cfg.destinationDeadlineSeconds);
 
     if (cfg.mode === 'tpm') {
       setPhase('postcopy', `VM runs on ${dest}; pushing ${sw.staleBlocks} stale blocks from ${cfg.sourceHost}`);
+      stage('postcopy');
       const pc = await src.rollForward.postcopy.executeWithOptions({ ...src.options.rollForward, summary: `postcopy: ${sw.staleBlocks} stale blocks` }, [ref!]);
       report.postcopyMs = pc.durationMs;
       report.diskBytesSent += pc.bytes;
+      transferred();
     }
     setPhase('finalizing', `releasing ${cfg.vmId} on ${cfg.sourceHost}`);
+    stage('finalize');
     // Independent steps on two hosts: one round trip for both.
     const [done] = await Promise.all([
       dst.rollForward.finishDestination({ migrationId, vmId: cfg.vmId }),
@@ -458,8 +495,8 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
     report.reason = reason;
     report.totalMs = workflowNow() - startedAt;
     if (outcome === 'rolled-back') report.destinationHost = null;
+    if (outcome === 'completed') track.position = { stage: 'done', round: 0 };
     setPhase(outcome, outcome === 'completed' ? `VM ${cfg.vmId} runs on ${destination} (epoch ${epoch})` : `rolled back: ${reason}`);
-    updatePercent();
     upsertSearchAttributes([{ key: SearchAttributes.outcome, value: outcome }]);
     upsertMemo({ outcome, reason: reason ?? null, downtimeMs: report.downtimeMs, totalMs: report.totalMs, destination: report.destinationHost });
     return report;

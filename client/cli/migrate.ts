@@ -1,16 +1,11 @@
 // `ferry migrate`, `ferry status` and `ferry list`: start, watch and find migrations.
 import { Command, InvalidArgumentError, Option } from 'commander';
-import type { MigrateVmInput, MigrationPhase, MigrationProgress, MigrationReport } from '../../common/migration';
+import { MIGRATION_PHASES, type MigrateVmInput, type MigrationPhase, type MigrationProgress, type MigrationReport } from '../../common/migration';
 import type { FerryClient, MigrationHandle, MigrationState } from '../ferry-client';
 import { FerryRequestError } from '../errors';
-import { followMigration, formatBytes, formatReport } from './progress-view';
+import { followMigration, formatBytes, formatRate, formatReport } from './progress-view';
 import { EXIT, ferryAction, hostArg, printJson, table, vmIdArg, withConnectionFlags } from './common';
 import { parseRate, parseSize } from './units';
-
-const PHASES: MigrationPhase[] = [
-  'validating', 'waiting-for-slot', 'preparing', 'disk-precopy', 'disk-dirty-rounds', 'memory-precopy', 'awaiting-cutover',
-  'switchover', 'postcopy', 'finalizing', 'rolling-back', 'completed', 'rolled-back', 'failed',
-];
 
 interface MigrateFlags {
   to: string[];
@@ -86,7 +81,7 @@ function describeProgress(p: MigrationProgress): string {
   return [
     `${p.vmId}: ${p.phase}, ${p.percent}%  (${route}, ${p.mode}${p.epoch !== null ? `, epoch ${p.epoch}` : ''}${p.round ? `, round ${p.round}` : ''})`,
     `  disk ${formatBytes(p.disk.totalBytes)} (sent ${formatBytes(p.disk.sentBytes)}), memory ${formatBytes(p.memory.totalBytes)} (sent ${formatBytes(p.memory.sentBytes)}), ` +
-      `${formatBytes(p.transferBytesPerSecond)}/s, dirty ${p.disk.dirtyBlocks} blocks ${p.memory.dirtyPages} pages, ETA ${p.etaSeconds === null ? '-' : `${p.etaSeconds}s`}`,
+      `${formatRate(p.transferBytesPerSecond)}, dirty ${p.disk.dirtyBlocks} blocks ${p.memory.dirtyPages} pages, ETA ${p.etaSeconds === null ? '-' : `${p.etaSeconds}s`}`,
     `  ${p.message}`,
   ].join('\n');
 }
@@ -185,7 +180,7 @@ export function listCommand(): Command {
       .option('--vm <vm>', 'only this VM')
       .option('--from <host>', 'only from this source host')
       .option('--to <host>', 'only to this destination host')
-      .addOption(new Option('--phase <phase>', 'only in this phase').choices(PHASES))
+      .addOption(new Option('--phase <phase>', 'only in this phase').choices(MIGRATION_PHASES))
       .option('--running', 'only running migrations')
       .option('--limit <n>', 'at most this many', (v) => {
         const n = Number(v);
