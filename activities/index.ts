@@ -19,7 +19,7 @@ import { DestinationUnreachable, type MigrationRef, type Progress, type Source }
 import { isHypervisorError } from '../hypervisor';
 import { DEFAULTS } from '../common/migration';
 import { furthest, recentSamples, type StepProgress } from '../common/progress';
-import { BaseInUse, BaseStore, type BaseRecord } from '../migration/bases';
+import { BaseInUse, BaseStore, ImStore, type BaseRecord } from '../migration/bases';
 import type { AgentMetrics } from '../worker/metrics';
 
 /** Hypervisor refusals that no retry can change. */
@@ -62,6 +62,7 @@ function asVmId(value: string): VmId {
 export function createActivities(deps: HostDeps) {
   const { driver, ownership, source, destination, log, metrics } = deps;
   const bases = new BaseStore(deps.home);
+  const ims = new ImStore(deps.home);
 
   async function summary(vmId: string): Promise<VmSummary> {
     const id = asVmId(vmId);
@@ -131,10 +132,13 @@ export function createActivities(deps: HostDeps) {
       return summary(input.vmId);
     },
 
+    /** Nothing of the VM stays: its process, files, ownership record and incremental-migration records. */
     async vmDestroy(input: { vmId: string }): Promise<void> {
       await summary(input.vmId);
       await driver.destroy(asVmId(input.vmId));
       await ownership.remove(input.vmId);
+      await ims.remove(input.vmId);
+      await bases.remove(input.vmId);
     },
 
     /** Run the guest to exactly `ops` operations, or `more` past where it is now, and halt it there. */

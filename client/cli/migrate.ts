@@ -21,8 +21,9 @@ interface MigrateFlags {
 }
 
 function hostList(text: string): string[] {
-  const hosts = text.split(',').map((h) => h.trim()).filter(Boolean);
-  if (hosts.length === 0) throw new InvalidArgumentError('name at least one destination host');
+  const hosts = text.split(',').map((h) => h.trim());
+  if (hosts.every((h) => h === '')) throw new InvalidArgumentError('name at least one destination host');
+  if (hosts.includes('')) throw new InvalidArgumentError(`${JSON.stringify(text)} has an empty host name: separate the hosts with single commas, e.g. beta,gamma`);
   return hosts.map(hostArg);
 }
 

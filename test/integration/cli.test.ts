@@ -8,6 +8,11 @@ import { migrationQuery } from '../../client/ferry-client';
 import { resolveConnection } from '../../client/connection';
 import { parseRate, parseSize } from '../../client/cli/units';
 import { DEFAULT_OPS_PER_SECOND } from '../../common/types';
+import { promises as fs } from 'node:fs';
+import { spawn } from 'node:child_process';
+import os from 'node:os';
+import path from 'node:path';
+import { freePort } from '../../scripts/temporal-cli';
 
 jest.setTimeout(120_000);
 
@@ -71,6 +76,8 @@ describe('without a server', () => {
       [['vm', 'create', 'x', '--disk', '1MiB', '--memory', '8MiB', '--workload', 'idle'], /required option '--host <host>'/],
       [['migrate', 'x', '--from', 'a', '--to', 'b', '--bandwidth', 'fast'], /expected a rate such as 100MiB\/s/],
       [['migrate', 'x', '--from', 'a', '--to', 'B!'], /invalid host name "B!"/],
+      [['migrate', 'x', '--from', 'a', '--to', 'alpha,'], /"alpha," has an empty host name: separate the hosts with single commas/],
+      [['migrate', 'x', '--from', 'a', '--to', 'alpha,,beta'], /empty host name/],
       [['migrate', 'x', '--from', 'a', '--to', 'b', '--mode', 'warp'], /Allowed choices are tpm, precopy/],
       [['frobnicate'], /unknown command 'frobnicate'/],
     ];
@@ -81,6 +88,35 @@ describe('without a server', () => {
       expect(run.stderr).toMatch(/^ferry: /);
       expect(run.stderr).toMatch(message);
     });
+  });
+
+  it.each(['SIGKILL', 'SIGTERM'] as const)('ferry server whose Temporal server gets %s says so and exits 1', async (signal) => {
+    const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'ferry-cli-server-'));
+    const child = spawn(process.execPath, ['--import', 'tsx', 'client/cli/main.ts', 'server', '--db', path.join(dir, 't.db'), '--port', String(await freePort()), '--headless'], {
+      cwd: path.resolve(__dirname, '..', '..'),
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    try {
+      let stdout = '';
+      let stderr = '';
+      child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+      const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
+      const pid = await new Promise<number>((resolve, reject) => {
+        child.stdout.on('data', (d: Buffer) => {
+          stdout += d.toString();
+          const m = /Temporal dev server \(pid (\d+)\)[\s\S]*Press Ctrl-C/.exec(stdout);
+          if (m) resolve(Number(m[1]));
+        });
+        void exited.then((code) => reject(new Error(`ferry server exited (${code}) before it was ready: ${stderr}`)));
+      });
+      process.kill(pid, signal);
+      expect(await exited).toBe(1);
+      expect(stderr).toMatch(signal === 'SIGKILL' ? /the Temporal dev server \(pid \d+\) was killed by SIGKILL: run `ferry server` again/ : /exited by itself with code 0/);
+      expect(stdout).not.toContain('Temporal dev server stopped');
+    } finally {
+      child.kill('SIGKILL');
+      await fs.rm(dir, { recursive: true, force: true });
+    }
   });
 
   it('says how to fix an unreachable server', async () => {
@@ -231,9 +267,14 @@ describe('against real agents', () => {
     expect(late.stderr).toMatch(/no running migration of VM/);
   });
 
-  it('destroys the VM', async () => {
+  it('destroys the VM, and nothing of it stays on the host', async () => {
+    const named = async (dir: string): Promise<string[]> =>
+      (await fs.readdir(dir, { recursive: true })).filter((f) => f.includes(vm.vmId)).sort();
+    // It has run on B since a migration: B tracks its writes for the next incremental one.
+    expect(await named(cluster.home(B))).toContain(path.join('im', `${vm.vmId}.json`));
     const run = await ferry('vm', 'destroy', vm.vmId, '--host', B);
     expect(exitOf(run)).toBe(0);
+    expect(await named(cluster.home(B))).toEqual([]);
     const gone = await ferry('vm', 'inspect', vm.vmId, '--host', B);
     expect(gone.code).toBe(4);
     expect(gone.stderr).toMatch(new RegExp(`does not exist on host ${B}`));
