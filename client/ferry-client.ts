@@ -4,8 +4,8 @@ import { Client, TimeoutFailure, WorkflowFailedError, type WorkflowExecutionStat
 import { defaultPayloadConverter, TimeoutType } from '@temporalio/common';
 import type { Activities } from '../activities';
 import type { MigrateVmInput, MigrationPhase, MigrationProgress, MigrationReport } from '../common/migration';
-import { liveProgress, type RunningTransfer, type StepProgress } from '../common/progress';
-import { MIGRATION_TASK_QUEUE, hostName, hostTaskQueue, migrationWorkflowId } from '../common/types';
+import { liveProgress, type PublishedProgress, type RunningTransfer, type StepProgress } from '../common/progress';
+import { MIGRATION_TASK_QUEUE, hostName, hostOfIdentity, hostTaskQueue, migrationWorkflowId } from '../common/types';
 import type { HostCommand } from '../workflows/host-command';
 import {
   CLUSTER_SCOPE,
@@ -20,17 +20,19 @@ import {
   type AdmissionState,
 } from '../workflows/definitions';
 import { bandwidthError } from '../workflows/validate';
-import { FerryRequestError, HostUnavailable, ValidationFailed, toFerryError } from './errors';
+import { FerryRequestError, HostNotAnswering, HostUnavailable, ValidationFailed, isDeadlineExceeded, toFerryError } from './errors';
 import { setTimeout as sleep } from 'node:timers/promises';
 
 // Earlier code imported the errors from this module.
 export type { AdmissionState, SlotHolder, SlotRequest } from '../workflows/definitions';
-export { FerryRequestError, HostUnavailable, MigrationAlreadyRunning, MigrationNotFound, ValidationFailed, VmNotFound } from './errors';
+export { FerryRequestError, HostNotAnswering, HostUnavailable, MigrationAlreadyRunning, MigrationNotFound, ValidationFailed, VmNotFound } from './errors';
 
 /** temporal.api.enums.v1.TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY (not imported: @temporalio/proto is not a direct dependency). */
 const TASK_QUEUE_TYPE_ACTIVITY = 2;
 /** An agent that has just started may not have polled yet: look again for this long before refusing. */
 const HOST_CHECK_GRACE_MS = 3000;
+/** The workflow answers its progress query within milliseconds; past this, its agent is not answering. */
+const QUERY_TIMEOUT_MS = 5000;
 
 export interface MigrateOptions {
   /** Refuse with HostUnavailable when the source or a destination has no agent polling (default true). */
@@ -74,8 +76,12 @@ export interface MigrationState {
   workflowId: string;
   runId: string;
   status: WorkflowExecutionStatusName;
-  /** null when the workflow cannot answer the query (it failed before registering it). */
+  /** The phase as Temporal's visibility last recorded it (search attribute FerryPhase). */
+  phase: MigrationPhase | null;
+  /** null when the workflow cannot answer the query (it failed before registering it, or its agent does not answer). */
   progress: MigrationProgress | null;
+  /** Why a running migration's progress is missing (the host that does not answer, say). */
+  progressUnavailable: string | null;
   report: MigrationReport | null;
   error: { type: string | null; message: string; refused: boolean } | null;
 }
@@ -102,11 +108,43 @@ export class MigrationHandle {
    */
   async progress(): Promise<MigrationProgress> {
     try {
-      const [p, desc] = await Promise.all([this.workflow.query(progressQuery), this.workflow.describe()]);
+      const describe = this.workflow.client.connection.withDeadline(Date.now() + QUERY_TIMEOUT_MS, () => this.workflow.describe());
+      const [p, desc] = await Promise.all([this.published(), describe]);
       return liveProgress(p, runningTransfer(desc.raw.pendingActivities ?? []), Date.now());
     } catch (err) {
       throw toFerryError(err, { vmId: this.vmId });
     }
+  }
+
+  /** The workflow's answer to the progress query, within QUERY_TIMEOUT_MS (else HostNotAnswering). */
+  private async published(): Promise<PublishedProgress> {
+    try {
+      return await this.workflow.client.connection.withDeadline(Date.now() + QUERY_TIMEOUT_MS, () => this.workflow.query(progressQuery));
+    } catch (err) {
+      if (!isDeadlineExceeded(err)) throw err;
+      // The server answers the history at once unless it is the one that is gone.
+      const worker = await this.workflowWorker().catch(() => {
+        throw err;
+      });
+      throw new HostNotAnswering(worker && hostOfIdentity(worker), worker, QUERY_TIMEOUT_MS);
+    }
+  }
+
+  /** The worker that took the workflow's latest task: it holds the workflow, and answers its queries. */
+  private async workflowWorker(): Promise<string | null> {
+    const { client } = this.workflow;
+    const res = await client.connection.withDeadline(Date.now() + QUERY_TIMEOUT_MS, () =>
+      client.workflowService.getWorkflowExecutionHistoryReverse({
+        namespace: client.options.namespace,
+        execution: { workflowId: this.workflow.workflowId },
+        maximumPageSize: 50,
+      }),
+    );
+    for (const ev of res.history?.events ?? []) {
+      const identity = ev.workflowTaskStartedEventAttributes?.identity;
+      if (identity) return identity;
+    }
+    return null;
   }
 
   /** The report once the migration ends (completed or rolled back); rejects with a typed error if it failed. */
@@ -132,7 +170,7 @@ export class MigrationHandle {
         await this.result();
         return;
       }
-      const p = await this.workflow.query(progressQuery).catch(() => null);
+      const p = await this.published().catch(() => null);
       if ((p && p.phase !== 'validating') || Date.now() > until) return;
       await sleep(200);
     }
@@ -149,15 +187,20 @@ export class MigrationHandle {
       workflowId: desc.workflowId,
       runId: desc.runId,
       status: desc.status.name,
+      phase: (desc.typedSearchAttributes.get(SearchAttributes.phase) as MigrationPhase | undefined) ?? null,
       progress: null,
+      progressUnavailable: null,
       report: null,
       error: null,
     };
     if (desc.status.name === 'RUNNING') {
-      state.progress = await this.progress().catch(() => null);
+      state.progress = await this.progress().catch((err: unknown) => {
+        state.progressUnavailable = (err as Error).message;
+        return null;
+      });
       return state;
     }
-    const published = await this.workflow.query(progressQuery).catch(() => null);
+    const published = await this.published().catch(() => null);
     state.progress = published && liveProgress(published, null, Date.now());
     try {
       state.report = await this.result();

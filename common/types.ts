@@ -40,6 +40,12 @@ export function epoch(value: number): Epoch {
 }
 
 export const hostTaskQueue = (host: HostName | string): string => `host-${host}`;
+
+/** The Temporal worker identity of a host's agent: it names the host, so a silent worker can be named. */
+export const agentIdentity = (host: string, pid: number, machine: string): string => `ferry-agent ${host} ${pid}@${machine}`;
+export function hostOfIdentity(identity: string): string | null {
+  return /^ferry-agent (\S+) /.exec(identity)?.[1] ?? null;
+}
 export const MIGRATION_TASK_QUEUE = 'ferry-migrations';
 export const migrationWorkflowId = (vm: VmId | string): string => `migrate-${vm}`;
 

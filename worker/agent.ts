@@ -6,7 +6,8 @@ import { createActivities } from '../activities';
 import { createControlActivities } from '../activities/control';
 import { listen } from '../dataplane';
 import { SimDriver } from '../hypervisor';
-import { MIGRATION_TASK_QUEUE, hostTaskQueue } from '../common/types';
+import os from 'node:os';
+import { MIGRATION_TASK_QUEUE, agentIdentity, hostTaskQueue } from '../common/types';
 import { createLogger, withLogContext, type Logger } from '../common/log';
 import { Destination } from '../migration/destination';
 import { OwnershipStore } from '../migration/ownership';
@@ -64,8 +65,10 @@ export async function startAgent(config: AgentConfig, opts: AgentOptions = {}): 
 
   const connection = await NativeConnection.connect({ address: config.temporal.address, tls: config.temporal.tls, apiKey: config.temporal.apiKey });
   const activities = createActivities({ host: config.host, home: config.home, dataAddress, driver, ownership, source, destination, log, metrics, limits: config.limits });
+  const identity = agentIdentity(config.host, process.pid, os.hostname());
   const hostWorker = await Worker.create({
     connection,
+    identity,
     namespace: config.temporal.namespace,
     taskQueue: hostTaskQueue(config.host),
     activities,
@@ -76,6 +79,7 @@ export async function startAgent(config: AgentConfig, opts: AgentOptions = {}): 
   });
   const workflowWorker = await Worker.create({
     connection,
+    identity,
     namespace: config.temporal.namespace,
     taskQueue: MIGRATION_TASK_QUEUE,
     activities: createControlActivities(),

@@ -1,8 +1,10 @@
 // `ferry migrate`, `ferry status` and `ferry list`: start, watch and find migrations.
 import { Command, InvalidArgumentError, Option } from 'commander';
+import { Connection } from '@temporalio/client';
 import { MIGRATION_PHASES, type MigrateVmInput, type MigrationPhase, type MigrationProgress, type MigrationReport } from '../../common/migration';
 import type { FerryClient, MigrationHandle, MigrationState } from '../ferry-client';
-import { FerryRequestError } from '../errors';
+import { FerryRequestError, isTemporalUnavailable } from '../errors';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { followMigration, formatBytes, formatRate, formatReport } from './progress-view';
 import { EXIT, ferryAction, hostArg, printJson, table, vmIdArg, withConnectionFlags } from './common';
 import { parseRate, parseSize } from './units';
@@ -44,19 +46,66 @@ function onInterrupt(): { signal: AbortSignal; dispose(): void } {
 /**
  * Wait for the end of a migration, with a progress bar on stderr unless `quiet`. Resolves with the
  * report, or null when Ctrl-C stopped the watching (the migration goes on); rejects with the failure.
+ * While the Temporal server does not answer it says so and keeps trying.
  */
 async function waitForEnd(handle: MigrationHandle, quiet: boolean | undefined): Promise<MigrationReport | null> {
   const interrupt = onInterrupt();
+  const server = watchServer(handle, interrupt.signal);
   try {
     const aborted = new Promise<never>((_, reject) => interrupt.signal.addEventListener('abort', () => reject(interrupt.signal.reason as Error), { once: true }));
-    return quiet ? await Promise.race([handle.result(), aborted]) : await followMigration(handle, { signal: interrupt.signal });
+    for (;;) {
+      try {
+        return quiet ? await Promise.race([handle.result(), aborted]) : await followMigration(handle, { signal: interrupt.signal });
+      } catch (err) {
+        if (!isTemporalUnavailable(err)) throw err;
+        await Promise.race([server.answering(), aborted]);
+      }
+    }
   } catch (err) {
     if (!(err instanceof Detached)) throw err;
     process.stderr.write(`\nferry: stopped watching; the migration of ${handle.vmId} goes on (ferry status ${handle.vmId} --follow, ferry abort ${handle.vmId})\n`);
     return null;
   } finally {
+    server.stop();
     interrupt.dispose();
   }
+}
+
+const SERVER_CHECK_MS = 2000;
+const SERVER_DEADLINE_MS = 5000;
+
+/** Asks the Temporal server about the workflow every few seconds, and says when it stops and starts answering. */
+function watchServer(handle: MigrationHandle, signal: AbortSignal): { answering(): Promise<void>; stop(): void } {
+  const { connection } = handle.workflow.client;
+  const who = connection instanceof Connection ? `the Temporal server at ${connection.options.address}` : 'the Temporal server';
+  let lost = false;
+  let back: (() => void)[] = [];
+  let stopped = false;
+  void (async () => {
+    while (!stopped && !signal.aborted) {
+      try {
+        await connection.withDeadline(Date.now() + SERVER_DEADLINE_MS, () => handle.workflow.describe());
+        if (lost) process.stderr.write(`\nferry: ${who} answers again; following ${handle.vmId}\n`);
+        lost = false;
+        back.splice(0).forEach((resolve) => resolve());
+      } catch (err) {
+        if (isTemporalUnavailable(err) && !lost) {
+          lost = true;
+          process.stderr.write(
+            `\nferry: lost ${who} (${(err as Error).message}); trying again every ${SERVER_CHECK_MS / 1000} s until it answers (Ctrl-C stops watching; the migration goes on)\n`,
+          );
+        }
+      }
+      await sleep(SERVER_CHECK_MS);
+    }
+  })();
+  return {
+    answering: () => (lost ? new Promise<void>((resolve) => back.push(resolve)) : sleep(SERVER_CHECK_MS)),
+    stop: () => {
+      stopped = true;
+      back = [];
+    },
+  };
 }
 
 /** Wait for the end, print the report (JSON or text) and return the exit code. */
@@ -100,6 +149,8 @@ function printState(s: MigrationState): void {
     process.stdout.write(`${s.vmId}: ${s.error.refused ? 'refused' : s.status.toLowerCase()}: ${s.error.message}\n`);
   } else if (s.progress) {
     process.stdout.write(`${describeProgress(s.progress)}\n`);
+  } else if (s.progressUnavailable) {
+    process.stdout.write(`${s.vmId}: ${s.status.toLowerCase()}${s.phase ? `, ${s.phase} when Temporal last recorded it` : ''}; no progress: ${s.progressUnavailable}\n`);
   } else {
     process.stdout.write(`${s.vmId}: ${s.status.toLowerCase()} (workflow ${s.workflowId}, no progress yet)\n`);
   }

@@ -1,6 +1,6 @@
 // The `ferry` CLI as people and scripts run it: a child process against the test server and real agents.
-import { startCluster, testVm, uniqueHosts } from '../support/cluster';
-import { ferry as runFerry, inBatches, type Run } from '../support/cli';
+import { startCluster, testVm, uniqueHosts, waitForProgress } from '../support/cluster';
+import { ferry as runFerry, inBatches, startFerry, type Run } from '../support/cli';
 import type { LocalCluster } from '../../harness/cluster';
 import type { FerryClient } from '../../client/ferry-client';
 import type { MigrationReport } from '../../common/migration';
@@ -9,7 +9,6 @@ import { resolveConnection } from '../../client/connection';
 import { parseRate, parseSize } from '../../client/cli/units';
 import { DEFAULT_OPS_PER_SECOND } from '../../common/types';
 import { promises as fs } from 'node:fs';
-import { spawn } from 'node:child_process';
 import os from 'node:os';
 import path from 'node:path';
 import { freePort } from '../../scripts/temporal-cli';
@@ -92,29 +91,15 @@ describe('without a server', () => {
 
   it.each(['SIGKILL', 'SIGTERM'] as const)('ferry server whose Temporal server gets %s says so and exits 1', async (signal) => {
     const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'ferry-cli-server-'));
-    const child = spawn(process.execPath, ['--import', 'tsx', 'client/cli/main.ts', 'server', '--db', path.join(dir, 't.db'), '--port', String(await freePort()), '--headless'], {
-      cwd: path.resolve(__dirname, '..', '..'),
-      stdio: ['ignore', 'pipe', 'pipe'],
-    });
+    const run = startFerry(['server', '--db', path.join(dir, 't.db'), '--port', String(await freePort()), '--headless']);
     try {
-      let stdout = '';
-      let stderr = '';
-      child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-      const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
-      const pid = await new Promise<number>((resolve, reject) => {
-        child.stdout.on('data', (d: Buffer) => {
-          stdout += d.toString();
-          const m = /Temporal dev server \(pid (\d+)\)[\s\S]*Press Ctrl-C/.exec(stdout);
-          if (m) resolve(Number(m[1]));
-        });
-        void exited.then((code) => reject(new Error(`ferry server exited (${code}) before it was ready: ${stderr}`)));
-      });
-      process.kill(pid, signal);
-      expect(await exited).toBe(1);
-      expect(stderr).toMatch(signal === 'SIGKILL' ? /the Temporal dev server \(pid \d+\) was killed by SIGKILL: run `ferry server` again/ : /exited by itself with code 0/);
-      expect(stdout).not.toContain('Temporal dev server stopped');
+      const [, pid] = await run.waitFor('stdout', /Temporal dev server \(pid (\d+)\)[\s\S]*Press Ctrl-C/);
+      process.kill(Number(pid), signal);
+      expect(await run.exited).toBe(1);
+      expect(run.stderr()).toMatch(signal === 'SIGKILL' ? /the Temporal dev server \(pid \d+\) was killed by SIGKILL: run `ferry server` again/ : /exited by itself with code 0/);
+      expect(run.stdout()).not.toContain('Temporal dev server stopped');
     } finally {
-      child.kill('SIGKILL');
+      run.child.kill('SIGKILL');
       await fs.rm(dir, { recursive: true, force: true });
     }
   });
@@ -224,6 +209,29 @@ describe('against real agents', () => {
     const status = await ferry('status', `never-migrated-${process.pid}`);
     expect(status.code).toBe(4);
     expect(status.stderr).toMatch(/no migration of VM never-migrated-\d+ found/);
+  });
+
+  it('status answers within a bounded wait when the agent holding the workflow is stopped, naming its host', async () => {
+    const other = testVm('idle', { diskBytes: 1024 * 1024, memoryBytes: 1024 * 1024, opsPerSecond: 10 });
+    await client.hostCommand(A, 'vmCreate', other);
+    const handle = await client.migrate({ vmId: other.vmId, sourceHost: A, destinationHosts: [B], cutover: 'manual' });
+    await waitForProgress(handle, 'awaiting-cutover', (p) => p.phase === 'awaiting-cutover');
+    // Both agents run a workflow worker: stopped, neither can answer the progress query.
+    const pids = [A, B].map((h) => cluster.agents.get(h)!.process.pid!);
+    for (const pid of pids) process.kill(pid, 'SIGSTOP');
+    let status: Run;
+    try {
+      status = await ferry('status', other.vmId, '--json');
+    } finally {
+      for (const pid of pids) process.kill(pid, 'SIGCONT');
+    }
+    expect(exitOf(status)).toBe(0);
+    const state = json<{ status: string; phase: string; progress: unknown; progressUnavailable: string }>(status);
+    expect(state).toMatchObject({ status: 'RUNNING', phase: 'awaiting-cutover', progress: null });
+    expect(state.progressUnavailable).toMatch(new RegExp(`^host (${A}|${B}) does not answer: it holds the migration's workflow and did not answer within 5 s \\(is \`ferry worker --host (${A}|${B})\` running, and not stopped\\?\\)`));
+    await handle.abort('test done');
+    expect((await handle.result()).outcome).toBe('rolled-back');
+    await client.hostCommand(A, 'vmDestroy', { vmId: other.vmId });
   });
 
   it('switches over a --cutover manual migration once approved', async () => {
