@@ -14,8 +14,10 @@ import { VmPaths, writeFileAtomic, type SavedRun, type VmConfig } from './vm-fil
 
 /** The guest runs ops in a synchronous slice this long, then yields so the control socket stays responsive. */
 const SLICE_MS = 1.5;
-/** A throttled guest running as fast as it can makes up for late timers, but not for a stall or a pause. */
-const MAX_OWED_MS = 50;
+/** A guest without a rate measures its pace over stretches of running this long... */
+const PACE_SAMPLE_MS = 250;
+/** ...and keeps this much of the last measure in the next (a moving average). */
+const PACE_SMOOTHING = 0.5;
 const MAX_LOGGED_VIOLATIONS = 20;
 
 type LiveState = Exclude<VmRunState, 'stopped'>;
@@ -65,8 +67,9 @@ export class Machine {
   private scheduled = false;
   private rateBaseAt = 0;
   private rateBaseOps = 0;
-  /** Time spent running operations since the rate base (a throttled guest without a rate). */
-  private busyMs = 0;
+  /** A guest without a rate: its pace while unthrottled (ops/s), which a throttle cuts; where its measure began. */
+  private freePace: number | null = null;
+  private paceMark: { atMs: number; ops: number } | null = null;
   private loggedViolations = 0;
   private stopping = false;
 
@@ -175,7 +178,7 @@ export class Machine {
   private rebaseRate(): void {
     this.rateBaseAt = nowMs();
     this.rateBaseOps = this.guest.ops;
-    this.busyMs = 0;
+    this.paceMark = null; // a pause or a throttle change is not part of the pace
   }
 
   private schedule(delayMs: number): void {
@@ -191,10 +194,10 @@ export class Machine {
     const guest = this.guest;
     const start = nowMs();
     let budget = Number.POSITIVE_INFINITY;
-    let sliceMs = SLICE_MS;
-    // Auto-converge: the guest keeps (1 - throttle) of its rate, or of its time when it has no rate.
-    const keep = 1 - this.throttle;
-    const rate = guest.opsPerSecond * keep;
+    // Auto-converge: the guest keeps (1 - throttle) of its rate, or, without one, of the pace it had
+    // unthrottled (until that is measured it runs free).
+    const measuring = guest.opsPerSecond === 0 && (this.throttle === 0 || this.freePace === null);
+    const rate = measuring ? 0 : (guest.opsPerSecond || (this.freePace as number)) * (1 - this.throttle);
     if (rate > 0) {
       const due = this.rateBaseOps + Math.floor(((start - this.rateBaseAt) * rate) / 1000);
       if (due - guest.ops > Math.max(1, rate * 0.2)) {
@@ -208,14 +211,6 @@ export class Machine {
         this.schedule(Math.max(1, nextAt - start));
         return;
       }
-    } else if (keep < 1) {
-      const owed = (start - this.rateBaseAt) * keep - this.busyMs;
-      if (owed < 0) {
-        this.schedule(Math.max(1, -owed / keep));
-        return;
-      }
-      if (owed > MAX_OWED_MS) this.rebaseRate();
-      else sliceMs = Math.min(SLICE_MS + owed, 4 * SLICE_MS);
     }
     let now = start;
     for (let done = 0; done < budget; done++) {
@@ -227,10 +222,21 @@ export class Machine {
       if (this.stale !== null && this.stale.size > 0 && this.blockedByStale(op)) return; // a delivery reschedules
       guest.execute(op, now);
       now = nowMs();
-      if (now - start >= sliceMs) break;
+      if (now - start >= SLICE_MS) break;
     }
-    this.busyMs += now - start;
+    if (measuring) this.measurePace(now);
     this.schedule(0);
+  }
+
+  private measurePace(now: number): void {
+    const mark = this.paceMark;
+    if (!mark) {
+      this.paceMark = { atMs: now, ops: this.guest.ops };
+    } else if (now - mark.atMs >= PACE_SAMPLE_MS) {
+      const pace = ((this.guest.ops - mark.ops) * 1000) / (now - mark.atMs);
+      this.freePace = this.freePace === null ? pace : PACE_SMOOTHING * this.freePace + (1 - PACE_SMOOTHING) * pace;
+      this.paceMark = { atMs: now, ops: this.guest.ops };
+    }
   }
 
   /** haltAt stays set: it is part of the CPU state, so a halted guest stays halted wherever it moves. */

@@ -243,24 +243,31 @@ describe('simulated VM process', () => {
     [2_000, 0.3],
   ])('setThrottle: a guest at %d ops/s (0 = as fast as it can) throttled by %d runs at about (1 - f) of its rate at once', async (opsPerSecond, f) => {
     const h = await startVm(spec(`throttle-${opsPerSecond}-${f * 10}`, { opsPerSecond }));
-    const rate = async (): Promise<number> => {
+    const ops = async (throttle: number): Promise<{ ops: number; ms: number }> => {
+      await h.setThrottle(throttle);
+      expect((await h.status()).throttle).toBe(throttle);
       const a = await h.status();
       const t0 = performance.now();
-      await sleep(1000);
+      await sleep(600);
       const b = await h.status();
-      return (b.ops - a.ops) / (performance.now() - t0);
+      return { ops: b.ops - a.ops, ms: performance.now() - t0 };
     };
-    await sleep(200);
-    const full = await rate();
-    await h.setThrottle(f);
-    expect((await h.status()).throttle).toBe(f);
-    const held = await rate();
-    await h.setThrottle(0);
-    const again = await rate();
-    // Generous: the machine is shared, and "as fast as it can" moves with its load.
-    const ratio = held / ((full + again) / 2);
-    expect(ratio).toBeGreaterThan(Math.max(0.05, 1 - f - 0.2));
-    expect(ratio).toBeLessThan(1 - f + 0.2);
+    await sleep(1000); // past the first, slower operations
+    // Unthrottled and throttled in turn, so that the load of a shared machine weighs on both alike.
+    const full = { ops: 0, ms: 0 };
+    const held = { ops: 0, ms: 0 };
+    for (let i = 0; i < 3; i++) {
+      for (const [sum, throttle] of [[full, 0], [held, f]] as const) {
+        const r = await ops(throttle);
+        sum.ops += r.ops;
+        sum.ms += r.ms;
+      }
+    }
+    const ratio = held.ops / held.ms / (full.ops / full.ms);
+    // Generous, "as fast as it can" most: it moves with the machine's load.
+    const slack = opsPerSecond === 0 ? 0.25 : 0.15;
+    expect(ratio).toBeGreaterThan(Math.max(0.03, 1 - f - slack));
+    expect(ratio).toBeLessThan(1 - f + slack);
     await h.pause();
   });
 
