@@ -3,14 +3,15 @@
 // dependencies, as in the Temporal samples.
 import { ApplicationFailure, Context } from '@temporalio/activity';
 import type { HypervisorDriver, StaleWaitStats, VerifyResult, VmSpec, VmStatus } from '../hypervisor/driver';
-import { vmId as checkVmId, type VmId, type Workload } from '../common/types';
+import { DEFAULT_OPS_PER_SECOND, vmId as checkVmId, type VmId, type Workload } from '../common/types';
 import { requestSlotActivity } from './admission';
 import type { Logger } from '../common/log';
 import type { OwnershipRecord, OwnershipStore } from '../migration/ownership';
 import type { Destination, IncrementalDecision, IncrementalRequest, IncomingRecord } from '../migration/destination';
 import { DestinationUnreachable, dataPlaneLiveness, type MachineStateOptions, type MigrationRef, type Progress, type RollbackResult, type Source } from '../migration/source';
 import { DEFAULTS } from '../common/migration';
-import { BaseStore, type BaseRecord } from '../migration/bases';
+import { furthest, recentSamples, type StepProgress } from '../common/progress';
+import { BaseStore, ImStore, type BaseRecord } from '../migration/bases';
 import type { AgentMetrics } from '../worker/metrics';
 
 export interface HostDeps {
@@ -50,6 +51,7 @@ function asVmId(value: string): VmId {
 export function createActivities(deps: HostDeps) {
   const { driver, ownership, source, destination, log, metrics } = deps;
   const bases = new BaseStore(deps.home);
+  const ims = new ImStore(deps.home);
 
   async function summary(vmId: string): Promise<VmSummary> {
     const id = asVmId(vmId);
@@ -97,7 +99,7 @@ export function createActivities(deps: HostDeps) {
         memoryBytes: input.memoryBytes,
         workload: input.workload,
         seed: input.seed ?? 1,
-        opsPerSecond: input.opsPerSecond ?? 0,
+        opsPerSecond: input.opsPerSecond ?? DEFAULT_OPS_PER_SECOND[input.workload] ?? 0,
         fill: input.fill,
       };
       await driver.create(spec);
@@ -132,10 +134,13 @@ export function createActivities(deps: HostDeps) {
       return summary(input.vmId);
     },
 
+    /** Nothing of the VM stays: its process, files, ownership record and incremental-migration records. */
     async vmDestroy(input: { vmId: string }): Promise<void> {
       await summary(input.vmId);
       await driver.destroy(asVmId(input.vmId));
       await ownership.remove(input.vmId);
+      await ims.remove(input.vmId);
+      await bases.remove(input.vmId);
     },
 
     async vmPause(input: { vmId: string }): Promise<VmSummary> {
@@ -327,17 +332,25 @@ function secondsSince(ms: number): number {
 }
 
 /**
- * Run a long step with a heartbeat every second carrying its latest progress; a retry starts from
- * the details of the last heartbeat. Cancellation (abort) reaches the step through the signal.
+ * Run a long step with a heartbeat every second carrying its latest progress, never behind an
+ * earlier one, and samples of its bytes for the rate (common/progress.ts); a retry starts from the
+ * details of the last heartbeat. Cancellation (abort) reaches the step through the signal.
  */
 async function withHeartbeat<T>(fn: (from: Progress, report: (p: Progress) => void, signal: AbortSignal) => Promise<T>): Promise<T> {
   const ctx = Context.current();
-  const from: Progress = (ctx.info.heartbeatDetails as Progress | undefined) ?? { cursor: 0, bytes: 0, items: 0 };
+  const last = ctx.info.heartbeatDetails as StepProgress | undefined;
+  const from: Progress = last ? furthest(last, last) : { cursor: 0, bytes: 0, items: 0 };
   let latest = from;
-  ctx.heartbeat(latest);
-  const timer = setInterval(() => ctx.heartbeat(latest), 1000);
+  let samples = last?.samples ?? [];
+  const beat = (): void => {
+    const now = Date.now();
+    samples = recentSamples([...samples, { atMs: now, bytes: latest.bytes }], now);
+    ctx.heartbeat({ ...latest, samples } satisfies StepProgress);
+  };
+  beat();
+  const timer = setInterval(beat, 1000);
   try {
-    return await fn(from, (p) => (latest = p), ctx.cancellationSignal);
+    return await fn(from, (p) => (latest = furthest(latest, p)), ctx.cancellationSignal);
   } finally {
     clearInterval(timer);
   }

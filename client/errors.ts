@@ -66,6 +66,50 @@ export class HostUnavailable extends FerryRequestError {
   }
 }
 
+/**
+ * The agent whose workflow worker holds the migration's workflow did not answer a query in time
+ * (stopped, overloaded, cut off): Temporal hands the workflow to another agent once it gives up on it.
+ */
+export class HostNotAnswering extends FerryRequestError {
+  constructor(
+    readonly host: string | null,
+    worker: string | null,
+    waitedMs: number,
+  ) {
+    const who = host !== null ? `host ${host}` : `the agent running the migration's workflow${worker ? ` (worker ${worker})` : ''}`;
+    const fix = host !== null ? `is \`ferry worker --host ${host}\` running, and not stopped?` : 'is its agent running, and not stopped?';
+    super(
+      `${who} does not answer: it holds the migration's workflow and did not answer within ${Math.round(waitedMs / 1000)} s (${fix}); Temporal moves the workflow to another agent once it gives up on this one`,
+      'HostNotAnswering',
+    );
+    this.name = 'HostNotAnswering';
+  }
+}
+
+/** gRPC status codes of a Temporal call that failed, through the SDK's error wrappers. */
+function grpcCodes(err: unknown): number[] {
+  const codes: number[] = [];
+  for (let cur: unknown = err; cur instanceof Error; cur = (cur as { cause?: unknown }).cause) {
+    const code = (cur as { code?: unknown }).code;
+    if (typeof code === 'number') codes.push(code);
+  }
+  return codes;
+}
+
+const GRPC_DEADLINE_EXCEEDED = 4;
+const GRPC_UNAVAILABLE = 14;
+
+/** The call ran out of time (a deadline of ours). */
+export function isDeadlineExceeded(err: unknown): boolean {
+  return grpcCodes(err).includes(GRPC_DEADLINE_EXCEEDED);
+}
+
+/** The Temporal server could not be reached (gone, restarting, or the network to it is down), or not in time. */
+export function isTemporalUnavailable(err: unknown): boolean {
+  const codes = grpcCodes(err);
+  return codes.includes(GRPC_UNAVAILABLE) || codes.includes(GRPC_DEADLINE_EXCEEDED);
+}
+
 /** The VM does not exist on the host that was named. */
 export class VmNotFound extends FerryRequestError {
   constructor(message: string) {

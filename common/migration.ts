@@ -36,22 +36,31 @@ export interface MigrateVmInput {
   destinationDeadlineSeconds?: number;
 }
 
-export type MigrationPhase =
-  | 'validating'
-  | 'waiting-for-slot'
-  | 'preparing'
-  | 'disk-precopy'
-  | 'disk-dirty-rounds'
-  | 'memory-precopy'
-  | 'awaiting-cutover'
-  | 'converging'
-  | 'switchover'
-  | 'postcopy'
-  | 'finalizing'
-  | 'rolling-back'
-  | 'completed'
-  | 'rolled-back'
-  | 'failed';
+/**
+ * The phases, in the order a migration goes through them (README, "Phases"): from validating to
+ * completed, skipping those that do not apply (waiting-for-slot, awaiting-cutover and converging without a manual
+ * cutover, postcopy); or, from
+ * any phase before the switchover, rolling-back and then preparing again (the next destination) or
+ * rolled-back. A failed workflow keeps its last phase and Temporal's status says FAILED.
+ */
+export const MIGRATION_PHASES = [
+  'validating',
+  'waiting-for-slot',
+  'preparing',
+  'disk-precopy',
+  'disk-dirty-rounds',
+  'awaiting-cutover',
+  'converging',
+  'memory-precopy',
+  'switchover',
+  'postcopy',
+  'finalizing',
+  'completed',
+  'rolling-back',
+  'rolled-back',
+  'failed',
+] as const;
+export type MigrationPhase = (typeof MIGRATION_PHASES)[number];
 
 export interface MigrationProgress {
   vmId: string;
@@ -62,10 +71,12 @@ export interface MigrationProgress {
   round: number;
   disk: { totalBytes: number; sentBytes: number; remainingBytes: number; dirtyBlocks: number };
   memory: { totalBytes: number; sentBytes: number; remainingBytes: number; dirtyPages: number };
-  transferBytesPerSecond: number;
+  /** Acknowledged bytes per second over the last few seconds: 0 when nothing moved, null until measured (common/progress.ts). */
+  transferBytesPerSecond: number | null;
   dirtyBytesPerSecond: number;
+  /** What is left of the plan at the current rate; null while the rate is unknown or 0. */
   etaSeconds: number | null;
-  /** Never goes backwards. */
+  /** Of the plan (first pass, rounds, memory, postcopy), from acknowledged bytes; never goes backwards. */
   percent: number;
   message: string;
   epoch: number | null;
@@ -176,7 +187,7 @@ export function initialProgress(vmId: string, sourceHost = '', mode: MigrationMo
     round: 0,
     disk: { totalBytes: 0, sentBytes: 0, remainingBytes: 0, dirtyBlocks: 0 },
     memory: { totalBytes: 0, sentBytes: 0, remainingBytes: 0, dirtyPages: 0 },
-    transferBytesPerSecond: 0,
+    transferBytesPerSecond: null,
     dirtyBytesPerSecond: 0,
     etaSeconds: null,
     percent: 0,

@@ -148,6 +148,8 @@ export function dataPlaneLiveness(deadlineSeconds: number): { keepaliveMs: numbe
   const reconnectTimeoutMs = Math.round(Math.min(30_000, Math.max(10_000, deadlineMs - 3 * keepaliveMs)));
   return { keepaliveMs, reconnectTimeoutMs, lostAfterMs: 3 * keepaliveMs + reconnectTimeoutMs };
 }
+/** Postcopy: what a fetched block can still find written ahead of it (the rest of the window it overtakes). */
+const POSTCOPY_WRITE_AHEAD = 2 << 20;
 // Bitmap names are short (QEMU's are node-local too); the migration id is hashed into one.
 const trackingName = (migrationId: string): string => `mig-${createHash('sha256').update(migrationId).digest('hex').slice(0, 20)}`;
 
@@ -572,56 +574,54 @@ export class Source {
     const cleanup = new Cleanup();
     // The VM's machine state left at the commit; its image as it was at the freeze is what the destination lacks.
     const disk = cleanup.add(await this.deps.driver.openImage(asVmId(ref.vmId)), (d) => d.close());
-    const session = await this.session(ref, 'postcopy').catch(async (err: unknown) => {
+    const session = await this.session(ref, 'postcopy', POSTCOPY_WRITE_AHEAD).catch(async (err: unknown) => {
       await cleanup.run();
       throw err;
     });
     cleanup.add(session, (s) => this.release(ref, s));
-    const urgent: number[] = [];
-    let wake: (() => void) | null = null;
-    session.onPush((msg) => {
-      if (msg.type !== Msg.Fetch) return;
-      urgent.push(...(msg.meta.blocks as number[]));
-      wake?.();
-    });
     let items = 0;
     let bytes = 0;
     let fetched = 0;
+    let pending = new Set<number>();
+    const sendBlock = async (b: number, urgent: boolean): Promise<void> => {
+      const data = await disk.read(b * ref.blockBytes, Math.min(ref.blockBytes, disk.sizeBytes - b * ref.blockBytes));
+      await session.send({ type: Msg.Block, meta: { b }, data }, { urgent });
+      items++;
+      bytes += data.length;
+      pusher.progress = { cursor: items, bytes, items };
+    };
+    // Fetched blocks go at once, ahead of the push, even one the push has queued already (the
+    // destination keeps whichever copy comes first while the block is stale, and discards the other).
+    let fetches = Promise.resolve();
+    let fetchFailed: Error | null = null;
+    const fetch = (wanted: number[]): void => {
+      for (const b of wanted) {
+        pending.delete(b);
+        fetched++;
+        fetches = fetches.then(() => sendBlock(b, true)).catch((err: Error) => void (fetchFailed ??= err));
+      }
+    };
+    session.onPush((msg) => {
+      if (msg.type === Msg.Fetch) fetch(msg.meta.blocks as number[]);
+    });
     try {
       const blocks = Math.ceil(disk.sizeBytes / ref.blockBytes);
       for (;;) {
         const list = await session.request({ type: Msg.StaleList, meta: {}, data: Buffer.alloc(0) });
         if (Number(list.meta.count) === 0) break;
-        urgent.unshift(...(list.meta.needed as number[]));
-        const pending = new Set(bitmapIndices(list.data, blocks));
-        const order = [...pending];
-        let next = 0;
-        while (pending.size > 0) {
-          let b: number | undefined;
-          while (urgent.length > 0 && b === undefined) {
-            const u = urgent.shift()!;
-            if (pending.has(u)) {
-              b = u;
-              fetched++;
-            }
-          }
-          while (b === undefined && next < order.length) {
-            const c = order[next++];
-            if (pending.has(c)) b = c;
-          }
-          if (b === undefined) break;
-          pending.delete(b);
-          const data = await disk.read(b * ref.blockBytes, Math.min(ref.blockBytes, disk.sizeBytes - b * ref.blockBytes));
-          await session.send({ type: Msg.Block, meta: { b }, data });
-          items++;
-          bytes += data.length;
-          pusher.progress = { cursor: items, bytes, items };
+        pending = new Set(bitmapIndices(list.data, blocks));
+        fetch(list.meta.needed as number[]);
+        for (const b of [...pending]) {
+          if (fetchFailed) throw fetchFailed;
+          if (!pending.delete(b)) continue; // fetched meanwhile
+          await sendBlock(b, false);
         }
+        await fetches;
+        if (fetchFailed) throw fetchFailed;
         await session.flush();
       }
       return { items, bytes, zeroItems: 0, durationMs: Date.now() - started, fetched };
     } finally {
-      wake = null;
       await cleanup.run();
     }
   }
@@ -849,7 +849,7 @@ export class Source {
     }
   }
 
-  private async session(ref: MigrationRef, stream: string): Promise<DataPlaneSession> {
+  private async session(ref: MigrationRef, stream: string, writeAheadBytes?: number): Promise<DataPlaneSession> {
     const bw = this.bandwidthOf(ref);
     let session: DataPlaneSession;
     try {
@@ -861,6 +861,7 @@ export class Source {
         bandwidthBytesPerSecond: bw,
         windowBytes: WINDOW_BYTES,
         ...dataPlaneLiveness(ref.destinationDeadlineSeconds ?? DEFAULTS.destinationDeadlineSeconds),
+        writeAheadBytes,
         observer: this.deps.observer,
         onReconnectError: (err) => this.deps.log.warn({ migrationId: ref.migrationId, err: err.message }, 'data plane reconnect failed'),
       });

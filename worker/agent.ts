@@ -7,7 +7,8 @@ import { createActivities } from '../activities';
 import { createControlActivities } from '../activities/control';
 import { listen } from '../dataplane';
 import { createDriver } from '../hypervisor';
-import { MIGRATION_TASK_QUEUE, hostTaskQueue } from '../common/types';
+import os from 'node:os';
+import { MIGRATION_TASK_QUEUE, agentIdentity, hostTaskQueue } from '../common/types';
 import { createLogger, withLogContext, type Logger } from '../common/log';
 import { Destination } from '../migration/destination';
 import { OwnershipStore } from '../migration/ownership';
@@ -71,16 +72,21 @@ export async function startAgent(config: AgentConfig, opts: AgentOptions = {}): 
   const dataAddress = config.dataAdvertise ?? `${config.dataListenHost}:${server.port}`;
 
   const activities = createActivities({ host: config.host, home: config.home, dataAddress, driver, ownership, source, destination, log, metrics, limits: config.limits });
+  const identity = agentIdentity(config.host, process.pid, os.hostname());
   const hostWorker = await Worker.create({
     connection,
+    identity,
     namespace: config.temporal.namespace,
     taskQueue: hostTaskQueue(config.host),
     activities,
     interceptors: { activity: [logContextInterceptor, failureInterceptor({ host: config.host, log })] },
     maxConcurrentActivityTaskExecutions: 64,
+    // Heartbeats carry the transfers' progress and rate samples: let them reach the server every second.
+    maxHeartbeatThrottleInterval: '1 second',
   });
   const workflowWorker = await Worker.create({
     connection,
+    identity,
     namespace: config.temporal.namespace,
     taskQueue: MIGRATION_TASK_QUEUE,
     activities: createControlActivities(),

@@ -1,9 +1,11 @@
 // Messages of the migrateVm workflow, shared by the workflow, the client and the CLI.
 import { defineQuery, defineSignal, defineUpdate } from '@temporalio/workflow';
 import { SearchAttributeType, defineSearchAttributeKey } from '@temporalio/common';
-import type { DestinationLostResolution, MigrationProgress, RetryState } from '../common/migration';
+import type { DestinationLostResolution, RetryState } from '../common/migration';
+import type { PublishedProgress } from '../common/progress';
 
-export const progressQuery = defineQuery<MigrationProgress>('progress');
+/** The workflow's progress and its track; clients show liveProgress() of it (common/progress.ts). */
+export const progressQuery = defineQuery<PublishedProgress>('progress');
 /** Abort before the commit point; refused (with the reason) after it. */
 export const abortUpdate = defineUpdate<{ accepted: true; phase: string }, [string]>('abort');
 /** Let a `cutover: manual` migration switch over; refused (with the reason) for any other. */

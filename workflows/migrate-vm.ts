@@ -44,6 +44,7 @@ import {
   setBandwidthSignal,
   stepRetryingSignal,
 } from './definitions';
+import { displayPercent, recentSamples, type ProgressStage, type ProgressTrack } from '../common/progress';
 import { bandwidthError, validateInput } from './validate';
 import { Slots } from './slots';
 import { fenceDestination, fenceWorkflowId, revokeDestination, revokeWorkflowId } from './fence-destination';
@@ -149,8 +150,15 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
   /** Set while the switchover waits for a destination that does not answer, after the Final message may have left. */
   let lostDestination: { host: string; epoch: number } | null = null;
   let resolution: MigrationReport['resolution'] | null = null;
-  let maxPercent = 0;
   const progress: MigrationProgress = initialProgress(cfg.vmId, cfg.sourceHost, cfg.mode);
+  const track: ProgressTrack = {
+    plan: { diskBytes: 0, memoryBytes: 0, blockBytes: cfg.blockBytes, postcopy: cfg.mode === 'tpm' },
+    position: { stage: 'prepare', round: 0 },
+    staleBlocks: 0,
+    samples: [],
+    floor: 0,
+  };
+  let convergingRound = 0;
   const report: MigrationReport = {
     vmId: cfg.vmId,
     outcome: 'completed',
@@ -179,7 +187,7 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
 
   let preCommitScope: CancellationScope | null = null;
 
-  setHandler(progressQuery, () => ({ ...progress, percent: maxPercent }));
+  setHandler(progressQuery, () => ({ ...progress, percent: track.floor, track }));
   setHandler(
     approveCutoverUpdate,
     () => {
@@ -271,20 +279,35 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
     setCurrentDetails(`**${phase}**: ${progress.message}${progress.retrying ? `\n\n${formatRetry(progress.retrying)}` : ''}`);
   }
 
-  /** A step ended (or the phase moved on): nothing is being retried now. */
-  function updatePercent(): void {
+  /**
+   * A step ended (or the phase moved on): nothing is being retried now. Percent, rate and ETA come
+   * from the progress model (common/progress.ts): the workflow keeps its track.
+   */
+  function updatePercent(stepDone = 0): void {
     progress.retrying = null;
     showDetails();
     // The report counts every round, the switchover and the postcopy: the progress shows the same.
     progress.disk.sentBytes = report.diskBytesSent;
     progress.memory.sentBytes = report.memoryBytesSent;
-    const total = progress.disk.totalBytes + progress.memory.totalBytes;
-    const done = progress.disk.sentBytes + progress.memory.sentBytes;
-    const byBytes = total > 0 ? Math.min(0.9, done / (total * 1.1)) : 0;
-    const byPhase: Partial<Record<MigrationPhase, number>> = { switchover: 0.9, postcopy: 0.92, finalizing: 0.98, completed: 1 };
-    maxPercent = Math.max(maxPercent, Math.round(100 * Math.max(byBytes, byPhase[phase] ?? 0)));
-    const rate = progress.transferBytesPerSecond;
-    progress.etaSeconds = rate > 0 ? Math.round((progress.disk.remainingBytes + progress.memory.remainingBytes) / rate) : null;
+    track.floor = displayPercent(track.plan, { ...track.position, stepDone }, track.floor);
+  }
+
+  /** A transfer starts: the position moves, and the bytes so far are a rate sample. */
+  function stage(next: ProgressStage, round = 0): void {
+    track.position = { stage: next, round };
+    sample();
+    updatePercent();
+  }
+
+  /** A transfer finished: its step is done, and its bytes are a rate sample. */
+  function transferred(): void {
+    sample();
+    updatePercent(1);
+  }
+
+  function sample(): void {
+    const now = workflowNow();
+    track.samples = recentSamples([...track.samples, { atMs: now, bytes: report.diskBytesSent + report.memoryBytesSent }], now);
   }
 
   upsertSearchAttributes([
@@ -304,6 +327,7 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
   report.epoch = epoch;
   progress.disk.totalBytes = vm.diskBytes;
   progress.memory.totalBytes = vm.memoryBytes;
+  track.plan = { ...track.plan, diskBytes: vm.diskBytes, memoryBytes: vm.memoryBytes };
   upsertMemo({ vm: cfg.vmId, source: cfg.sourceHost, candidates: cfg.destinationHosts.join(','), diskBytes: vm.diskBytes, memoryBytes: vm.memoryBytes, mode: cfg.mode });
 
   // Completion timeout: measured from the start, per GiB of disk and memory.
@@ -360,6 +384,7 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
     };
 
     setPhase('disk-precopy', `copying the ${prepared.incremental ? 'blocks written since the last migration' : 'disk'} of ${cfg.vmId} to ${dest}`);
+    stage('disk-first-pass');
     const full = await src.transfer.copyDiskFirstPass.executeWithOptions(
       { ...src.options.transfer, summary: prepared.incremental ? 'disk precopy: incremental pass (blocks written since)' : 'disk precopy: full pass' },
       [{ ref, incremental: prepared.incremental }],
@@ -367,8 +392,7 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
     report.skippedBlocks = full.skippedBlocks;
     report.diskBytesSent += full.bytes;
     report.diskPrecopyResumedFromBlock = full.resumedFromBlock;
-    progress.transferBytesPerSecond = full.durationMs > 0 ? Math.round((full.bytes / full.durationMs) * 1000) : 0;
-    updatePercent();
+    transferred();
 
     setPhase('disk-dirty-rounds', 'copying the blocks written during the full pass');
     let throttle = 0;
@@ -376,6 +400,7 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
     let stalls = 0;
     for (let round = 1; round <= cfg.convergence.maxRounds && !forceSwitchover; round++) {
       progress.round = round;
+      stage('disk-rounds', round);
       const r = await src.transfer.copyDiskDirty.executeWithOptions({ ...src.options.transfer, summary: `disk precopy round ${round}` }, [ref]);
       report.diskRounds++;
       report.diskBytesSent += r.bytes;
@@ -383,7 +408,7 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
       progress.disk.remainingBytes = r.items * cfg.blockBytes;
       progress.dirtyBytesPerSecond = r.durationMs > 0 ? Math.round((r.bytes / r.durationMs) * 1000) : 0;
       progress.message = `disk precopy round ${round}: ${r.items} blocks`;
-      updatePercent();
+      transferred();
       if (r.items <= cfg.convergence.dirtyBlockThreshold) break;
       stalls = r.items >= previous * 0.9 ? stalls + 1 : 0;
       previous = r.items;
@@ -400,14 +425,16 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
       setPhase('awaiting-cutover', `disk copied; waiting for approval to switch over to ${dest} (ferry approve ${cfg.vmId})`);
       await condition(() => approved || forceSwitchover, '5 seconds');
       if (!approved && !forceSwitchover) {
+        stage('converging', ++convergingRound);
         const r = await src.transfer.copyDiskDirty.executeWithOptions({ ...src.options.transfer, summary: 'disk round while awaiting cutover' }, [ref]);
         report.diskRounds++;
         report.diskBytesSent += r.bytes;
-        updatePercent();
+        transferred();
       }
     }
     if (cfg.cutover === 'manual') await converge(); // the set grew while it waited
     setPhase('memory-precopy', `copying the memory and device state of ${cfg.vmId}, then the freeze`);
+    stage('memory');
     const machine = { downtimeTargetMs: forceSwitchover ? FORCED_DOWNTIME_MS : cfg.downtimeTargetMs, autoConverge: cfg.convergence.onStall === 'throttle' };
     return CancellationScope.nonCancellable(() => switchover(dest, machine));
 
@@ -416,11 +443,12 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
       setPhase('converging', `last disk rounds before the freeze (${cfg.vmId} to ${dest})`);
       let lastDiskItems = Infinity;
       for (let round = 1; round <= FINAL_ROUNDS && !forceSwitchover; round++) {
+        stage('converging', ++convergingRound);
         const d = await src.transfer.copyDiskDirty.executeWithOptions({ ...src.options.transfer, summary: `disk: round ${round} before the freeze` }, [ref!]);
         report.diskRounds++;
         report.diskBytesSent += d.bytes;
         progress.disk.dirtyBlocks = d.items;
-        updatePercent();
+        transferred();
         // In tpm mode stale blocks go to the postcopy, not into the freeze: once the set stops
         // halving, more rounds only send the same blocks again.
         if (d.items <= cfg.convergence.dirtyBlockThreshold || (cfg.mode === 'tpm' && d.items > lastDiskItems / 2)) break;
@@ -589,16 +617,21 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
       report.hypervisorDowntimeMs = sw.hypervisorDowntimeMs;
       report.memoryRounds = sw.memoryIterations;
       report.throttled ||= sw.throttled;
+      track.staleBlocks = sw.staleBlocks;
+      transferred();
       const dst = hostActivities(dest, cfg.destinationDeadlineSeconds);
 
       if (cfg.mode === 'tpm') {
         setPhase('postcopy', `VM runs on ${dest}; pushing ${sw.staleBlocks} stale blocks from ${cfg.sourceHost}`);
+        stage('postcopy');
         const pc = await rollForward('the postcopy', cfg.sourceHost, () =>
           src.rollForward.postcopy.executeWithOptions({ ...src.options.rollForward, summary: `postcopy: ${sw.staleBlocks} stale blocks` }, [ref!]),
         );
         report.diskBytesSent += pc.bytes;
+        transferred();
       }
       setPhase('finalizing', `releasing ${cfg.vmId} on ${cfg.sourceHost}`);
+      stage('finalize');
       // Independent steps on two hosts: one round trip for both.
       const [done] = await Promise.all([
         rollForward('finishing on the destination', dest, () => dst.rollForward.finishDestination({ migrationId, vmId: cfg.vmId })),
@@ -634,8 +667,8 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
     report.reason = reason;
     report.totalMs = workflowNow() - startedAt;
     if (outcome === 'rolled-back') report.destinationHost = null;
+    if (outcome === 'completed') track.position = { stage: 'done', round: 0 };
     setPhase(outcome, outcome === 'completed' ? `VM ${cfg.vmId} runs on ${destination} (epoch ${epoch})` : `rolled back: ${reason}`);
-    updatePercent();
     upsertSearchAttributes([{ key: SearchAttributes.outcome, value: outcome }]);
     upsertMemo({ outcome, reason: reason ?? null, downtimeMs: report.downtimeMs, totalMs: report.totalMs, destination: report.destinationHost });
     return report;

@@ -65,7 +65,9 @@ process.stdout.on('error', (err: NodeJS.ErrnoException) => {
   throw err;
 });
 
-program.parseAsync(process.argv).catch((err: unknown) => {
+// Exit once the command is done: after Ctrl-C while the server is away, the SDK would otherwise retry
+// its calls on a closed connection (and throw from a timer).
+program.parseAsync(process.argv).then(() => process.exit(), (err: unknown) => {
   // commander has printed its own errors (and the help) already
   if (!(err instanceof CommanderError)) process.stderr.write(`ferry: ${err instanceof Error ? err.message : String(err)}\n`);
   process.exit(exitCodeFor(err));

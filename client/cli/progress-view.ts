@@ -13,13 +13,18 @@ export function formatBytes(n: number): string {
   return `${n.toFixed(i === 0 ? 0 : 1)} ${units[i]}`;
 }
 
+/** "2.0 MiB/s"; "- /s" while the rate is not measured yet. */
+export function formatRate(bytesPerSecond: number | null): string {
+  return bytesPerSecond === null ? '- /s' : `${formatBytes(bytesPerSecond)}/s`;
+}
+
 function fields(p: MigrationProgress) {
   return {
     phase: p.phase.padEnd(17),
     // Sizes with the bytes sent so far: dirty rounds resend blocks, so sent can exceed the size.
     disk: `${formatBytes(p.disk.totalBytes)} (sent ${formatBytes(p.disk.sentBytes)})`,
     mem: `${formatBytes(p.memory.totalBytes)} (sent ${formatBytes(p.memory.sentBytes)})`,
-    rate: `${formatBytes(p.transferBytesPerSecond)}/s`,
+    rate: formatRate(p.transferBytesPerSecond),
     dirty: `${p.disk.dirtyBlocks} blk ${p.memory.dirtyPages} pg`,
     etaText: p.etaSeconds === null ? '-' : `${p.etaSeconds}s`,
     retry: p.retrying ? ` | ${formatRetry(p.retrying)}` : '',

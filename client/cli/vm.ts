@@ -1,7 +1,7 @@
 // `ferry vm create|list|inspect|start|pause|resume|verify|destroy`: VMs of the simulated hypervisor, through a host's agent.
 import { Command, Option } from 'commander';
 import type { VmSummary } from '../../activities';
-import { PAGE_BYTES, SECTOR_BYTES, WORKLOADS, type Workload } from '../../common/types';
+import { DEFAULT_OPS_PER_SECOND, PAGE_BYTES, SECTOR_BYTES, WORKLOADS, type Workload } from '../../common/types';
 import { formatBytes } from './progress-view';
 import { EXIT, ferryAction, hostArg, printJson, table, vmIdArg, withConnectionFlags } from './common';
 import { parseCount, sizeMultipleOf } from './units';
@@ -16,6 +16,13 @@ interface CreateFlags {
   fill?: boolean;
   json?: boolean;
 }
+
+const WORKLOAD_HELP = [
+  'guest workload: idle (a timer tick, one page dirty), memhog (stamps memory all over),',
+  'seqwrite (256 KiB sequential writes), randwrite (4 KiB random writes), mixed (70% reads',
+  'in a drifting 4 MiB window), readmostly (95% reads of a 1 MiB hot set)',
+].join(' ');
+const RATE_HELP = `guest operations per second, 0 = as fast as it can (default by workload: ${WORKLOADS.map((w) => `${w} ${DEFAULT_OPS_PER_SECOND[w]}`).join(', ')})`;
 
 function ownership(s: VmSummary): string {
   return s.ownership ? `${s.ownership.state}@${s.ownership.epoch}` : '-';
@@ -49,9 +56,9 @@ export function vmCommand(): Command {
         .requiredOption('--host <host>', 'host whose agent creates the VM', hostArg)
         .requiredOption('--disk <size>', 'disk size, a whole number of 512-byte sectors (e.g. 1GiB)', sizeMultipleOf(SECTOR_BYTES, '512-byte sectors'))
         .requiredOption('--memory <size>', 'memory size, a whole number of 4 KiB pages (e.g. 256MiB)', sizeMultipleOf(PAGE_BYTES, '4 KiB pages'))
-        .addOption(new Option('--workload <name>', 'guest workload').choices(WORKLOADS).makeOptionMandatory())
+        .addOption(new Option('--workload <name>', WORKLOAD_HELP).choices(WORKLOADS).makeOptionMandatory())
         .option('--seed <n>', 'seed of the deterministic workload (default 1)', parseCount('--seed'))
-        .option('--ops-per-second <n>', 'guest operations per second, 0 = as fast as it can (default 0)', parseCount('--ops-per-second'))
+        .option('--ops-per-second <n>', RATE_HELP, parseCount('--ops-per-second'))
         .option('--fill', 'write every block once before the workload starts')
         .option('--json', 'print the VM as JSON'),
     ).action(
