@@ -5,6 +5,7 @@ import {
   CancellationScope,
   ParentClosePolicy,
   TimeoutFailure,
+  allHandlersFinished,
   condition,
   isCancellation,
   log,
@@ -241,14 +242,17 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
   setHandler(
     abortUpdate,
     async (reason) => {
+      const before = abortReason;
+      // Set first: the switchover may come back aborted before the cancellation's answer does.
+      abortReason = reason || 'aborted by operator';
       if (phase === 'memory-precopy') {
         // The stream runs inside the switchover activity: the source stops it unless the freeze began.
         const { cancelled } = await src.quick.cancelMachineState({ migrationId });
-        if (!cancelled && abortReason === null) {
+        if (!cancelled && before === null) {
+          abortReason = null;
           throw ApplicationFailure.nonRetryable(`migration of ${cfg.vmId}: the freeze has begun, it can only complete`, 'AbortRefused');
         }
       }
-      abortReason = reason || 'aborted by operator';
       preCommitScope?.cancel();
       return { accepted: true, phase };
     },
@@ -671,6 +675,8 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
     setPhase(outcome, outcome === 'completed' ? `VM ${cfg.vmId} runs on ${destination} (epoch ${epoch})` : `rolled back: ${reason}`);
     upsertSearchAttributes([{ key: SearchAttributes.outcome, value: outcome }]);
     upsertMemo({ outcome, reason: reason ?? null, downtimeMs: report.downtimeMs, totalMs: report.totalMs, destination: report.destinationHost });
+    // An abort that stopped the stream may still wait for its activity's answer: it gets its reply.
+    await condition(allHandlersFinished);
     return report;
   }
 }
