@@ -565,6 +565,19 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
     }
   }
 
+  /**
+   * Before the commit `dest` failed: roll back from it. The report when the migration ends here
+   * (`final`), null when the next destination is to be tried; throws when the source VM died.
+   */
+  async function failedAt(dest: string, reason: string, final: boolean): Promise<MigrationReport | null> {
+    const rb = await rollBack(dest, reason, final);
+    if (rb.state === 'crashed' || rb.state === 'stopped') throw crashed(rb, dest, reason);
+    if (final) return finish('rolled-back', reason);
+    report.failedDestinations.push({ host: dest, reason });
+    await releaseHostSlots();
+    return null;
+  }
+
   /** The source VM's process died: after the rollback, the migration fails and says how the VM is left. */
   function crashed(rb: RollbackResult, dest: string | null, cause: string): SourceVmCrashed {
     const how = rb.exit ? ` (${describeExit(rb.exit)})` : '';
@@ -590,11 +603,8 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
         const reason = abortReason ?? failure.message;
         // Another destination cannot help when the source is the problem (its VM died, its image fails).
         const final = abortReason !== null || isCancellation(err) || failure.blame === 'source';
-        const rb = await rollBack(dest, reason, final);
-        if (rb.state === 'crashed' || rb.state === 'stopped') throw crashed(rb, dest, reason);
-        if (final) return finish('rolled-back', reason);
-        report.failedDestinations.push({ host: dest, reason });
-        await releaseHostSlots();
+        const ended = await failedAt(dest, reason, final);
+        if (ended) return ended;
         continue;
       }
       preCommitScope = null;
@@ -610,11 +620,8 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
       if (sw.outcome === 'aborted') {
         const final = abortReason !== null;
         const reason = abortReason ?? sw.reason;
-        const rb = await rollBack(dest, reason, final);
-        if (rb.state === 'crashed' || rb.state === 'stopped') throw crashed(rb, dest, reason);
-        if (final) return finish('rolled-back', reason);
-        report.failedDestinations.push({ host: dest, reason });
-        await releaseHostSlots();
+        const ended = await failedAt(dest, reason, final);
+        if (ended) return ended;
         continue;
       }
       committed = true;
