@@ -29,10 +29,11 @@ afterAll(async () => {
 it('is refused unless the migration waits for a destination lost after the Final message', async () => {
   const vm = testVm('idle', { diskBytes: 32 * 1024 * 1024 });
   await t.ferry.hostCommand(a, 'vmCreate', vm);
-  const handle = await t.ferry.migrate({ vmId: vm.vmId, sourceHost: a, destinationHosts: [b], bandwidthBytesPerSecond: 2 * 1024 * 1024 });
-  await waitForProgress(handle, 'the disk precopy', (p) => p.phase === 'disk-precopy');
+  // Held before the switchover (an idle guest converges at once): it waits for an approval.
+  const handle = await t.ferry.migrate({ vmId: vm.vmId, sourceHost: a, destinationHosts: [b], cutover: 'manual' });
+  await waitForProgress(handle, 'the wait for approval', (p) => p.phase === 'awaiting-cutover');
   const refused = await runFerry(['resolve', vm.vmId, '--destination-lost', '--reason', 'just because']);
-  expect({ code: refused.code, stderr: refused.stderr.trim() }).toEqual({ code: 4, stderr: expect.stringMatching(/^ferry: migration of .* is in phase disk-precopy and does not wait for a lost destination/) });
+  expect({ code: refused.code, stderr: refused.stderr.trim() }).toEqual({ code: 4, stderr: expect.stringMatching(/^ferry: migration of .* is in phase (awaiting-cutover|converging) and does not wait for a lost destination/) });
   const noReason = await runFerry(['resolve', vm.vmId, '--destination-lost']);
   expect(noReason.code).toBe(2);
   await handle.abort('test over');
