@@ -425,6 +425,7 @@ export class Source {
         return await this.resolveAfterFailure(ref, vm, session, new Error('an earlier switchover attempt was interrupted after its stream completed'), true, sent);
       }
       if (await this.abortRequested(ref.migrationId)) return aborted('aborted by operator');
+      await faultPoint('switchover-before-pause');
       const carried = await this.ensureStream(ref, opts);
       const tracking = trackingName(ref.migrationId);
       const report = (stage: SwitchoverProgress['stage'], dirtyBlocks: number): void => {
