@@ -3,27 +3,16 @@
 // dependencies, as in the Temporal samples.
 import { ApplicationFailure, Context } from '@temporalio/activity';
 import type { HypervisorDriver, StaleWaitStats, VerifyResult, VmSpec, VmStatus } from '../hypervisor/driver';
-import { vmId as checkVmId, type VmId, type Workload } from '../common/types';
+import { DEFAULT_OPS_PER_SECOND, vmId as checkVmId, type VmId, type Workload } from '../common/types';
 import { requestSlotActivity } from './admission';
 import type { Logger } from '../common/log';
-import { OwnershipConflict, type OwnershipRecord, type OwnershipStore } from '../migration/ownership';
-import {
-  InsufficientSpace,
-  IncrementalUnavailable,
-  type Destination,
-  type IncrementalDecision,
-  type IncrementalRequest,
-  type IncomingRecord,
-} from '../migration/destination';
-import { DestinationUnreachable, dataPlaneLiveness, type MachineStateOptions, type MigrationRef, type Progress, type Source } from '../migration/source';
-import { DataPlaneError } from '../dataplane/api';
-import { isHypervisorError } from '../hypervisor';
+import type { OwnershipRecord, OwnershipStore } from '../migration/ownership';
+import type { Destination, IncrementalDecision, IncrementalRequest, IncomingRecord } from '../migration/destination';
+import { DestinationUnreachable, dataPlaneLiveness, type MachineStateOptions, type MigrationRef, type Progress, type RollbackResult, type Source } from '../migration/source';
 import { DEFAULTS } from '../common/migration';
-import { BaseInUse, BaseStore, type BaseRecord } from '../migration/bases';
+import { furthest, recentSamples, type StepProgress } from '../common/progress';
+import { BaseStore, ImStore, type BaseRecord } from '../migration/bases';
 import type { AgentMetrics } from '../worker/metrics';
-
-/** Hypervisor refusals that no retry can change. */
-const PERMANENT_HYPERVISOR_ERRORS = ['VmNotFound', 'VmExists', 'InvalidArgument', 'CommandNotFound'];
 
 export interface HostDeps {
   host: string;
@@ -62,6 +51,7 @@ function asVmId(value: string): VmId {
 export function createActivities(deps: HostDeps) {
   const { driver, ownership, source, destination, log, metrics } = deps;
   const bases = new BaseStore(deps.home);
+  const ims = new ImStore(deps.home);
 
   async function summary(vmId: string): Promise<VmSummary> {
     const id = asVmId(vmId);
@@ -85,10 +75,10 @@ export function createActivities(deps: HostDeps) {
       unreachableSince.delete(ref.migrationId);
       return result;
     } catch (err) {
-      if (!(err instanceof ApplicationFailure && (err.type === 'DestinationUnreachable' || err.type === 'DataPlaneLost'))) throw err;
+      if (!(err instanceof DestinationUnreachable)) throw err;
       const deadlineSeconds = ref.destinationDeadlineSeconds ?? DEFAULTS.destinationDeadlineSeconds;
       // A lost session has already waited for the destination (silence, then its reconnect window): count that time too.
-      const lostAt = err.type === 'DataPlaneLost' ? Date.now() - dataPlaneLiveness(deadlineSeconds).lostAfterMs : Date.now();
+      const lostAt = err.lostSession ? Date.now() - dataPlaneLiveness(deadlineSeconds).lostAfterMs : Date.now();
       const since = Math.min(unreachableSince.get(ref.migrationId) ?? lostAt, lostAt);
       unreachableSince.set(ref.migrationId, since);
       const deadline = deadlineSeconds;
@@ -109,12 +99,22 @@ export function createActivities(deps: HostDeps) {
         memoryBytes: input.memoryBytes,
         workload: input.workload,
         seed: input.seed ?? 1,
-        opsPerSecond: input.opsPerSecond ?? 0,
+        opsPerSecond: input.opsPerSecond ?? DEFAULT_OPS_PER_SECOND[input.workload] ?? 0,
         fill: input.fill,
       };
-      await guard(() => driver.create(spec));
-      await guard(() => ownership.claimNew(input.vmId));
-      if (input.start !== false) (await driver.start(id)).close();
+      await driver.create(spec);
+      let claimed = false;
+      try {
+        await ownership.claimNew(input.vmId);
+        claimed = true;
+        if (input.start !== false) (await driver.start(id)).close();
+      } catch (err) {
+        // Half a VM (its files written, its process not started) is rolled back: the id stays free.
+        log.warn({ vmId: input.vmId, err: String(err) }, 'VM creation failed: removing what it wrote');
+        await driver.destroy(id).catch((e: unknown) => log.warn({ vmId: input.vmId, err: String(e) }, 'could not remove the half-created VM'));
+        if (claimed) await ownership.remove(input.vmId);
+        throw err;
+      }
       return summary(input.vmId);
     },
 
@@ -134,17 +134,20 @@ export function createActivities(deps: HostDeps) {
       return summary(input.vmId);
     },
 
+    /** Nothing of the VM stays: its process, files, ownership record and incremental-migration records. */
     async vmDestroy(input: { vmId: string }): Promise<void> {
       await summary(input.vmId);
       await driver.destroy(asVmId(input.vmId));
       await ownership.remove(input.vmId);
+      await ims.remove(input.vmId);
+      await bases.remove(input.vmId);
     },
 
     async vmPause(input: { vmId: string }): Promise<VmSummary> {
       await summary(input.vmId);
-      const vm = await guard(() => driver.attach(asVmId(input.vmId)));
+      const vm = await driver.attach(asVmId(input.vmId));
       try {
-        await guard(() => vm.pause());
+        await vm.pause();
       } finally {
         vm.close();
       }
@@ -153,9 +156,9 @@ export function createActivities(deps: HostDeps) {
 
     async vmResume(input: { vmId: string }): Promise<VmSummary> {
       await summary(input.vmId);
-      const vm = await guard(() => driver.attach(asVmId(input.vmId)));
+      const vm = await driver.attach(asVmId(input.vmId));
       try {
-        await guard(() => vm.resume());
+        await vm.resume();
       } finally {
         vm.close();
       }
@@ -165,10 +168,10 @@ export function createActivities(deps: HostDeps) {
     /** The guest's own check of its data (the simulator: a comparison with a reference run; it halts the guest). */
     async vmVerify(input: { vmId: string }): Promise<VerifyResult & { host: string; vmId: string }> {
       await summary(input.vmId);
-      const vm = await guard(() => driver.attach(asVmId(input.vmId)));
+      const vm = await driver.attach(asVmId(input.vmId));
       const beat = setInterval(() => Context.current().heartbeat(), 1000);
       try {
-        return { ...(await guard(() => vm.verify())), host: deps.host, vmId: input.vmId };
+        return { ...(await vm.verify()), host: deps.host, vmId: input.vmId };
       } finally {
         clearInterval(beat);
         vm.close();
@@ -185,7 +188,7 @@ export function createActivities(deps: HostDeps) {
       if (await driver.exists(asVmId(input.vmId))) {
         throw ApplicationFailure.nonRetryable(`VM ${input.vmId} is defined on host ${deps.host}: its disk is not a base here`, 'BaseInUse');
       }
-      await guard(() => bases.removeUnused(input.vmId));
+      await bases.removeUnused(input.vmId);
       await driver.destroy(asVmId(input.vmId));
     },
 
@@ -217,7 +220,7 @@ export function createActivities(deps: HostDeps) {
     },
 
     async setThrottle(input: { migrationId: string; vmId: string; fraction: number }): Promise<void> {
-      await guard(() => source.setThrottle(input.vmId, input.fraction));
+      await source.setThrottle(input.vmId, input.fraction);
     },
 
     /** Memory precopy and the freeze, in one activity (no Temporal round trip inside the freeze). */
@@ -231,7 +234,7 @@ export function createActivities(deps: HostDeps) {
     },
 
     async forceSwitchover(input: { migrationId: string }): Promise<void> {
-      await guard(() => source.forceSwitchover(input.migrationId));
+      await source.forceSwitchover(input.migrationId);
     },
 
     async postcopy(ref: MigrationRef) {
@@ -239,14 +242,28 @@ export function createActivities(deps: HostDeps) {
     },
 
     /** `final`: the migration ends with this rollback (no other destination is tried). */
-    async rollbackSource(input: { ref: MigrationRef | null; vmId: string; migrationId: string; wasRunning: boolean; final: boolean; startedAtMs: number }) {
-      const result = await guard(() => source.rollback(input.ref, input.vmId, input.migrationId, input.wasRunning));
-      if (input.final) metrics.migrationEnded({ migrationId: input.migrationId, role: 'source', outcome: 'rolled-back', durationSeconds: secondsSince(input.startedAtMs) });
+    async rollbackSource(input: { ref: MigrationRef | null; vmId: string; migrationId: string; wasRunning: boolean; final: boolean; startedAtMs: number }): Promise<RollbackResult> {
+      const result = await source.rollback(input.ref, input.vmId, input.migrationId, input.wasRunning);
+      if (input.final && result.state !== 'crashed') {
+        metrics.migrationEnded({ migrationId: input.migrationId, role: 'source', outcome: 'rolled-back', durationSeconds: secondsSince(input.startedAtMs) });
+      }
+      return result;
+    },
+
+    /**
+     * The operator declared the destination lost after the Final message (ferry resolve), and the
+     * workflow has recorded the fence of its epoch (the revokeDestination workflow): resume here.
+     */
+    async resumeSourceAfterLoss(input: { ref: MigrationRef; wasRunning: boolean; startedAtMs: number }): Promise<RollbackResult> {
+      const { ref } = input;
+      log.warn({ destination: ref.destinationHost, epoch: ref.epoch }, 'resuming the source VM without the destination\'s answer: an operator declared the destination lost');
+      const result = await source.rollback(ref, ref.vmId, ref.migrationId, input.wasRunning, { destinationLost: true });
+      metrics.migrationEnded({ migrationId: ref.migrationId, role: 'source', outcome: 'rolled-back', durationSeconds: secondsSince(input.startedAtMs) });
       return result;
     },
 
     async finalizeSource(input: { vmId: string; migrationId: string; blockBytes: number; startedAtMs: number }): Promise<void> {
-      await guard(() => source.finalize(input));
+      await source.finalize(input);
       metrics.migrationEnded({ migrationId: input.migrationId, role: 'source', outcome: 'completed', durationSeconds: secondsSince(input.startedAtMs) });
     },
 
@@ -264,14 +281,21 @@ export function createActivities(deps: HostDeps) {
 
     async prepareDestination(input: PrepareInput): Promise<{ dataAddress: string } & IncrementalDecision> {
       const { incremental, ...request } = input;
-      const decision = await guard(() => destination.prepare(request, incremental));
+      const decision = await destination.prepare(request, incremental);
       log.info({ migrationId: input.migrationId, vmId: input.vmId, epoch: input.epoch, ...decision }, 'incoming VM prepared');
       return { dataAddress: deps.dataAddress, ...decision };
     },
 
     async abortDestination(input: { migrationId: string; vmId: string; epoch: number }): Promise<void> {
-      await guard(() => destination.abort(input.migrationId, input.vmId, input.epoch));
+      await destination.abort(input.migrationId, input.vmId, input.epoch);
       metrics.migrationEnded({ migrationId: input.migrationId, role: 'destination', outcome: 'rolled-back' });
+    },
+
+    /** This host was declared lost during the migration and the source resumed: destroy the copy here. */
+    async revokeDestination(input: { migrationId: string; vmId: string; epoch: number }): Promise<void> {
+      if (await destination.revoke(input.migrationId, input.vmId, input.epoch)) {
+        metrics.migrationEnded({ migrationId: input.migrationId, role: 'destination', outcome: 'rolled-back' });
+      }
     },
 
     async finishDestination(input: { migrationId: string; vmId: string }): Promise<DestinationFacts> {
@@ -307,34 +331,26 @@ function secondsSince(ms: number): number {
   return Math.max(0, (Date.now() - ms) / 1000);
 }
 
-/** Errors a retry cannot fix become non-retryable failures with their own type. */
-async function guard<T>(fn: () => Promise<T>): Promise<T> {
-  try {
-    return await fn();
-  } catch (err) {
-    if (err instanceof OwnershipConflict) throw ApplicationFailure.nonRetryable(err.message, 'OwnershipConflict');
-    if (err instanceof InsufficientSpace) throw ApplicationFailure.nonRetryable(err.message, 'InsufficientSpace');
-    if (err instanceof BaseInUse) throw ApplicationFailure.nonRetryable(err.message, 'BaseInUse');
-    if (err instanceof IncrementalUnavailable) throw ApplicationFailure.nonRetryable(err.message, 'IncrementalUnavailable');
-    if (err instanceof DestinationUnreachable) throw ApplicationFailure.retryable(err.message, 'DestinationUnreachable');
-    if (err instanceof DataPlaneError && err.code === 'disconnected') throw ApplicationFailure.retryable(err.message, 'DataPlaneLost');
-    if (isHypervisorError(err) && PERMANENT_HYPERVISOR_ERRORS.includes(err.code)) throw ApplicationFailure.nonRetryable(err.message, err.code);
-    throw err;
-  }
-}
-
 /**
- * Run a long step with a heartbeat every second carrying its latest progress; a retry starts from
- * the details of the last heartbeat. Cancellation (abort) reaches the step through the signal.
+ * Run a long step with a heartbeat every second carrying its latest progress, never behind an
+ * earlier one, and samples of its bytes for the rate (common/progress.ts); a retry starts from the
+ * details of the last heartbeat. Cancellation (abort) reaches the step through the signal.
  */
 async function withHeartbeat<T>(fn: (from: Progress, report: (p: Progress) => void, signal: AbortSignal) => Promise<T>): Promise<T> {
   const ctx = Context.current();
-  const from: Progress = (ctx.info.heartbeatDetails as Progress | undefined) ?? { cursor: 0, bytes: 0, items: 0 };
+  const last = ctx.info.heartbeatDetails as StepProgress | undefined;
+  const from: Progress = last ? furthest(last, last) : { cursor: 0, bytes: 0, items: 0 };
   let latest = from;
-  ctx.heartbeat(latest);
-  const timer = setInterval(() => ctx.heartbeat(latest), 1000);
+  let samples = last?.samples ?? [];
+  const beat = (): void => {
+    const now = Date.now();
+    samples = recentSamples([...samples, { atMs: now, bytes: latest.bytes }], now);
+    ctx.heartbeat({ ...latest, samples } satisfies StepProgress);
+  };
+  beat();
+  const timer = setInterval(beat, 1000);
   try {
-    return await guard(() => fn(from, (p) => (latest = p), ctx.cancellationSignal));
+    return await fn(from, (p) => (latest = furthest(latest, p)), ctx.cancellationSignal);
   } finally {
     clearInterval(timer);
   }

@@ -15,8 +15,8 @@ export interface HistoryBreakdown {
   activities: Record<string, { count: number; ms: number }>;
   /** Summed schedule-to-start latency of every activity: Temporal round trips and queueing (ms). */
   queueMs: number;
-  /** Every completed activity in order: wall time (start to completion), and what its result says it moved. */
-  steps: { type: string; ms: number; bytes: number | null; items: number | null; durationMs: number | null }[];
+  /** Every completed activity in order: when it started (epoch ms), wall time (start to completion), and what its result says it moved. */
+  steps: { type: string; startedAtMs: number; ms: number; bytes: number | null; items: number | null; durationMs: number | null }[];
   /** How long the source measured the VM frozen in the switchover (ms). */
   freezeMs: number | null;
 }
@@ -56,7 +56,7 @@ export async function historyBreakdown(workflow: WorkflowHandle): Promise<Histor
       a.ms += at - start;
       const payload = attrs.result?.payloads?.[0];
       const r = ((payload ? defaultPayloadConverter.fromPayload(payload) : null) ?? {}) as Result;
-      out.steps.push({ type: sched.type, ms: Math.round(at - start), bytes: r.bytes ?? null, items: r.items ?? null, durationMs: r.durationMs ?? r.freezeMs ?? null });
+      out.steps.push({ type: sched.type, startedAtMs: Math.round(start), ms: Math.round(at - start), bytes: r.bytes ?? null, items: r.items ?? null, durationMs: r.durationMs ?? r.freezeMs ?? null });
       switch (sched.type) {
         case 'copyDiskFirstPass':
         case 'copyMemory':

@@ -3,6 +3,7 @@ import type { Baselines } from './baselines';
 import type { BandwidthResult, ConcurrentResult, ImResult, RunRecord } from './scenarios';
 import { median, percentile, spread } from './stats';
 import type { TrackingResult } from './tracking';
+import { formatGuestRounds } from './guest-rate';
 
 export interface Results {
   runs: RunRecord[];
@@ -72,6 +73,7 @@ export function summarize(res: Results) {
       total_over_idle: num(heavy && heavy.outcome === 'completed' ? heavy.total_ms / 1000 / totalS : NaN),
       throttled: heavy?.throttled ?? null,
       downtime_ms: heavy?.downtime_ms ?? null,
+      guest_rounds: heavy?.guest_rounds ?? [],
     },
     bandwidth: res.bandwidth
       ? { bytes_per_second: res.bandwidth.bytes_per_second, theoretical_s: num(res.bandwidth.theoretical_s), total_s: num(res.bandwidth.total_s), total_over_theoretical: num(res.bandwidth.total_over_theoretical) }
@@ -172,8 +174,8 @@ export function formatReport(res: Results, summary: Summary): string {
   for (const h of res.heavy) {
     out.push(
       `  heavy writer (${h.mode}): ${h.outcome}${h.error ? ` (${h.error})` : ''}, total ${(h.total_ms / 1000).toFixed(2)} s, downtime ${h.downtime_ms ?? '-'} ms, ` +
-        `throttled ${h.throttled}, disk rounds [${h.dirty_blocks_per_round.join(', ')}] blocks, stale at freeze ${h.stale_blocks_at_freeze ?? '-'}, ` +
-        `postcopy ${h.postcopy_ms} ms, fetches ${h.on_demand_fetches}`,
+        `throttled ${h.throttled}, stale at freeze ${h.stale_blocks_at_freeze ?? '-'}, postcopy ${h.postcopy_ms} ms, fetches ${h.on_demand_fetches}`,
+      `    disk rounds (blocks, then the guest's rate during the round): ${formatGuestRounds(h.guest_rounds)}`,
     );
   }
   if (res.bandwidth) {

@@ -8,6 +8,7 @@ import type { LocalCluster } from '../harness/cluster';
 import type { MigrateVmInput, MigrationMode, MigrationReport } from '../common/migration';
 import type { Workload } from '../common/types';
 import { historyBreakdown, type HistoryBreakdown } from './history';
+import { formatGuestRounds, guestRounds, sampleGuest, type GuestRound } from './guest-rate';
 import { setTimeout as sleep } from 'node:timers/promises';
 
 export const BLOCK_BYTES = 64 * 1024;
@@ -68,6 +69,8 @@ export interface RunRecord {
   freeze_ms: number | null;
   activities: HistoryBreakdown['activities'] | null;
   steps: HistoryBreakdown['steps'];
+  /** Heavy writer: each disk round with the guest's rate during it and the throttle in force. */
+  guest_rounds: GuestRound[];
 }
 
 export interface ImResult {
@@ -187,6 +190,7 @@ export class Bench {
       freeze_ms: null,
       activities: null,
       steps: [],
+      guest_rounds: [],
     };
     try {
       const handle = await this.ferry.migrate(input);
@@ -332,11 +336,13 @@ export class Bench {
     await this.createVm('h1', vmId, 'randwrite', 0);
     try {
       await sleep(this.cfg.settleMs);
+      const sampler = sampleGuest(this.cluster.home('h1'), vmId);
       const r = await this.migrate(
         { scenario: 'heavy-writer', workload: 'randwrite', kind: 'full', rep: 1, ops_per_second: 0 },
         { vmId, sourceHost: 'h1', destinationHosts: ['h2'], mode, incremental: 'off', convergence: this.cfg.heavyMaxRounds ? { maxRounds: this.cfg.heavyMaxRounds } : undefined },
       );
-      this.say(`  ${this.describe(r)}; disk rounds ${r.dirty_blocks_per_round.join(', ')} blocks`);
+      r.guest_rounds = guestRounds(await sampler.stop(), r.steps);
+      this.say(`  ${this.describe(r)}; disk rounds ${formatGuestRounds(r.guest_rounds)}`);
       return r;
     } finally {
       await this.cleanup(vmId, ['h1', 'h2']);

@@ -94,7 +94,9 @@ function hookPoint(name: FaultPointName): Point {
  * then let the switchover go on with a slow link, so the push lasts seconds.
  */
 function postcopyPoint(): Point {
-  const hold = hookPoint('switchover-before-pause');
+  // Held in the freeze (the memory precopy runs inside the switchover, before the pause): only the
+  // last of the machine state and the postcopy cross the slow link.
+  const hold = hookPoint('switchover-after-pause');
   return {
     bandwidth: null,
     arm: hold.arm,

@@ -13,7 +13,7 @@ import { hostTaskQueue, migrationWorkflowId } from '../common/types';
 /** Failure types raised by the workflows and agents that mean "refused as asked", not "broke". */
 const REFUSAL_TYPES = new Set([
   'ValidationError', 'VmNotFound', 'VmExists', 'VmNotRunning', 'InvalidArgument', 'OwnershipConflict', 'AbortRefused',
-  'IncrementalUnavailable', 'BaseNotFound', 'BaseInUse',
+  'ApproveRefused', 'ResolveRefused', 'IncrementalUnavailable', 'BaseNotFound', 'BaseInUse',
 ]);
 
 export class FerryRequestError extends Error {
@@ -66,6 +66,50 @@ export class HostUnavailable extends FerryRequestError {
   }
 }
 
+/**
+ * The agent whose workflow worker holds the migration's workflow did not answer a query in time
+ * (stopped, overloaded, cut off): Temporal hands the workflow to another agent once it gives up on it.
+ */
+export class HostNotAnswering extends FerryRequestError {
+  constructor(
+    readonly host: string | null,
+    worker: string | null,
+    waitedMs: number,
+  ) {
+    const who = host !== null ? `host ${host}` : `the agent running the migration's workflow${worker ? ` (worker ${worker})` : ''}`;
+    const fix = host !== null ? `is \`ferry worker --host ${host}\` running, and not stopped?` : 'is its agent running, and not stopped?';
+    super(
+      `${who} does not answer: it holds the migration's workflow and did not answer within ${Math.round(waitedMs / 1000)} s (${fix}); Temporal moves the workflow to another agent once it gives up on this one`,
+      'HostNotAnswering',
+    );
+    this.name = 'HostNotAnswering';
+  }
+}
+
+/** gRPC status codes of a Temporal call that failed, through the SDK's error wrappers. */
+function grpcCodes(err: unknown): number[] {
+  const codes: number[] = [];
+  for (let cur: unknown = err; cur instanceof Error; cur = (cur as { cause?: unknown }).cause) {
+    const code = (cur as { code?: unknown }).code;
+    if (typeof code === 'number') codes.push(code);
+  }
+  return codes;
+}
+
+const GRPC_DEADLINE_EXCEEDED = 4;
+const GRPC_UNAVAILABLE = 14;
+
+/** The call ran out of time (a deadline of ours). */
+export function isDeadlineExceeded(err: unknown): boolean {
+  return grpcCodes(err).includes(GRPC_DEADLINE_EXCEEDED);
+}
+
+/** The Temporal server could not be reached (gone, restarting, or the network to it is down), or not in time. */
+export function isTemporalUnavailable(err: unknown): boolean {
+  const codes = grpcCodes(err);
+  return codes.includes(GRPC_UNAVAILABLE) || codes.includes(GRPC_DEADLINE_EXCEEDED);
+}
+
 /** The VM does not exist on the host that was named. */
 export class VmNotFound extends FerryRequestError {
   constructor(message: string) {
@@ -98,7 +142,7 @@ export class MigrationNotFound extends FerryRequestError {
  * Turn a Temporal client error into a Ferry error whose message is the root cause: the innermost
  * failure message (an agent's or the workflow's own words), typed by its ApplicationFailure type.
  */
-export function toFerryError(err: unknown, ctx: { vmId?: string; running?: boolean } = {}): Error {
+export function toFerryError(err: unknown, ctx: { vmId?: string; running?: boolean; refusal?: string } = {}): Error {
   if (err instanceof FerryRequestError) return err;
   if (err instanceof WorkflowExecutionAlreadyStartedError && ctx.vmId) return new MigrationAlreadyRunning(ctx.vmId);
   if (err instanceof WorkflowNotFoundError && ctx.vmId) return new MigrationNotFound(ctx.vmId, ctx.running ?? false);
@@ -114,8 +158,8 @@ export function toFerryError(err: unknown, ctx: { vmId?: string; running?: boole
     if (next instanceof ApplicationFailure && next.type) type = next.type;
     cur = next;
   }
-  // abort is the workflow's only update: a rejected update is a refused abort (past the commit point).
-  if (err instanceof WorkflowUpdateFailedError) return new FerryRequestError(message, 'AbortRefused');
+  // A rejected update (abort, approve, resolve) is a refusal with the workflow's reason.
+  if (err instanceof WorkflowUpdateFailedError) return new FerryRequestError(message, ctx.refusal ?? 'UpdateRefused');
   if (type === 'ValidationError') return new ValidationFailed(message);
   if (type === 'VmNotFound') return new VmNotFound(message);
   return new FerryRequestError(message, type);

@@ -1,11 +1,12 @@
 // FerryClient: the typed programmatic API over Temporal.
 import { randomUUID } from 'node:crypto';
+import os from 'node:os';
 import { Client, TimeoutFailure, WorkflowFailedError, type WorkflowExecutionStatusName, type WorkflowHandle } from '@temporalio/client';
-import type { SwitchoverProgress } from '../migration/source';
 import { defaultPayloadConverter, TimeoutType } from '@temporalio/common';
 import type { Activities } from '../activities';
-import type { MigrateVmInput, MigrationPhase, MigrationProgress, MigrationReport } from '../common/migration';
-import { MIGRATION_TASK_QUEUE, hostName, hostTaskQueue, migrationWorkflowId } from '../common/types';
+import type { MigrateVmInput, MigrationPhase, MigrationProgress, MigrationReport, RetryState, StepFailure } from '../common/migration';
+import { liveProgress, type PublishedProgress, type RunningTransfer, type StepProgress } from '../common/progress';
+import { MIGRATION_TASK_QUEUE, hostName, hostOfIdentity, hostTaskQueue, migrationWorkflowId } from '../common/types';
 import type { HostCommand } from '../workflows/host-command';
 import {
   CLUSTER_SCOPE,
@@ -13,24 +14,27 @@ import {
   abortUpdate,
   admissionStateQuery,
   admissionWorkflowId,
-  approveCutoverSignal,
+  approveCutoverUpdate,
   hostScope,
   progressQuery,
+  resolveDestinationLostUpdate,
   setBandwidthSignal,
   type AdmissionState,
 } from '../workflows/definitions';
 import { bandwidthError } from '../workflows/validate';
-import { FerryRequestError, HostUnavailable, ValidationFailed, toFerryError } from './errors';
+import { FerryRequestError, HostNotAnswering, HostUnavailable, ValidationFailed, isDeadlineExceeded, toFerryError } from './errors';
 import { setTimeout as sleep } from 'node:timers/promises';
 
 // Earlier code imported the errors from this module.
 export type { AdmissionState, SlotHolder, SlotRequest } from '../workflows/definitions';
-export { FerryRequestError, HostUnavailable, MigrationAlreadyRunning, MigrationNotFound, ValidationFailed, VmNotFound } from './errors';
+export { FerryRequestError, HostNotAnswering, HostUnavailable, MigrationAlreadyRunning, MigrationNotFound, ValidationFailed, VmNotFound } from './errors';
 
 /** temporal.api.enums.v1.TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY (not imported: @temporalio/proto is not a direct dependency). */
 const TASK_QUEUE_TYPE_ACTIVITY = 2;
 /** An agent that has just started may not have polled yet: look again for this long before refusing. */
 const HOST_CHECK_GRACE_MS = 3000;
+/** The workflow answers its progress query within milliseconds; past this, its agent is not answering. */
+const QUERY_TIMEOUT_MS = 5000;
 
 export interface MigrateOptions {
   /** Refuse with HostUnavailable when the source or a destination has no agent polling (default true). */
@@ -69,11 +73,17 @@ export interface MigrationSummary {
 /** Where a migration stands: its progress while it runs, its report or its error once it has ended. */
 export interface MigrationState {
   vmId: string;
+  /** When this state was read (ISO 8601, this client's clock). */
+  asOf: string;
   workflowId: string;
   runId: string;
   status: WorkflowExecutionStatusName;
-  /** null when the workflow cannot answer the query (it failed before registering it). */
+  /** The phase as Temporal's visibility last recorded it (search attribute FerryPhase). */
+  phase: MigrationPhase | null;
+  /** null when the workflow cannot answer the query (it failed before registering it, or its agent does not answer). */
   progress: MigrationProgress | null;
+  /** Why a running migration's progress is missing (the host that does not answer, say). */
+  progressUnavailable: string | null;
   report: MigrationReport | null;
   error: { type: string | null; message: string; refused: boolean } | null;
 }
@@ -94,30 +104,52 @@ export class MigrationHandle {
   }
 
   /**
-   * The workflow's progress, with the bytes of the transfer running right now added from its last
-   * heartbeat (the workflow itself learns them only when the activity ends).
+   * The workflow's progress, completed with the last heartbeat of the transfer running right now
+   * (the workflow itself learns its bytes only when it ends): percent, rate and ETA of the model in
+   * common/progress.ts; and the step being retried, if one is, from Temporal's record of its last failure.
    */
   async progress(): Promise<MigrationProgress> {
     try {
-      const [p, desc] = await Promise.all([this.workflow.query(progressQuery), this.workflow.describe()]);
-      for (const act of desc.raw.pendingActivities ?? []) {
-        const payload = act.heartbeatDetails?.payloads?.[0];
-        if (!payload) continue;
-        const details = defaultPayloadConverter.fromPayload(payload) as Partial<SwitchoverProgress> | undefined;
-        const bytes = details?.bytes ?? 0;
-        const kind = act.activityType?.name ?? '';
-        if (kind === 'copyDiskFirstPass' || kind === 'copyDiskDirty' || kind === 'postcopy') p.disk.sentBytes += bytes;
-        if (kind === 'switchover') {
-          // Memory precopy and the freeze run in one activity: its heartbeat says which part runs.
-          p.memory.sentBytes += details?.memoryBytes ?? 0;
-          p.disk.sentBytes += details?.diskBytes ?? 0;
-          if (details?.stage === 'switchover') p.phase = 'switchover';
-        }
-      }
-      return p;
+      const describe = this.workflow.client.connection.withDeadline(Date.now() + QUERY_TIMEOUT_MS, () => this.workflow.describe());
+      const [p, desc] = await Promise.all([this.published(), describe]);
+      const pending = desc.raw.pendingActivities ?? [];
+      const live = liveProgress(p, runningTransfer(pending), Date.now());
+      live.retrying = pending.map(retryStateOf).find((r) => r !== null) ?? (pending.length > 0 ? p.retrying : null);
+      return live;
     } catch (err) {
       throw toFerryError(err, { vmId: this.vmId });
     }
+  }
+
+  /** The workflow's answer to the progress query, within QUERY_TIMEOUT_MS (else HostNotAnswering). */
+  private async published(): Promise<PublishedProgress> {
+    try {
+      return await this.workflow.client.connection.withDeadline(Date.now() + QUERY_TIMEOUT_MS, () => this.workflow.query(progressQuery));
+    } catch (err) {
+      if (!isDeadlineExceeded(err)) throw err;
+      // The server answers the history at once unless it is the one that is gone.
+      const worker = await this.workflowWorker().catch(() => {
+        throw err;
+      });
+      throw new HostNotAnswering(worker && hostOfIdentity(worker), worker, QUERY_TIMEOUT_MS);
+    }
+  }
+
+  /** The worker that took the workflow's latest task: it holds the workflow, and answers its queries. */
+  private async workflowWorker(): Promise<string | null> {
+    const { client } = this.workflow;
+    const res = await client.connection.withDeadline(Date.now() + QUERY_TIMEOUT_MS, () =>
+      client.workflowService.getWorkflowExecutionHistoryReverse({
+        namespace: client.options.namespace,
+        execution: { workflowId: this.workflow.workflowId },
+        maximumPageSize: 50,
+      }),
+    );
+    for (const ev of res.history?.events ?? []) {
+      const identity = ev.workflowTaskStartedEventAttributes?.identity;
+      if (identity) return identity;
+    }
+    return null;
   }
 
   /** The report once the migration ends (completed or rolled back); rejects with a typed error if it failed. */
@@ -143,7 +175,7 @@ export class MigrationHandle {
         await this.result();
         return;
       }
-      const p = await this.workflow.query(progressQuery).catch(() => null);
+      const p = await this.published().catch(() => null);
       if ((p && p.phase !== 'validating') || Date.now() > until) return;
       await sleep(200);
     }
@@ -156,18 +188,25 @@ export class MigrationHandle {
     });
     const state: MigrationState = {
       vmId: this.vmId,
+      asOf: new Date().toISOString(),
       workflowId: desc.workflowId,
       runId: desc.runId,
       status: desc.status.name,
+      phase: (desc.typedSearchAttributes.get(SearchAttributes.phase) as MigrationPhase | undefined) ?? null,
       progress: null,
+      progressUnavailable: null,
       report: null,
       error: null,
     };
     if (desc.status.name === 'RUNNING') {
-      state.progress = await this.progress().catch(() => null);
+      state.progress = await this.progress().catch((err: unknown) => {
+        state.progressUnavailable = (err as Error).message;
+        return null;
+      });
       return state;
     }
-    state.progress = await this.workflow.query(progressQuery).catch(() => null);
+    const published = await this.published().catch(() => null);
+    state.progress = published && liveProgress(published, null, Date.now());
     try {
       state.report = await this.result();
     } catch (err) {
@@ -182,16 +221,35 @@ export class MigrationHandle {
     try {
       return await this.workflow.executeUpdate(abortUpdate, { args: [reason] });
     } catch (err) {
-      throw toFerryError(err, { vmId: this.vmId, running: true });
+      throw toFerryError(err, { vmId: this.vmId, running: true, refusal: 'AbortRefused' });
     }
   }
 
-  /** Let a `cutover: 'manual'` migration go to the switchover. */
-  async approveCutover(): Promise<void> {
+  /** Let a `cutover: 'manual'` migration go to the switchover; refused (type ApproveRefused, with the reason) for any other. */
+  async approveCutover(): Promise<{ accepted: true; phase: string }> {
     try {
-      await this.workflow.signal(approveCutoverSignal);
+      return await this.workflow.executeUpdate(approveCutoverUpdate);
     } catch (err) {
-      throw toFerryError(err, { vmId: this.vmId, running: true });
+      throw toFerryError(err, { vmId: this.vmId, running: true, refusal: 'ApproveRefused' });
+    }
+  }
+
+  /**
+   * The operator's decision for a migration whose destination stopped answering after the Final
+   * message left (the VM waits, paused, on the source): the destination is lost for good. The
+   * workflow records who, when and why in its history, fences the lost host's epoch (its agent
+   * destroys its copy if it ever returns) and resumes the VM on the source. Refused (type
+   * ResolveRefused) unless the migration waits for exactly that.
+   *
+   * DANGER: use it only when the destination host is known to be powered off or fenced. If it still
+   * runs, it may have committed and resumed the VM: there are then two running copies until its
+   * agent reaches Temporal again and destroys its own.
+   */
+  async resolveDestinationLost(reason: string, by = operatorName()): Promise<{ accepted: true; host: string; epoch: number }> {
+    try {
+      return await this.workflow.executeUpdate(resolveDestinationLostUpdate, { args: [{ reason, by }] });
+    } catch (err) {
+      throw toFerryError(err, { vmId: this.vmId, running: true, refusal: 'ResolveRefused' });
     }
   }
 
@@ -323,6 +381,46 @@ export class FerryClient {
   async close(): Promise<void> {
     await this.temporal.connection.close();
   }
+}
+
+/** Who runs this program, for the record of an operator's decision. */
+function operatorName(): string {
+  let user = 'unknown';
+  try {
+    user = os.userInfo().username;
+  } catch {
+    // no passwd entry (a container): the host name still says where it came from
+  }
+  return `${user}@${os.hostname()}`;
+}
+
+/** A pending activity that has failed at least once: the agent's StepFailure (or Temporal's own record). */
+function retryStateOf(act: { activityType?: { name?: string | null } | null; attempt?: number | null; lastFailure?: { message?: string | null; applicationFailureInfo?: { details?: { payloads?: unknown[] | null } | null } | null } | null; lastAttemptCompleteTime?: { seconds?: unknown } | null }): RetryState | null {
+  const failure = act.lastFailure;
+  if (!failure) return null;
+  const payload = failure.applicationFailureInfo?.details?.payloads?.[0];
+  const details = payload ? (defaultPayloadConverter.fromPayload(payload as never) as StepFailure | undefined) : undefined;
+  if (details?.retry) return { ...details.retry, attempt: Math.max(details.retry.attempt, (act.attempt ?? 1) - 1) };
+  const at = act.lastAttemptCompleteTime?.seconds;
+  return {
+    step: act.activityType?.name ?? 'a step',
+    cause: failure.message ?? 'unknown error',
+    attempt: Math.max(1, (act.attempt ?? 1) - 1),
+    sinceMs: at != null ? Number(at) * 1000 : Date.now(),
+  };
+}
+
+type PendingActivity = NonNullable<Awaited<ReturnType<WorkflowHandle['describe']>>['raw']['pendingActivities']>[number];
+
+/** The transfer activity under way and its last heartbeat (one at a time: the workflow runs them in turn). */
+function runningTransfer(pending: PendingActivity[]): RunningTransfer | null {
+  for (const act of pending) {
+    const payload = act.heartbeatDetails?.payloads?.[0];
+    const heartbeat = payload ? ((defaultPayloadConverter.fromPayload(payload) as StepProgress | undefined) ?? null) : null;
+    const activity = act.activityType?.name ?? '';
+    if (heartbeat) return { activity, heartbeat };
+  }
+  return null;
 }
 
 function isHostName(h: string): boolean {

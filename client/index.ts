@@ -10,7 +10,7 @@ export {
   type MigrationState,
   type MigrationSummary,
 } from './ferry-client';
-export { FerryRequestError, HostUnavailable, MigrationAlreadyRunning, MigrationNotFound, ValidationFailed, VmNotFound } from './errors';
+export { FerryRequestError, HostNotAnswering, HostUnavailable, MigrationAlreadyRunning, MigrationNotFound, ValidationFailed, VmNotFound } from './errors';
 export { followMigration, formatBytes, formatReport } from './cli/progress-view';
 export type * from '../common/migration';
 export { DEFAULTS } from '../common/migration';

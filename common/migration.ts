@@ -36,22 +36,31 @@ export interface MigrateVmInput {
   destinationDeadlineSeconds?: number;
 }
 
-export type MigrationPhase =
-  | 'validating'
-  | 'waiting-for-slot'
-  | 'preparing'
-  | 'disk-precopy'
-  | 'disk-dirty-rounds'
-  | 'memory-precopy'
-  | 'awaiting-cutover'
-  | 'converging'
-  | 'switchover'
-  | 'postcopy'
-  | 'finalizing'
-  | 'rolling-back'
-  | 'completed'
-  | 'rolled-back'
-  | 'failed';
+/**
+ * The phases, in the order a migration goes through them (README, "Phases"): from validating to
+ * completed, skipping those that do not apply (waiting-for-slot, awaiting-cutover and converging without a manual
+ * cutover, postcopy); or, from
+ * any phase before the switchover, rolling-back and then preparing again (the next destination) or
+ * rolled-back. A failed workflow keeps its last phase and Temporal's status says FAILED.
+ */
+export const MIGRATION_PHASES = [
+  'validating',
+  'waiting-for-slot',
+  'preparing',
+  'disk-precopy',
+  'disk-dirty-rounds',
+  'awaiting-cutover',
+  'converging',
+  'memory-precopy',
+  'switchover',
+  'postcopy',
+  'finalizing',
+  'completed',
+  'rolling-back',
+  'rolled-back',
+  'failed',
+] as const;
+export type MigrationPhase = (typeof MIGRATION_PHASES)[number];
 
 export interface MigrationProgress {
   vmId: string;
@@ -62,13 +71,59 @@ export interface MigrationProgress {
   round: number;
   disk: { totalBytes: number; sentBytes: number; remainingBytes: number; dirtyBlocks: number };
   memory: { totalBytes: number; sentBytes: number; remainingBytes: number; dirtyPages: number };
-  transferBytesPerSecond: number;
+  /** Acknowledged bytes per second over the last few seconds: 0 when nothing moved, null until measured (common/progress.ts). */
+  transferBytesPerSecond: number | null;
   dirtyBytesPerSecond: number;
+  /** What is left of the plan at the current rate; null while the rate is unknown or 0. */
   etaSeconds: number | null;
-  /** Never goes backwards. */
+  /** Of the plan (first pass, rounds, memory, postcopy), from acknowledged bytes; never goes backwards. */
   percent: number;
   message: string;
   epoch: number | null;
+  /** The step that is being retried right now, and why (null while nothing fails). */
+  retrying: RetryState | null;
+  /** The destination's decision, once it prepared: incremental, or a full copy and why. */
+  incremental: { incremental: boolean; fallbackReason: string | null } | null;
+}
+
+/** A host step that failed and is retried: what failed, how often, since when. */
+export interface RetryState {
+  /** The activity, e.g. copyDiskFirstPass. */
+  step: string;
+  cause: string;
+  /** Attempts that failed so far. */
+  attempt: number;
+  /** When the step first failed (ms since the epoch, the agent's clock). */
+  sinceMs: number;
+}
+
+/** "retrying: <cause> (attempt N, since T)": the same words in the status, the bar, the Web UI and the agent log. */
+export function formatRetry(r: RetryState): string {
+  return `retrying: ${r.cause} (attempt ${r.attempt}, since ${new Date(r.sinceMs).toISOString().replace(/\.\d+Z$/, 'Z')})`;
+}
+
+/** What every failure of a host step carries (ApplicationFailure details[0]). */
+export interface StepFailure {
+  /** The host whose agent ran the step. */
+  host: string;
+  /** Whose problem it is: a destination's lets the migration try the next destination; a source's ends it. */
+  blame: 'source' | 'destination' | null;
+  /** Set while the step is retried. */
+  retry?: RetryState;
+}
+
+/** Host steps that run on the destination: a failure of theirs is the destination's, unless it says otherwise. */
+export const DESTINATION_STEPS: readonly string[] = ['prepareDestination', 'abortDestination', 'finishDestination', 'revokeDestination'];
+/** Host steps that run on the source (requestSlot runs on either). */
+export const SOURCE_STEPS: readonly string[] = [
+  'inspectSource', 'copyDiskFirstPass', 'copyDiskDirty', 'copyMachineState', 'setThrottle', 'switchover', 'postcopy', 'rollbackSource', 'resumeSourceAfterLoss', 'finalizeSource',
+];
+
+/** An operator's decision that a destination is lost for good (`ferry resolve VM --destination-lost`). */
+export interface DestinationLostResolution {
+  reason: string;
+  /** Who decided (the CLI sends user@host). */
+  by: string;
 }
 
 export interface MigrationReport {
@@ -88,6 +143,7 @@ export interface MigrationReport {
   downtimeMs: number | null;
   diskBytesSent: number;
   memoryBytesSent: number;
+  /** Dirty-block rounds sent after the first pass (the precopy rounds, those while awaiting the cutover and before the freeze). */
   diskRounds: number;
   memoryRounds: number;
   /** From the commit to the last stale block's arrival, measured by the destination (ms). */
@@ -100,6 +156,12 @@ export interface MigrationReport {
   throttled: boolean;
   /** Block where the disk full pass resumed after a retry (0 = it ran in one go). */
   diskPrecopyResumedFromBlock: number;
+  /** Size of a bitmap block (bytes): the unit of every disk round. */
+  blockBytes: number;
+  /** The VM was paused when the migration began: it moved paused (a cold migration) and stays paused. */
+  coldMigration: boolean;
+  /** An operator declared the destination lost after the Final message (ferry resolve). */
+  resolution?: DestinationLostResolution & { host: string; at: string };
 }
 
 export const DEFAULTS = {
@@ -125,11 +187,13 @@ export function initialProgress(vmId: string, sourceHost = '', mode: MigrationMo
     round: 0,
     disk: { totalBytes: 0, sentBytes: 0, remainingBytes: 0, dirtyBlocks: 0 },
     memory: { totalBytes: 0, sentBytes: 0, remainingBytes: 0, dirtyPages: 0 },
-    transferBytesPerSecond: 0,
+    transferBytesPerSecond: null,
     dirtyBytesPerSecond: 0,
     etaSeconds: null,
     percent: 0,
     message: 'validating',
     epoch: null,
+    retrying: null,
+    incremental: null,
   };
 }

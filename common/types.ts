@@ -40,6 +40,12 @@ export function epoch(value: number): Epoch {
 }
 
 export const hostTaskQueue = (host: HostName | string): string => `host-${host}`;
+
+/** The Temporal worker identity of a host's agent: it names the host, so a silent worker can be named. */
+export const agentIdentity = (host: string, pid: number, machine: string): string => `ferry-agent ${host} ${pid}@${machine}`;
+export function hostOfIdentity(identity: string): string | null {
+  return /^ferry-agent (\S+) /.exec(identity)?.[1] ?? null;
+}
 export const MIGRATION_TASK_QUEUE = 'ferry-migrations';
 export const migrationWorkflowId = (vm: VmId | string): string => `migrate-${vm}`;
 
@@ -49,5 +55,19 @@ export const MIN_BLOCK_BYTES = 4096;
 export const MAX_BLOCK_BYTES = 1 << 20;
 export const DEFAULT_BLOCK_BYTES = 64 * 1024;
 
-export type Workload = 'idle' | 'seqwrite' | 'randwrite' | 'mixed' | 'readmostly';
-export const WORKLOADS: readonly Workload[] = ['idle', 'seqwrite', 'randwrite', 'mixed', 'readmostly'];
+export type Workload = 'idle' | 'memhog' | 'seqwrite' | 'randwrite' | 'mixed' | 'readmostly';
+export const WORKLOADS: readonly Workload[] = ['idle', 'memhog', 'seqwrite', 'randwrite', 'mixed', 'readmostly'];
+
+/**
+ * Guest operations per second when a VM is created without a rate (0 = as fast as it can). idle
+ * ticks like a 100 Hz timer; memhog exists to dirty memory as fast as it can; the disk workloads run
+ * at a rate a migration over a 1 Gbit/s link converges on (seqwrite writes 256 KiB per operation).
+ */
+export const DEFAULT_OPS_PER_SECOND: Readonly<Record<Workload, number>> = {
+  idle: 100,
+  memhog: 0,
+  seqwrite: 50,
+  randwrite: 500,
+  mixed: 500,
+  readmostly: 500,
+};

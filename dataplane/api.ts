@@ -64,11 +64,20 @@ export interface DataPlaneStats {
   inFlight: number;
 }
 
+export interface SendOptions {
+  /**
+   * A message someone waits for (a block the guest reads during postcopy): it goes ahead of every
+   * queued message not yet written, past the window and without waiting for the bandwidth limiter,
+   * within the caps of PROTOCOL.md ("Urgent messages").
+   */
+  urgent?: boolean;
+}
+
 /** Client side (the source host). Sends are pipelined; `flush` waits for every acknowledgement. */
 export interface DataPlaneSession {
   readonly identity: SessionIdentity;
   /** Queue a message; resolves once it fits in the in-flight window (back-pressure). */
-  send(msg: Message): Promise<void>;
+  send(msg: Message, opts?: SendOptions): Promise<void>;
   /** Send and wait for the peer's reply (the handler's return value). */
   request(msg: Message): Promise<Message>;
   /** Resolves when every sent message has been acknowledged (applied) by the peer. */
@@ -88,6 +97,11 @@ export interface ConnectOptions {
   tls?: TlsOptions;
   /** Max unacknowledged payload bytes in flight (default 8 MiB). */
   windowBytes?: number;
+  /**
+   * Max bytes written to the connection and not yet acknowledged (default: the whole window). The
+   * rest of the window waits unwritten, where an urgent message can still overtake it.
+   */
+  writeAheadBytes?: number;
   bandwidthBytesPerSecond?: number | null;
   /** How long to keep trying to reconnect after a drop before failing pending operations (default 30 s). */
   reconnectTimeoutMs?: number;

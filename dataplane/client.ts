@@ -8,6 +8,7 @@ import {
   type DataPlaneSession,
   type DataPlaneStats,
   type Message,
+  type SendOptions,
   type SessionIdentity,
 } from './api';
 import { checkIdentity, checkSecret, computeProof, newNonce, newSessionId, parseChallenge, parseError, parseWelcome, proofMatches, sessionTag } from './auth';
@@ -33,6 +34,7 @@ interface Entry extends PreparedMessage {
   kind: SendKind;
   seq: number;
   written: boolean;
+  urgent: boolean;
   reply?: { resolve: (m: Message) => void; reject: (e: Error) => void };
 }
 
@@ -69,6 +71,7 @@ class ClientSession implements DataPlaneSession {
   private readonly tag: number;
   private readonly secret: Buffer;
   private readonly window: number;
+  private readonly writeAhead: number;
   private readonly reconnectTimeout: number;
   private readonly handshakeTimeout: number;
   private readonly keepaliveMs: number;
@@ -86,7 +89,11 @@ class ClientSession implements DataPlaneSession {
   private unacked: Entry[] = [];
   private writeIdx = 0;
   private inFlight = 0;
+  /** Window bytes of the entries before writeIdx: written to the current connection, not acknowledged. */
+  private onWire = 0;
+  private urgentInFlight = 0;
   private waiters: Waiter[] = [];
+  private urgentWaiters: Waiter[] = [];
   private flushWaiters: { resolve: () => void; reject: (e: Error) => void }[] = [];
   private pushCallbacks: ((msg: Message) => void)[] = [];
 
@@ -105,6 +112,8 @@ class ClientSession implements DataPlaneSession {
     this.tag = sessionTag(this.identity);
     this.window = opts.windowBytes ?? DEFAULT_WINDOW;
     if (!(this.window > 0)) throw new DataPlaneError('bad_config', `windowBytes must be positive, got ${this.window}`);
+    this.writeAhead = opts.writeAheadBytes ?? this.window;
+    if (!(this.writeAhead > 0)) throw new DataPlaneError('bad_config', `writeAheadBytes must be positive, got ${this.writeAhead}`);
     this.reconnectTimeout = opts.reconnectTimeoutMs ?? DEFAULT_RECONNECT_TIMEOUT;
     this.handshakeTimeout = opts.handshakeTimeoutMs ?? DEFAULT_HANDSHAKE_TIMEOUT;
     this.keepaliveMs = opts.keepaliveMs ?? DEFAULT_KEEPALIVE;
@@ -125,7 +134,7 @@ class ClientSession implements DataPlaneSession {
     }
   }
 
-  send(msg: Message): Promise<void> {
+  send(msg: Message, opts: SendOptions = {}): Promise<void> {
     const refused = this.refusal();
     if (refused) return Promise.reject(refused);
     if (this.remoteError) {
@@ -136,12 +145,12 @@ class ClientSession implements DataPlaneSession {
     }
     let entry: Entry;
     try {
-      entry = this.makeEntry(FrameKind.MSG, msg);
+      entry = this.makeEntry(FrameKind.MSG, msg, opts.urgent === true);
     } catch (err) {
       return Promise.reject(err);
     }
     return new Promise((resolve, reject) => {
-      this.waiters.push({ entry, resolve, reject });
+      (entry.urgent ? this.urgentWaiters : this.waiters).push({ entry, resolve, reject });
       this.admit();
     });
   }
@@ -211,8 +220,8 @@ class ClientSession implements DataPlaneSession {
     return null;
   }
 
-  private makeEntry(kind: SendKind, msg: Message): Entry {
-    return { ...prepareMessage(msg), kind, seq: 0, written: false };
+  private makeEntry(kind: SendKind, msg: Message, urgent = false): Entry {
+    return { ...prepareMessage(msg), kind, seq: 0, written: false, urgent };
   }
 
   /** Window accounting: the header counts too, so that a flood of empty messages is bounded as well. */
@@ -220,8 +229,28 @@ class ClientSession implements DataPlaneSession {
     return HEADER_BYTES + e.meta.length + e.dataLength;
   }
 
-  /** Moves waiting sends into the window, in call order. A message larger than the window goes alone. */
+  /**
+   * Moves waiting sends into the window, in call order, urgent ones first. A message larger than the
+   * window goes alone. Urgent messages have a window of their own, a quarter of the window beyond it.
+   */
   private admit(): void {
+    let overtook = false;
+    while (this.urgentWaiters.length > 0) {
+      const w = this.urgentWaiters[0];
+      const cost = this.cost(w.entry);
+      if (this.urgentInFlight > 0 && this.urgentInFlight + cost > this.window / 4) break;
+      this.urgentWaiters.shift();
+      this.insertUrgent(w.entry);
+      this.inFlight += cost;
+      this.urgentInFlight += cost;
+      overtook = true;
+      w.resolve();
+    }
+    if (overtook && this.pumpTimer) {
+      // The limiter's wait was for the message now behind the urgent one.
+      clearTimeout(this.pumpTimer);
+      this.pumpTimer = null;
+    }
     while (this.waiters.length > 0) {
       const w = this.waiters[0];
       const cost = this.cost(w.entry);
@@ -236,6 +265,20 @@ class ClientSession implements DataPlaneSession {
   }
 
   /**
+   * An urgent message goes before every message that has never been written (after the urgent ones
+   * already there), taking the first of their sequence numbers: the wire stays in seq order, and
+   * nothing the server may already hold is renumbered.
+   */
+  private insertUrgent(e: Entry): void {
+    let pos = this.writeIdx;
+    while (pos < this.unacked.length && (this.unacked[pos].written || this.unacked[pos].urgent)) pos++;
+    e.seq = pos < this.unacked.length ? this.unacked[pos].seq : this.nextSeq;
+    for (let i = pos; i < this.unacked.length; i++) this.unacked[i].seq++;
+    this.nextSeq++;
+    this.unacked.splice(pos, 0, e);
+  }
+
+  /**
    * Writes admitted messages. No 'drain' wait: the window already bounds what can sit in the socket's
    * buffer, and handing the socket many frames at once lets it batch them into large writes.
    */
@@ -244,8 +287,10 @@ class ClientSession implements DataPlaneSession {
     if (!conn || this.state !== 'ready' || this.pumpTimer) return;
     while (this.writeIdx < this.unacked.length) {
       const e = this.unacked[this.writeIdx];
+      const cost = this.cost(e);
+      if (this.onWire > 0 && this.onWire + cost > this.writeAhead) return; // an acknowledgement pumps again
       const parts = encodeFrame({ kind: e.kind, tag: this.tag, seq: e.seq, type: e.type, meta: e.meta, data: payloadOf(e), zero: e.zero });
-      const wait = this.bucket.take(wireLength(parts));
+      const wait = this.bucket.take(wireLength(parts), e.urgent);
       if (wait > 0) {
         this.pumpTimer = setTimeout(() => {
           this.pumpTimer = null;
@@ -257,6 +302,7 @@ class ClientSession implements DataPlaneSession {
       conn.lastTx = performance.now();
       this.opts.observer?.sent?.(this.identity, e.type, e.data.length);
       this.writeIdx++;
+      this.onWire += cost;
       this.counters.bytesSent += e.data.length;
       if (!e.written) {
         e.written = true;
@@ -266,8 +312,11 @@ class ClientSession implements DataPlaneSession {
     }
   }
 
-  private completed(e: Entry): void {
-    this.inFlight -= this.cost(e);
+  private completed(e: Entry, wasOnWire: boolean): void {
+    const cost = this.cost(e);
+    this.inFlight -= cost;
+    if (e.urgent) this.urgentInFlight -= cost;
+    if (wasOnWire) this.onWire -= cost;
     this.counters.messagesAcked++;
     this.counters.bytesAcked += e.data.length;
   }
@@ -280,7 +329,7 @@ class ClientSession implements DataPlaneSession {
     for (; i < this.unacked.length && this.unacked[i].seq <= n; i++) {
       const e = this.unacked[i];
       if (e.kind === FrameKind.MSG) {
-        this.completed(e);
+        this.completed(e, i < this.writeIdx);
         if (i < this.writeIdx) removedWritten++;
       } else {
         (kept ??= []).push(e);
@@ -294,8 +343,9 @@ class ClientSession implements DataPlaneSession {
 
   private removeAt(idx: number): Entry {
     const [e] = this.unacked.splice(idx, 1);
-    if (idx < this.writeIdx) this.writeIdx--;
-    this.completed(e);
+    const onWire = idx < this.writeIdx;
+    if (onWire) this.writeIdx--;
+    this.completed(e, onWire);
     this.progress();
     return e;
   }
@@ -333,7 +383,7 @@ class ClientSession implements DataPlaneSession {
   }
 
   private checkFlush(): void {
-    if (this.flushWaiters.length === 0 || this.waiters.length > 0 || this.unacked.length > 0) return;
+    if (this.flushWaiters.length === 0 || this.waiters.length > 0 || this.urgentWaiters.length > 0 || this.unacked.length > 0) return;
     const waiting = this.flushWaiters;
     this.flushWaiters = [];
     const err = this.remoteError;
@@ -489,6 +539,7 @@ class ClientSession implements DataPlaneSession {
     }
     this.everConnected = true;
     this.writeIdx = 0; // everything unacknowledged goes out again, in order
+    this.onWire = 0;
     this.ackUpTo(resumeSeq);
     if (this.unacked.length === 0) this.downSince = null;
     conn.keepalive = setInterval(() => this.keepalive(conn), this.keepaliveMs / 2);
@@ -621,14 +672,17 @@ class ClientSession implements DataPlaneSession {
   }
 
   private rejectAll(err: DataPlaneError): void {
-    const waiters = this.waiters;
+    const waiters = [...this.urgentWaiters, ...this.waiters];
     const unacked = this.unacked;
     const flushWaiters = this.flushWaiters;
     this.waiters = [];
+    this.urgentWaiters = [];
     this.unacked = [];
     this.flushWaiters = [];
     this.writeIdx = 0;
     this.inFlight = 0;
+    this.onWire = 0;
+    this.urgentInFlight = 0;
     for (const w of waiters) w.reject(err);
     for (const e of unacked) e.reply?.reject(err);
     for (const f of flushWaiters) f.reject(err);

@@ -9,7 +9,7 @@ import { ensureTemporalCli, startDevServer, type DevServer } from '../scripts/te
 import { LocalCluster } from '../harness/cluster';
 import { FerryClient } from '../client/ferry-client';
 import { followMigration, formatBytes, formatReport } from '../client/cli/progress-view';
-import type { Workload } from '../common/types';
+import { WORKLOADS, type Workload } from '../common/types';
 import type { MigrationReport } from '../common/migration';
 
 interface DemoOptions {
@@ -130,7 +130,7 @@ const program = new Command('ferry-demo')
   .option('--json', 'print the report as JSON on stdout', false)
   .option('--disk-mib <n>', 'VM disk size in MiB', '256')
   .option('--memory-mib <n>', 'VM memory size in MiB', '64')
-  .option('--workload <name>', 'guest workload: idle, seqwrite, randwrite, mixed, readmostly', 'randwrite')
+  .option('--workload <name>', `guest workload: ${WORKLOADS.join(', ')}`, 'randwrite')
   .action(async (opts: DemoOptions) => {
     process.exitCode = await main(opts);
   });

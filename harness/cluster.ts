@@ -147,7 +147,10 @@ export class LocalCluster {
     child.stderr!.pipe(log);
     const ready = await new Promise<{ dataAddress: string; metricsPort: number | null }>((resolve, reject) => {
       let buf = '';
-      const timer = setTimeout(() => reject(new Error(`agent ${host} did not become ready in 60 s; see ${home}/agent.log`)), 60_000);
+      const timer = setTimeout(() => {
+        child.kill('SIGKILL'); // not registered yet: nothing else would stop it
+        reject(new Error(`agent ${host} did not become ready in 60 s; see ${home}/agent.log`));
+      }, 60_000);
       child.stdout!.on('data', (chunk: Buffer) => {
         log.write(chunk);
         buf += chunk.toString();

@@ -20,6 +20,8 @@ export class CrashWatch {
   private readonly listeners = new Set<(vm: VmId, exit: VmExit) => void>();
   private readonly alive = new Map<VmId, number>();
   private readonly expected = new Set<VmId>();
+  /** VMs the first poll has looked at (a process that died while no agent watched is recorded then). */
+  private readonly checked = new Set<VmId>();
   private timer: NodeJS.Timeout | null = null;
 
   constructor(private readonly deps: CrashWatchDeps) {}
@@ -65,9 +67,16 @@ export class CrashWatch {
       const pid = this.deps.livePid(vm);
       if (pid !== null) {
         this.alive.set(vm, pid);
+        this.checked.add(vm);
         continue;
       }
-      if (!this.alive.has(vm)) continue;
+      if (!this.alive.has(vm)) {
+        if (!this.checked.has(vm) && !this.deps.cleanlyStopped(vm) && !this.lastExit(vm)) {
+          this.record(vm, { code: null, signal: null, at: new Date().toISOString() }); // died while no agent watched it
+        }
+        this.checked.add(vm);
+        continue;
+      }
       this.alive.delete(vm);
       if (this.expected.delete(vm)) continue;
       if (!this.deps.cleanlyStopped(vm) && !this.lastExit(vm)) this.record(vm, { code: null, signal: null, at: new Date().toISOString() });
@@ -82,9 +91,4 @@ export class CrashWatch {
     }
     for (const cb of this.listeners) cb(vm, exit);
   }
-}
-
-export function describeExit(exit: VmExit): string {
-  const how = exit.signal ? `killed by ${exit.signal}` : exit.code !== null ? `exit status ${exit.code}` : 'exit status unknown';
-  return `${how} at ${exit.at}`;
 }

@@ -178,6 +178,7 @@ export interface StaleWaitStats {
 export interface VmHandle {
   readonly vmId: VmId;
   status(): Promise<VmStatus>;
+  /** On an incoming VM whose machine-state stream is loaded, too: it leaves `incoming`, paused (a cold migration's end). */
   pause(): Promise<void>;
   resume(): Promise<void>;
   /** Hold back a fraction of the guest's disk writes (disk convergence). */

@@ -92,7 +92,7 @@ export class Destination {
   private readonly ims: ImStore;
 
   constructor(
-    private readonly deps: { driver: HypervisorDriver; ownership: OwnershipStore; home: string; log: Logger },
+    private readonly deps: { host: string; driver: HypervisorDriver; ownership: OwnershipStore; home: string; log: Logger },
   ) {
     this.dir = path.join(deps.home, 'incoming');
     this.bases = new BaseStore(deps.home);
@@ -170,19 +170,54 @@ export class Destination {
     }
   }
 
-  /** Fence the epoch (never resumed here) and remove the shell. Refused after the commit. */
+  /**
+   * Fence the epoch (never resumed here) and remove the shell. Refused after the commit. On a full
+   * filesystem the fence cannot be written until the shell's files are gone: they go first then (a
+   * full filesystem cannot record a commit either, so the epoch was not running).
+   */
   async abort(migrationId: string, vmId: string, epoch: number): Promise<void> {
-    await this.deps.ownership.abortIncoming(vmId, epoch, migrationId);
+    try {
+      await this.deps.ownership.abortIncoming(vmId, epoch, migrationId);
+    } catch (err) {
+      if (!isOutOfSpace(err)) throw err;
+      this.deps.log.warn({ migrationId, err: String(err) }, 'no space left to record the fence: removing the incoming VM first to make room');
+      await this.removeShell(migrationId);
+      await this.deps.ownership.abortIncoming(vmId, epoch, migrationId);
+    }
+    await this.removeShell(migrationId);
+  }
+
+  /**
+   * The operator declared this host lost while it held the migration (ferry resolve
+   * --destination-lost) and the VM runs on its source again: destroy the copy here, committed or
+   * not, and record that this host never runs the epoch. Returns false when this host holds a
+   * newer epoch or another migration's copy of the VM (left alone).
+   */
+  async revoke(migrationId: string, vmId: string, epoch: number): Promise<boolean> {
+    const own = await this.deps.ownership.get(vmId);
+    const recorded = (await readJsonIfExists<IncomingRecord>(this.recordFile(migrationId))) !== null;
+    if (own && (own.migrationId !== migrationId || own.epoch !== epoch || (own.state === 'aborted' && !recorded))) {
+      await fs.rm(this.recordFile(migrationId), { force: true });
+      return false;
+    }
+    // Only a VM this migration put here is destroyed (with no ownership record, only its recorded shell).
+    await this.removeShell(migrationId, own ? vmId : undefined);
+    await this.deps.ownership.revoke(vmId, epoch, migrationId);
+    this.deps.log.warn({ migrationId, vmId, epoch }, 'revoked: the operator declared this host lost during the migration and resumed the source; the copy here was destroyed');
+    return true;
+  }
+
+  /** Stops and deletes the migration's incoming VM and its bookkeeping (the ownership record stays). */
+  private async removeShell(migrationId: string, vmId?: string): Promise<void> {
     const inc = this.incoming.get(migrationId);
     await this.close(migrationId);
     const record = inc?.record ?? (await readJsonIfExists<IncomingRecord>(this.recordFile(migrationId)));
-    if (record) {
-      await this.deps.driver.destroy(asVmId(record.vmId)).catch((err) =>
-        this.deps.log.warn({ err: String(err), migrationId }, 'could not destroy aborted incoming VM'),
-      );
+    const id = record?.vmId ?? vmId;
+    if (id) {
+      await this.deps.driver.destroy(asVmId(id)).catch((err) => this.deps.log.warn({ err: String(err), migrationId }, 'could not destroy the incoming VM'));
       // An incremental shell wrote over the base: it is no base any more.
-      if ((await this.bases.get(record.vmId))?.inUseBy === migrationId) await this.bases.remove(record.vmId);
-      if ((await this.ims.get(record.vmId))?.lineage === migrationId) await this.ims.remove(record.vmId);
+      if ((await this.bases.get(id))?.inUseBy === migrationId) await this.bases.remove(id);
+      if ((await this.ims.get(id))?.lineage === migrationId) await this.ims.remove(id);
     }
     await fs.rm(this.recordFile(migrationId), { force: true });
   }
@@ -212,30 +247,31 @@ export class Destination {
     return { state: own?.state ?? null, epoch: own?.epoch ?? null, staleBlocks };
   }
 
-  /** Re-open the migrations a previous agent process left behind (agent restart). */
-  async recover(): Promise<void> {
-    let names: string[] = [];
-    try {
-      names = await fs.readdir(this.dir);
-    } catch {
-      return;
-    }
+  /** The incoming migrations recorded on this host (shells, and committed VMs whose migration has not finished). */
+  async records(): Promise<{ record: IncomingRecord; committed: boolean }[]> {
+    const names = await fs.readdir(this.dir).catch(() => [] as string[]);
+    const out: { record: IncomingRecord; committed: boolean }[] = [];
     for (const name of names.filter((n) => n.endsWith('.json'))) {
-      const id = name.slice(0, -'.json'.length);
-      try {
-        await this.resumeIfCommitted(await this.open(id));
-      } catch (err) {
-        this.deps.log.warn({ migrationId: id, err: String(err) }, 'could not reopen incoming migration');
-      }
+      const record = await readJsonIfExists<IncomingRecord>(path.join(this.dir, name)).catch(() => null);
+      if (!record) continue;
+      const own = await this.deps.ownership.get(record.vmId);
+      out.push({ record, committed: own?.state === 'running' && own.epoch === record.epoch && own.migrationId === record.migrationId });
     }
+    return out;
   }
 
-  /** A crash between the commit and the resume must not leave the only copy of the VM stopped: roll forward. */
-  private async resumeIfCommitted(inc: Incoming): Promise<void> {
+  /**
+   * Re-open a migration a previous agent process left behind (agent restart). A crash between the
+   * commit and the resume must not leave the only copy of the VM stopped: roll forward.
+   */
+  async recoverIncoming(migrationId: string): Promise<void> {
+    const inc = await this.open(migrationId);
     const own = await this.deps.ownership.get(inc.record.vmId);
     if (own?.state !== 'running' || own.epoch !== inc.record.epoch) return;
     const state = (await inc.vm!.status()).state;
-    if ((state === 'incoming' || state === 'paused') && inc.record.measured?.guestRunning !== false) {
+    if (inc.record.measured?.guestRunning === false) {
+      if (state === 'incoming') await inc.vm!.pause(); // a cold migration: committed, and paused as it was
+    } else if (state === 'incoming' || state === 'paused') {
       await inc.vm!.resume();
       this.deps.log.info({ migrationId: inc.record.migrationId, vmId: inc.record.vmId, epoch: own.epoch, was: state }, 'committed VM resumed after an agent restart');
     }
@@ -258,7 +294,24 @@ export class Destination {
         `migration ${identity.migrationId} expects VM ${record.vmId} epoch ${record.epoch}, not ${identity.vmId} epoch ${identity.epoch}`,
       );
     }
-    return { onMessage: (session, msg) => this.onMessage(identity.migrationId, session, msg), onClose: (s) => this.onClose(identity.migrationId, s) };
+    return { onMessage: (session, msg) => this.applying(identity, msg, () => this.onMessage(identity.migrationId, session, msg)), onClose: (s) => this.onClose(identity.migrationId, s) };
+  }
+
+  /**
+   * A message this host cannot apply is logged here and answered with an error that names this host,
+   * so that the source can tell (and say) what went wrong where: ENOSPC on this host's filesystem, say.
+   */
+  private async applying(identity: SessionIdentity, msg: Message, apply: () => Promise<Message | void>): Promise<Message | void> {
+    try {
+      return await apply();
+    } catch (err) {
+      const e = err as NodeJS.ErrnoException;
+      this.deps.log.warn({ migrationId: identity.migrationId, vmId: identity.vmId, messageType: msg.type, code: e.code, err: e.message }, 'could not apply a data-plane message');
+      if (typeof e.code === 'string' && /^E[A-Z]+$/.test(e.code)) {
+        throw new Error(`host ${this.deps.host}: ${e.message} (in ${this.deps.home}, applying migration ${identity.migrationId})`);
+      }
+      throw err;
+    }
   }
 
   private statusOnlyHandler(identity: SessionIdentity): SessionHandler {
@@ -402,6 +455,7 @@ export class Destination {
     const committedAtMs = Date.now();
     await faultPoint('switchover-after-commit');
     if (final.guestRunning) await vm.resume();
+    else await vm.pause();
     this.deps.log.info({ migrationId, vmId, epoch, staleBlocks: final.count, guestRunning: final.guestRunning }, 'committed: VM resumed on this host');
     await this.measure(inc, (m) => {
       m.committedAtMs = committedAtMs;
@@ -518,6 +572,11 @@ function firstBlockOf(msg: Message, record: IncomingRecord): number {
     );
   }
   return b;
+}
+
+function isOutOfSpace(err: unknown): boolean {
+  const code = (err as NodeJS.ErrnoException).code;
+  return code === 'ENOSPC' || code === 'EDQUOT';
 }
 
 function checkProtocol(msg: Message): void {

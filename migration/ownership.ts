@@ -3,6 +3,7 @@
 //   source:       running(e) ──commit seen──▶ released(e)
 //   destination:  incoming(e+1) ─▶ prepared(e+1) ─▶ running(e+1)      (commit point)
 //                        └──────────────┴──▶ aborted(e+1)             (fenced: never resumes e+1)
+//                        └──────────────┴───────────┴──▶ aborted(e+1) (revoked: the host was declared lost)
 //
 // Every transition is written atomically and fsynced before it is acted on.
 import path from 'node:path';
@@ -126,6 +127,18 @@ export class OwnershipStore {
       if (cur.state === 'running' || cur.state === 'released') {
         throw new OwnershipConflict(`VM ${vmId} epoch ${epoch} already committed on this host; it cannot be aborted`, cur);
       }
+      return { epoch, state: 'aborted', migrationId };
+    });
+  }
+
+  /**
+   * An operator declared this host lost while it held the migration's epoch (`ferry resolve
+   * --destination-lost`) and the source runs the VM again: this host never runs that epoch, even
+   * if it had committed it. Another migration's record, or a newer epoch, is left alone.
+   */
+  revoke(vmId: string, epoch: number, migrationId: string): Promise<OwnershipRecord> {
+    return this.transition(vmId, (cur) => {
+      if (cur && (cur.epoch !== epoch || cur.migrationId !== migrationId || cur.state === 'aborted')) return null;
       return { epoch, state: 'aborted', migrationId };
     });
   }

@@ -1,8 +1,8 @@
 // The source role: precopy of disk and memory, the freeze-and-copy handoff, and the postcopy push.
 // Every step is idempotent for (migration, epoch): a retried activity calls the same function again
 // with the cursor of its last heartbeat.
-import type { BitmapSnapshot, DiskAccess, HypervisorDriver, StreamProgress, VmHandle } from '../hypervisor/driver';
-import type { DataPlaneObserver, DataPlaneSession, TlsOptions } from '../dataplane/api';
+import type { BitmapSnapshot, DiskAccess, HypervisorDriver, StreamProgress, VmExit, VmHandle } from '../hypervisor/driver';
+import { DataPlaneError, type DataPlaneObserver, type DataPlaneSession, type TlsOptions } from '../dataplane/api';
 import { connect } from '../dataplane';
 import { vmId as asVmId } from '../common/types';
 import type { Logger } from '../common/log';
@@ -16,6 +16,9 @@ import { MIGRATION_PROTOCOL, Msg, bitmapIndices, type QueryReply } from './messa
 import { CarriedStream } from './machine-stream';
 import { faultPoint } from '../common/fault-points';
 import { DEFAULTS } from '../common/migration';
+import { Cleanup } from '../common/cleanup';
+import { isHypervisorError } from '../hypervisor/errors';
+import { describeExit } from '../hypervisor/exit';
 import { setTimeout as sleep } from 'node:timers/promises';
 
 export interface MigrationRef {
@@ -24,6 +27,8 @@ export interface MigrationRef {
   /** The epoch the destination will run; the source runs epoch - 1. */
   epoch: number;
   destinationAddress: string;
+  /** The destination's host name, for messages that say which host failed. */
+  destinationHost?: string;
   blockBytes: number;
   bandwidthBytesPerSecond?: number | null;
   /** How long a precopy transfer keeps retrying an unreachable destination before the migration rolls back (s). */
@@ -71,7 +76,50 @@ export interface SwitchoverProgress extends Progress {
   dirtyBlocks: number;
 }
 
-export class DestinationUnreachable extends Error {}
+export class DestinationUnreachable extends Error {
+  /** `lostSession`: an open session went silent and did not come back (the destination was unreachable for a while already). */
+  constructor(
+    message: string,
+    readonly lostSession = false,
+  ) {
+    super(message);
+  }
+}
+
+/** The source VM's process is not running (it died, or was stopped) while a migration needs it. */
+export class VmGone extends Error {
+  constructor(
+    readonly vmId: string,
+    readonly host: string,
+    readonly exit: VmExit | null,
+  ) {
+    super(
+      exit
+        ? `VM ${vmId} died on host ${host} (${describeExit(exit)}): it is crashed, not paused, and the migration stops; restarting it is your choice (ferry vm start ${vmId} --host ${host})`
+        : `VM ${vmId} has no running process on host ${host} (it was stopped): the migration stops; start it again with ferry vm start ${vmId} --host ${host}`,
+    );
+    this.name = 'VmGone';
+  }
+}
+
+/** A stopped source VM may resume only once the destination fenced the epoch; it has not confirmed yet. */
+export class FenceUnconfirmed extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'FenceUnconfirmed';
+  }
+}
+
+export interface RollbackResult {
+  /** The guest runs again on the source. */
+  resumed: boolean;
+  /** The source VM's run state afterwards (`crashed` when its process died). */
+  state: string;
+  exit?: VmExit;
+}
+
+/** Data-plane failures of the connection itself (the destination may be restarting): everything else is an answer. */
+const CONNECTION_ERRORS = new Set(['connect_failed', 'timeout', 'disconnected']);
 
 interface Pusher {
   progress: Progress;
@@ -100,6 +148,8 @@ export function dataPlaneLiveness(deadlineSeconds: number): { keepaliveMs: numbe
   const reconnectTimeoutMs = Math.round(Math.min(30_000, Math.max(10_000, deadlineMs - 3 * keepaliveMs)));
   return { keepaliveMs, reconnectTimeoutMs, lostAfterMs: 3 * keepaliveMs + reconnectTimeoutMs };
 }
+/** Postcopy: what a fetched block can still find written ahead of it (the rest of the window it overtakes). */
+const POSTCOPY_WRITE_AHEAD = 2 << 20;
 // Bitmap names are short (QEMU's are node-local too); the migration id is hashed into one.
 const trackingName = (migrationId: string): string => `mig-${createHash('sha256').update(migrationId).digest('hex').slice(0, 20)}`;
 
@@ -113,9 +163,14 @@ export class Source {
   private readonly freezing = new Set<string>();
   private readonly bases: BaseStore;
   private readonly ims: ImStore;
+  /** The steps running per VM, so that the VM process dying stops them at once. */
+  private readonly running = new Map<string, Set<AbortController>>();
+  /** Migrations this agent worked on that have not ended here (reconciled against their workflows). */
+  private readonly active = new Map<string, string>();
 
   constructor(
     private readonly deps: {
+      host: string;
       driver: HypervisorDriver;
       ownership: OwnershipStore;
       secret: Buffer;
@@ -127,6 +182,67 @@ export class Source {
   ) {
     this.bases = new BaseStore(deps.home);
     this.ims = new ImStore(deps.home);
+    deps.driver.onCrash((vm, exit) => {
+      const steps = this.running.get(vm);
+      if (!steps?.size) return;
+      this.deps.log.error({ vmId: vm, exit }, `source VM died during a migration (${describeExit(exit)}): stopping its migration steps`);
+      for (const step of steps) step.abort(new VmGone(vm, this.deps.host, exit));
+    });
+  }
+
+  /**
+   * Runs a step on the VM: it ends at once (with VmGone) when the VM's process dies, and with the
+   * cancellation when the workflow cancels it, even while it waits for the data plane. What it
+   * acquired is released either way.
+   */
+  private async step<T>(vmId: string, signal: AbortSignal, fn: (signal: AbortSignal, cleanup: Cleanup) => Promise<T>): Promise<T> {
+    const ac = new AbortController();
+    const onCancel = () => ac.abort(signal.reason ?? new Error('the step was cancelled'));
+    if (signal.aborted) onCancel();
+    signal.addEventListener('abort', onCancel, { once: true });
+    let steps = this.running.get(vmId);
+    if (!steps) this.running.set(vmId, (steps = new Set()));
+    steps.add(ac);
+    const cleanup = new Cleanup();
+    try {
+      const work = fn(ac.signal, cleanup);
+      work.catch(() => undefined); // after an abort it fails on its own, released resources and all
+      return await Promise.race([work, abortedWith(ac.signal)]);
+    } catch (err) {
+      // A session that lost its connection for good: the destination is as unreachable as one that never answered.
+      if (err instanceof DataPlaneError && CONNECTION_ERRORS.has(err.code)) throw new DestinationUnreachable(`lost the data plane to the destination: ${err.message}`, err.code === 'disconnected');
+      throw err;
+    } finally {
+      signal.removeEventListener('abort', onCancel);
+      steps.delete(ac);
+      if (steps.size === 0) this.running.delete(vmId);
+      await cleanup.run();
+    }
+  }
+
+  /** Migrations this agent took part in as the source and that have not ended here. */
+  activeMigrations(): { migrationId: string; vmId: string }[] {
+    return [...this.active].map(([migrationId, vmId]) => ({ migrationId, vmId }));
+  }
+
+  /**
+   * A migration whose workflow ended without telling this host (terminated from the UI, say):
+   * stop its stream, its tracking and its throttle. The VM keeps its run state.
+   */
+  async forget(migrationId: string): Promise<void> {
+    const vmId = this.active.get(migrationId);
+    if (!vmId) return;
+    this.active.delete(migrationId);
+    await this.stopStream(migrationId);
+    const vm = await this.attach(vmId).catch(() => null);
+    if (!vm) return;
+    try {
+      await vm.setThrottle(0);
+      const name = trackingName(migrationId);
+      if ((await vm.listBitmaps()).some((b) => b.name === name)) await vm.removeBitmap(name);
+    } finally {
+      vm.close();
+    }
   }
 
   /** Idempotent: a retried first pass starts it again. */
@@ -150,10 +266,11 @@ export class Source {
     signal: AbortSignal,
   ): Promise<TransferResult & { resumedFromBlock: number; skippedBlocks: number }> {
     const started = Date.now();
-    const vm = await this.attach(ref.vmId);
-    const disk = await vm.openDisk();
-    const session = await this.session(ref, 'disk');
-    try {
+    this.active.set(ref.migrationId, ref.vmId);
+    return this.step(ref.vmId, signal, async (stepSignal, cleanup) => {
+      const vm = cleanup.add(await this.attach(ref.vmId), (v) => v.close());
+      const disk = cleanup.add(await vm.openDisk(), (d) => d.close());
+      const session = cleanup.add(await this.session(ref, 'disk'), (s) => this.release(ref, s));
       await this.startTracking(vm, ref);
       const blocks = Math.ceil(disk.sizeBytes / ref.blockBytes);
       // Blocks below the cursor written after a first attempt are caught by the migration's own bitmap.
@@ -161,17 +278,13 @@ export class Source {
         ? bitmapIndices((await vm.snapshotBitmap(IM_BITMAP)).bits, blocks).filter((b) => b >= from.cursor)
         : range(from.cursor, blocks);
       if (from.cursor > 0) this.deps.log.info({ migrationId: ref.migrationId, block: from.cursor }, 'disk precopy resumes from the last heartbeat');
-      const r = await this.sendBlocks(session, disk, ref.blockBytes, list, from, onProgress, signal, { skipZero: !incremental });
+      const r = await this.sendBlocks(session, disk, ref.blockBytes, list, from, onProgress, stepSignal, { skipZero: !incremental });
       // The bulk of the image is on the destination: make it durable there outside the frozen window.
       await session.send({ type: Msg.Sync, meta: {}, data: Buffer.alloc(0) });
       await session.flush();
       const skippedBlocks = incremental ? blocks - list.length : 0;
       return { ...r, durationMs: Date.now() - started, resumedFromBlock: from.cursor, skippedBlocks };
-    } finally {
-      await this.release(ref, session);
-      await disk.close();
-      vm.close();
-    }
+    });
   }
 
   /** What a destination needs to decide whether this VM can move incrementally. */
@@ -190,42 +303,43 @@ export class Source {
   /** One dirty-bitmap round: snapshot (successor semantics), send, acknowledge. */
   async copyDiskDirty(ref: MigrationRef, signal: AbortSignal, onProgress: (p: Progress) => void): Promise<TransferResult> {
     const started = Date.now();
-    const vm = await this.attach(ref.vmId);
-    const disk = await vm.openDisk();
-    const session = await this.session(ref, 'disk');
-    try {
+    this.active.set(ref.migrationId, ref.vmId);
+    return this.step(ref.vmId, signal, async (stepSignal, cleanup) => {
+      const vm = cleanup.add(await this.attach(ref.vmId), (v) => v.close());
+      const disk = cleanup.add(await vm.openDisk(), (d) => d.close());
+      const session = cleanup.add(await this.session(ref, 'disk'), (s) => this.release(ref, s));
       const snap = await vm.snapshotBitmap(trackingName(ref.migrationId));
       const blocks = Math.ceil(disk.sizeBytes / ref.blockBytes);
       const list = bitmapIndices(snap.bits, blocks);
-      const r = await this.sendBlocks(session, disk, ref.blockBytes, list, { cursor: 0, bytes: 0, items: 0 }, onProgress, signal, { skipZero: false });
+      const r = await this.sendBlocks(session, disk, ref.blockBytes, list, { cursor: 0, bytes: 0, items: 0 }, onProgress, stepSignal, { skipZero: false });
       await session.flush();
       await vm.ackBitmap(trackingName(ref.migrationId), snap.generation);
       return { ...r, durationMs: Date.now() - started };
-    } finally {
-      await this.release(ref, session);
-      await disk.close();
-      vm.close();
-    }
+    });
   }
 
   private async ensureStream(ref: MigrationRef, limits: MachineStateOptions): Promise<CarriedStream> {
     const running = this.streams.get(ref.migrationId);
     if (running && !running.broken) return running;
     if (running) await this.stopStream(ref.migrationId);
-    const session = await this.session(ref, 'state');
-    const vm = await this.attach(ref.vmId);
+    const cleanup = new Cleanup();
     try {
-      const carried = await CarriedStream.start(session, () =>
-        vm.migrateOut({ downtimeLimitMs: limits.downtimeTargetMs, autoConverge: limits.autoConverge, bandwidthBytesPerSecond: this.bandwidthOf(ref) }),
-      );
+      const session = cleanup.add(await this.session(ref, 'state'), (s) => this.release(ref, s));
+      const vm = await this.attach(ref.vmId);
+      let carried: CarriedStream;
+      try {
+        carried = await CarriedStream.start(session, () =>
+          vm.migrateOut({ downtimeLimitMs: limits.downtimeTargetMs, autoConverge: limits.autoConverge, bandwidthBytesPerSecond: this.bandwidthOf(ref) }),
+        );
+      } finally {
+        vm.close();
+      }
       this.streams.set(ref.migrationId, carried);
       carried.failed.catch((err: Error) => this.deps.log.warn({ migrationId: ref.migrationId, err: err.message }, 'machine-state stream stopped'));
       return carried;
     } catch (err) {
-      await this.release(ref, session);
+      await cleanup.run();
       throw err;
-    } finally {
-      vm.close();
     }
   }
 
@@ -288,11 +402,13 @@ export class Source {
     const sourceEpoch = ref.epoch - 1;
     const own = await this.deps.ownership.get(ref.vmId);
     if (own?.state === 'released' && own.epoch === sourceEpoch) return this.committedBefore();
-    const session = await this.session(ref, 'switchover');
-    const vm = await this.attach(ref.vmId);
+    this.active.set(ref.migrationId, ref.vmId);
     const sent = { memoryBytes: 0, diskBytes: 0 };
     const aborted = (reason: string): SwitchoverResult => ({ outcome: 'aborted', reason, ...sent });
+    const cleanup = new Cleanup();
     try {
+      const session = cleanup.add(await this.session(ref, 'switchover'), (s) => this.release(ref, s));
+      const vm = cleanup.add(await this.attach(ref.vmId), (v) => v.close());
       const status = await vm.status();
       // A paused VM migrates paused (a cold migration); a halted one stays halted.
       const guestRunning = status.state !== 'paused';
@@ -397,8 +513,7 @@ export class Source {
       return result;
     } finally {
       this.freezing.delete(ref.migrationId);
-      await this.release(ref, session);
-      vm.close();
+      await cleanup.run();
     }
   }
 
@@ -457,93 +572,117 @@ export class Source {
 
   private async push(ref: MigrationRef, pusher: Pusher): Promise<TransferResult & { fetched: number }> {
     const started = Date.now();
+    const cleanup = new Cleanup();
     // The VM's machine state left at the commit; its image as it was at the freeze is what the destination lacks.
-    const disk = await this.deps.driver.openImage(asVmId(ref.vmId));
-    const session = await this.session(ref, 'postcopy');
-    const urgent: number[] = [];
-    let wake: (() => void) | null = null;
-    session.onPush((msg) => {
-      if (msg.type !== Msg.Fetch) return;
-      urgent.push(...(msg.meta.blocks as number[]));
-      wake?.();
+    const disk = cleanup.add(await this.deps.driver.openImage(asVmId(ref.vmId)), (d) => d.close());
+    const session = await this.session(ref, 'postcopy', POSTCOPY_WRITE_AHEAD).catch(async (err: unknown) => {
+      await cleanup.run();
+      throw err;
     });
+    cleanup.add(session, (s) => this.release(ref, s));
     let items = 0;
     let bytes = 0;
     let fetched = 0;
+    let pending = new Set<number>();
+    const sendBlock = async (b: number, urgent: boolean): Promise<void> => {
+      const data = await disk.read(b * ref.blockBytes, Math.min(ref.blockBytes, disk.sizeBytes - b * ref.blockBytes));
+      await session.send({ type: Msg.Block, meta: { b }, data }, { urgent });
+      items++;
+      bytes += data.length;
+      pusher.progress = { cursor: items, bytes, items };
+    };
+    // Fetched blocks go at once, ahead of the push, even one the push has queued already (the
+    // destination keeps whichever copy comes first while the block is stale, and discards the other).
+    let fetches = Promise.resolve();
+    let fetchFailed: Error | null = null;
+    const fetch = (wanted: number[]): void => {
+      for (const b of wanted) {
+        pending.delete(b);
+        fetched++;
+        fetches = fetches.then(() => sendBlock(b, true)).catch((err: Error) => void (fetchFailed ??= err));
+      }
+    };
+    session.onPush((msg) => {
+      if (msg.type === Msg.Fetch) fetch(msg.meta.blocks as number[]);
+    });
     try {
       const blocks = Math.ceil(disk.sizeBytes / ref.blockBytes);
       for (;;) {
         const list = await session.request({ type: Msg.StaleList, meta: {}, data: Buffer.alloc(0) });
         if (Number(list.meta.count) === 0) break;
-        urgent.unshift(...(list.meta.needed as number[]));
-        const pending = new Set(bitmapIndices(list.data, blocks));
-        const order = [...pending];
-        let next = 0;
-        while (pending.size > 0) {
-          let b: number | undefined;
-          while (urgent.length > 0 && b === undefined) {
-            const u = urgent.shift()!;
-            if (pending.has(u)) {
-              b = u;
-              fetched++;
-            }
-          }
-          while (b === undefined && next < order.length) {
-            const c = order[next++];
-            if (pending.has(c)) b = c;
-          }
-          if (b === undefined) break;
-          pending.delete(b);
-          const data = await disk.read(b * ref.blockBytes, Math.min(ref.blockBytes, disk.sizeBytes - b * ref.blockBytes));
-          await session.send({ type: Msg.Block, meta: { b }, data });
-          items++;
-          bytes += data.length;
-          pusher.progress = { cursor: items, bytes, items };
+        pending = new Set(bitmapIndices(list.data, blocks));
+        fetch(list.meta.needed as number[]);
+        for (const b of [...pending]) {
+          if (fetchFailed) throw fetchFailed;
+          if (!pending.delete(b)) continue; // fetched meanwhile
+          await sendBlock(b, false);
         }
+        await fetches;
+        if (fetchFailed) throw fetchFailed;
         await session.flush();
       }
       return { items, bytes, zeroItems: 0, durationMs: Date.now() - started, fetched };
     } finally {
-      wake = null;
-      await this.release(ref, session);
-      await disk.close();
+      await cleanup.run();
     }
   }
 
   /**
    * Roll back before the commit: stop the stream (the hypervisor resumes the guest it paused), make sure
    * the destination is fenced wherever the guest does not run here, then give the VM back the run
-   * state it had before the migration (`wasRunning`).
+   * state it had before the migration (`wasRunning`). A VM whose process died stays as it is
+   * (crashed): restarting it is the operator's choice, and the rollback never waits for it.
+   * `destinationLost`: an operator declared the destination lost (ferry resolve) and the workflow
+   * recorded its fence; the source resumes without its answer.
    */
-  async rollback(ref: MigrationRef | null, vmId: string, migrationId: string, wasRunning: boolean): Promise<{ resumed: boolean }> {
+  async rollback(ref: MigrationRef | null, vmId: string, migrationId: string, wasRunning: boolean, opts: { destinationLost?: boolean } = {}): Promise<RollbackResult> {
     const own = await this.deps.ownership.get(vmId);
     if (own?.state === 'released') throw new Error(`VM ${vmId} was committed to the destination; it cannot roll back`);
     await this.stopStream(migrationId);
     await fs.rm(this.abortFile(migrationId), { force: true });
-    const vm = await this.attach(vmId);
+    let vm: VmHandle;
+    try {
+      vm = await this.attach(vmId);
+    } catch (err) {
+      if (!(err instanceof VmGone)) throw err;
+      this.active.delete(migrationId);
+      const status = await this.deps.driver.inspect(asVmId(vmId));
+      return { resumed: false, state: status.state, ...(status.exit ? { exit: status.exit } : {}) };
+    }
     try {
       const status = await vm.status();
       const stopped = status.state === 'migrated' || (status.state === 'paused' && wasRunning);
       if (stopped) {
-        if (!ref) throw new Error(`VM ${vmId} is ${status.state} and the destination is unknown: refusing to resume without a fence`);
-        const session = await this.session(ref, 'switchover');
-        try {
-          const answer = await session.request({ type: Msg.Abort, meta: {}, data: Buffer.alloc(0) });
-          if (answer.meta.state !== 'aborted' && answer.meta.state !== null) {
-            throw new Error(`destination reports ${String(answer.meta.state)} for epoch ${ref.epoch}; cannot resume the source`);
-          }
-        } finally {
-          await this.release(ref, session);
-        }
+        if (!opts.destinationLost) await this.confirmFence(ref, vmId, status.state);
         await vm.resume();
         if (!wasRunning) await vm.pause();
       }
       await vm.setThrottle(0);
       const name = trackingName(migrationId);
       if ((await vm.listBitmaps()).some((b) => b.name === name)) await vm.removeBitmap(name);
-      return { resumed: stopped && wasRunning };
+      this.active.delete(migrationId);
+      return { resumed: stopped && wasRunning, state: (await vm.status()).state };
     } finally {
       vm.close();
+    }
+  }
+
+  /** The destination durably fenced the epoch (or never heard of it): only then may a stopped source resume. */
+  private async confirmFence(ref: MigrationRef | null, vmId: string, state: string): Promise<void> {
+    const stays = `VM ${vmId} is ${state} on this host and stays so until the destination confirms the abort`;
+    if (!ref) throw new FenceUnconfirmed(`${stays}, but the destination is unknown: refusing to resume without a fence`);
+    const cleanup = new Cleanup();
+    try {
+      const session = cleanup.add(await this.session(ref, 'switchover'), (s) => this.release(ref, s));
+      const answer = await session.request({ type: Msg.Abort, meta: {}, data: Buffer.alloc(0) });
+      if (answer.meta.state !== 'aborted' && answer.meta.state !== null) {
+        throw new FenceUnconfirmed(`${stays}: the destination reports ${String(answer.meta.state)} for epoch ${ref.epoch}`);
+      }
+    } catch (err) {
+      if (err instanceof FenceUnconfirmed) throw err;
+      throw new FenceUnconfirmed(`${stays}: ${(err as Error).message}`);
+    } finally {
+      await cleanup.run();
     }
   }
 
@@ -554,6 +693,7 @@ export class Source {
   async finalize(ref: Pick<MigrationRef, 'vmId' | 'migrationId' | 'blockBytes'>): Promise<void> {
     const own = await this.deps.ownership.get(ref.vmId);
     if (own?.state !== 'released') throw new Error(`VM ${ref.vmId} is ${own?.state ?? 'unknown'} here; only a released VM is finalized`);
+    this.active.delete(ref.migrationId);
     const id = asVmId(ref.vmId);
     await fs.rm(this.abortFile(ref.migrationId), { force: true }); // an abort that came too late
     if (await this.deps.driver.exists(id)) await this.deps.driver.destroy(id, { keepDisk: true });
@@ -701,10 +841,16 @@ export class Source {
   }
 
   private async attach(vmId: string): Promise<VmHandle> {
-    return this.deps.driver.attach(asVmId(vmId));
+    try {
+      return await this.deps.driver.attach(asVmId(vmId));
+    } catch (err) {
+      if (!isHypervisorError(err, 'VmNotRunning')) throw err;
+      const status = await this.deps.driver.inspect(asVmId(vmId)).catch(() => null);
+      throw new VmGone(vmId, this.deps.host, status?.exit ?? null);
+    }
   }
 
-  private async session(ref: MigrationRef, stream: string): Promise<DataPlaneSession> {
+  private async session(ref: MigrationRef, stream: string, writeAheadBytes?: number): Promise<DataPlaneSession> {
     const bw = this.bandwidthOf(ref);
     let session: DataPlaneSession;
     try {
@@ -716,10 +862,13 @@ export class Source {
         bandwidthBytesPerSecond: bw,
         windowBytes: WINDOW_BYTES,
         ...dataPlaneLiveness(ref.destinationDeadlineSeconds ?? DEFAULTS.destinationDeadlineSeconds),
+        writeAheadBytes,
         observer: this.deps.observer,
         onReconnectError: (err) => this.deps.log.warn({ migrationId: ref.migrationId, err: err.message }, 'data plane reconnect failed'),
       });
     } catch (err) {
+      // Only a connection that cannot be made is worth retrying; a refusal (a wrong secret, say) is an answer.
+      if (err instanceof DataPlaneError && !CONNECTION_ERRORS.has(err.code)) throw err;
       throw new DestinationUnreachable(`cannot open the data plane to ${ref.destinationAddress}: ${(err as Error).message}`);
     }
     let set = this.sessions.get(ref.migrationId);
@@ -753,6 +902,14 @@ function range(from: number, to: number): number[] {
   const out: number[] = [];
   for (let i = from; i < to; i++) out.push(i);
   return out;
+}
+
+/** Rejects with the signal's reason once it is aborted. */
+function abortedWith(signal: AbortSignal): Promise<never> {
+  return new Promise((_, reject) => {
+    if (signal.aborted) reject(signal.reason);
+    else signal.addEventListener('abort', () => reject(signal.reason), { once: true });
+  });
 }
 
 function isZero(buf: Buffer): boolean {

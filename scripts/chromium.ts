@@ -28,7 +28,7 @@ export function findChromium(env: NodeJS.ProcessEnv = process.env): string | nul
 }
 
 export const INSTALL_HINT =
-  'install Debian\'s Chromium (sudo apt-get install -y chromium), or set FERRY_CHROMIUM to a Chromium executable';
+  'install Debian\'s Chromium (sudo apt-get -o DPkg::Lock::Timeout=600 install -y chromium), or set FERRY_CHROMIUM to a Chromium executable';
 
 /** Flags for a headless Chromium in a container or CI runner (no sandbox, no GPU, small /dev/shm). */
 export const HEADLESS_FLAGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage', '--disable-background-networking'];

@@ -7,6 +7,10 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { Command, InvalidArgumentError } from 'commander';
 import { ensureTemporalCli, startDevServer, type LogFn } from './temporal-cli';
+import { setTimeout as sleep } from 'node:timers/promises';
+
+/** How long after the server ended a Ctrl-C of ours still counts as the reason. */
+const STOP_REQUEST_GRACE_MS = 500;
 
 export interface RunDevServerOptions {
   /** SQLite file; default ~/.local/share/ferry/temporal.db. */
@@ -64,11 +68,20 @@ export async function runDevServer(options: RunDevServerOptions = {}): Promise<v
   if (outcome === 'stop') {
     console.log('stopping Temporal dev server...');
     await server.stop();
-  } else if (outcome !== 0 && outcome !== null) {
-    // 0 or a signal: Ctrl-C in a terminal reaches the server too and may stop it before us.
-    throw new Error(`temporal server exited unexpectedly (code ${outcome})`);
+  } else {
+    // Ctrl-C in a terminal reaches the server too, and may stop it just before it reaches us.
+    const asked = await Promise.race([stopRequested.then(() => true), sleep(STOP_REQUEST_GRACE_MS).then(() => false)]);
+    if (!asked) throw new Error(unexpectedExit(server.pid, outcome, server.exitSignal(), dbFile));
   }
   console.log('Temporal dev server stopped');
+}
+
+/** A server that ended without being asked to: say how, and how to get it back. */
+function unexpectedExit(pid: number, code: number | null, signal: NodeJS.Signals | null, dbFile: string): string {
+  const how = signal
+    ? `was killed by ${signal}`
+    : `exited by itself with code ${code}${code === 0 ? ' (a SIGTERM or SIGINT from outside stops it that way)' : ''}`;
+  return `the Temporal dev server (pid ${pid}) ${how}: run \`ferry server\` again; its data is kept in ${dbFile}`;
 }
 
 async function provisionCli(log: LogFn): Promise<string> {

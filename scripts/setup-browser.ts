@@ -9,9 +9,13 @@ import { findChromium, INSTALL_HINT } from './chromium';
 
 const log = (line: string): void => void process.stderr.write(`[setup:browser] ${line}\n`);
 
+/** Another apt-get or dpkg holding the lock (an unattended upgrade, another job) is waited for, not failed on. */
+const DPKG_LOCK_TIMEOUT_S = 600;
+
 function aptGet(...args: string[]): boolean {
-  log(`apt-get ${args.join(' ')}`);
-  const r = spawnSync('apt-get', args, { stdio: ['ignore', 'inherit', 'inherit'], env: { ...process.env, DEBIAN_FRONTEND: 'noninteractive' } });
+  const argv = ['-o', `DPkg::Lock::Timeout=${DPKG_LOCK_TIMEOUT_S}`, ...args];
+  log(`apt-get ${argv.join(' ')}`);
+  const r = spawnSync('apt-get', argv, { stdio: ['ignore', 'inherit', 'inherit'], env: { ...process.env, DEBIAN_FRONTEND: 'noninteractive' } });
   return r.status === 0;
 }
 

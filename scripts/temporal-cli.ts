@@ -333,6 +333,8 @@ export interface DevServer {
   pid: number;
   /** Resolves with the exit code (or null if killed by a signal) when the server process ends. */
   exited: Promise<number | null>;
+  /** The signal that killed the server process, once it has ended (null: it exited, or still runs). */
+  exitSignal(): NodeJS.Signals | null;
   stop(): Promise<void>;
 }
 
@@ -372,8 +374,12 @@ async function startDevServerOnce(opts: DevServerOptions): Promise<DevServer> {
   const child = spawn(argv[0], argv.slice(1), { stdio: ['ignore', 'pipe', 'pipe'] });
   if (child.pid !== undefined) startOrphanWatchdog(child.pid);
   const tail = collectLines(child, opts.log ? (line) => opts.log?.(`temporal: ${line}`) : undefined, 40);
+  let signal: NodeJS.Signals | null = null;
   const exited = new Promise<number | null>((resolve) => {
-    child.once('exit', (code) => resolve(code));
+    child.once('exit', (code, killedBy) => {
+      signal = killedBy;
+      resolve(code);
+    });
     child.once('error', () => resolve(null));
   });
   const spawnError = new Promise<Error>((resolve) => child.once('error', resolve));
@@ -387,6 +393,7 @@ async function startDevServerOnce(opts: DevServerOptions): Promise<DevServer> {
     uiPort,
     pid: child.pid ?? -1,
     exited,
+    exitSignal: () => signal,
     stop: () => stopChild(child, exited),
   };
 

@@ -1,12 +1,14 @@
 // The per-host agent: a Temporal worker for the host's queue (activities), a workflow worker on the
 // shared queue, the data-plane endpoint, and the hypervisor driver for the VMs under its home.
 import { NativeConnection, Worker } from '@temporalio/worker';
+import { Client } from '@temporalio/client';
 import { promises as fs } from 'node:fs';
 import { createActivities } from '../activities';
 import { createControlActivities } from '../activities/control';
 import { listen } from '../dataplane';
 import { createDriver } from '../hypervisor';
-import { MIGRATION_TASK_QUEUE, hostTaskQueue } from '../common/types';
+import os from 'node:os';
+import { MIGRATION_TASK_QUEUE, agentIdentity, hostTaskQueue } from '../common/types';
 import { createLogger, withLogContext, type Logger } from '../common/log';
 import { Destination } from '../migration/destination';
 import { OwnershipStore } from '../migration/ownership';
@@ -14,6 +16,8 @@ import { Source } from '../migration/source';
 import type { AgentConfig } from './config';
 import { createAgentMetrics, serveMetrics, type AgentMetrics, type MetricsServer } from './metrics';
 import { logContextInterceptor } from '../activities/log-context';
+import { failureInterceptor } from '../activities/failures';
+import { Reconciler } from './reconcile';
 
 export interface RunningAgent {
   host: string;
@@ -39,9 +43,14 @@ export async function startAgent(config: AgentConfig, opts: AgentOptions = {}): 
   await fs.mkdir(config.home, { recursive: true });
   const driver = await createDriver(config.hypervisor, config.home, log);
   const ownership = new OwnershipStore(config.home);
-  const destination = new Destination({ driver, ownership, home: config.home, log });
-  await destination.recover();
-  const source = new Source({ driver, ownership, secret: config.dataSecret, tls: config.dataTls, log, home: config.home, observer: metrics.dataPlane('client') });
+  const destination = new Destination({ host: config.host, driver, ownership, home: config.home, log });
+  const source = new Source({ host: config.host, driver, ownership, secret: config.dataSecret, tls: config.dataTls, log, home: config.home, observer: metrics.dataPlane('client') });
+
+  // Before anything here is served or resumed: a copy an operator declared lost must never run again.
+  const connection = await NativeConnection.connect({ address: config.temporal.address, tls: config.temporal.tls, apiKey: config.temporal.apiKey });
+  const client = new Client({ connection, namespace: config.temporal.namespace });
+  const reconciler = new Reconciler({ host: config.host, home: config.home, client, destination, source, log });
+  await reconciler.start(config.reconcileSeconds * 1000);
 
   const server = await listen({
     host: config.dataListenHost,
@@ -62,18 +71,22 @@ export async function startAgent(config: AgentConfig, opts: AgentOptions = {}): 
   });
   const dataAddress = config.dataAdvertise ?? `${config.dataListenHost}:${server.port}`;
 
-  const connection = await NativeConnection.connect({ address: config.temporal.address, tls: config.temporal.tls, apiKey: config.temporal.apiKey });
   const activities = createActivities({ host: config.host, home: config.home, dataAddress, driver, ownership, source, destination, log, metrics, limits: config.limits });
+  const identity = agentIdentity(config.host, process.pid, os.hostname());
   const hostWorker = await Worker.create({
     connection,
+    identity,
     namespace: config.temporal.namespace,
     taskQueue: hostTaskQueue(config.host),
     activities,
-    interceptors: { activity: [logContextInterceptor] },
+    interceptors: { activity: [logContextInterceptor, failureInterceptor({ host: config.host, log })] },
     maxConcurrentActivityTaskExecutions: 64,
+    // Heartbeats carry the transfers' progress and rate samples: let them reach the server every second.
+    maxHeartbeatThrottleInterval: '1 second',
   });
   const workflowWorker = await Worker.create({
     connection,
+    identity,
     namespace: config.temporal.namespace,
     taskQueue: MIGRATION_TASK_QUEUE,
     activities: createControlActivities(),
@@ -104,6 +117,7 @@ export async function startAgent(config: AgentConfig, opts: AgentOptions = {}): 
         hostWorker.shutdown();
         workflowWorker.shutdown();
         await done.catch(() => undefined);
+        await reconciler.stop();
         await server.close();
         await metricsServer?.close();
         await connection.close();

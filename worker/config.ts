@@ -27,6 +27,8 @@ export interface AgentConfig {
   metricsListen: { host: string; port: number } | null;
   /** Migrations that may run at once touching this host (as source or destination), and cluster-wide. */
   limits: { host: number; cluster: number };
+  /** How often the agent reconciles its shells and leftovers with Temporal (worker/reconcile.ts). */
+  reconcileSeconds: number;
   /** A prebuilt workflow bundle (jest and the demo build it once for all agents). */
   workflowBundlePath: string | null;
   /** The hypervisor driver of this host's VMs. */
@@ -55,6 +57,7 @@ export interface AgentFlags {
   maxMigrations?: string;
   clusterMaxMigrations?: string;
   hypervisor?: string;
+  reconcileSeconds?: string;
 }
 
 export class ConfigError extends Error {}
@@ -138,6 +141,7 @@ export function loadAgentConfig(flags: AgentFlags, env: NodeJS.ProcessEnv = proc
     },
     metricsListen,
     limits,
+    reconcileSeconds: positiveInt(flags.reconcileSeconds ?? env.FERRY_RECONCILE_SECONDS, 60, '--reconcile-seconds', 'seconds'),
     workflowBundlePath: env.FERRY_WORKFLOW_BUNDLE ?? null,
     hypervisor: driverKind(flags.hypervisor ?? env.FERRY_HYPERVISOR ?? 'sim'),
   };
@@ -169,9 +173,9 @@ function metricsAddress(flags: AgentFlags, env: NodeJS.ProcessEnv): { host: stri
   return { host: '0.0.0.0', port: n };
 }
 
-function positiveInt(value: string | undefined, fallback: number, flag: string): number {
+function positiveInt(value: string | undefined, fallback: number, flag: string, unit = 'migrations'): number {
   if (value === undefined || value === '') return fallback;
   const n = Number(value);
-  if (!Number.isInteger(n) || n < 1) throw new ConfigError(`${flag} ${value}: expected a whole number of migrations, 1 or more`);
+  if (!Number.isInteger(n) || n < 1) throw new ConfigError(`${flag} ${value}: expected a whole number of ${unit}, 1 or more`);
   return n;
 }

@@ -25,6 +25,7 @@ export function workerCommand(): Command {
     .option('--metrics-listen <addr:port>', 'serve Prometheus metrics at http://ADDR:PORT/metrics; port 0 picks one (env FERRY_METRICS_LISTEN; default off)')
     .option('--metrics-port <port>', 'the same on all interfaces: --metrics-listen 0.0.0.0:PORT (env FERRY_METRICS_PORT)')
     .option('--max-migrations <n>', 'migrations that may run at once touching this host, as source or destination (env FERRY_MAX_MIGRATIONS; default 4)')
+    .option('--reconcile-seconds <n>', 'how often to remove orphaned shells and leftovers, checked against Temporal (env FERRY_RECONCILE_SECONDS; default 60)')
     .option('--cluster-max-migrations <n>', 'migrations that may run at once in the whole cluster; the latest asking agent\'s value applies (env FERRY_CLUSTER_MAX_MIGRATIONS; default 32)')
     .action(async (flags: AgentFlags) => {
       let config;

@@ -1,13 +1,24 @@
 // Messages of the migrateVm workflow, shared by the workflow, the client and the CLI.
 import { defineQuery, defineSignal, defineUpdate } from '@temporalio/workflow';
 import { SearchAttributeType, defineSearchAttributeKey } from '@temporalio/common';
-import type { MigrationProgress } from '../common/migration';
+import type { DestinationLostResolution, RetryState } from '../common/migration';
+import type { PublishedProgress } from '../common/progress';
 
-export const progressQuery = defineQuery<MigrationProgress>('progress');
+/** The workflow's progress and its track; clients show liveProgress() of it (common/progress.ts). */
+export const progressQuery = defineQuery<PublishedProgress>('progress');
 /** Abort before the commit point; refused (with the reason) after it. */
 export const abortUpdate = defineUpdate<{ accepted: true; phase: string }, [string]>('abort');
-export const approveCutoverSignal = defineSignal('approveCutover');
+/** Let a `cutover: manual` migration switch over; refused (with the reason) for any other. */
+export const approveCutoverUpdate = defineUpdate<{ accepted: true; phase: string }, []>('approveCutover');
+/**
+ * The operator's last word on a destination lost after the Final message left (the source waits,
+ * paused, for its answer): resume the source, and fence the lost host's copy for when it returns.
+ * Refused unless the migration waits for exactly that.
+ */
+export const resolveDestinationLostUpdate = defineUpdate<{ accepted: true; host: string; epoch: number }, [DestinationLostResolution]>('resolveDestinationLost');
 export const setBandwidthSignal = defineSignal<[number | null]>('setBandwidth');
+/** Sent by an agent when a step of the migration failed and is retried (activities/failures.ts). */
+export const stepRetryingSignal = defineSignal<[RetryState]>('stepRetrying');
 
 export const SearchAttributes = {
   vmId: defineSearchAttributeKey('FerryVmId', SearchAttributeType.KEYWORD),

@@ -1,4 +1,4 @@
 export { migrateVm } from './migrate-vm';
 export { hostCommand } from './host-command';
 export { admission } from './admission';
-export { fenceDestination } from './fence-destination';
+export { fenceDestination, revokeDestination } from './fence-destination';

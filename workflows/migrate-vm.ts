@@ -5,6 +5,7 @@ import {
   CancellationScope,
   ParentClosePolicy,
   TimeoutFailure,
+  allHandlersFinished,
   condition,
   isCancellation,
   log,
@@ -19,13 +20,35 @@ import {
   type ActivityOptions,
 } from '@temporalio/workflow';
 import type { Activities } from '../activities';
-import type { MigrationRef, SwitchoverResult } from '../migration/source';
-import { initialProgress, type MigrateVmInput, type MigrationPhase, type MigrationProgress, type MigrationReport } from '../common/migration';
+import type { MigrationRef, RollbackResult, SwitchoverResult } from '../migration/source';
+import {
+  SOURCE_STEPS,
+  formatRetry,
+  initialProgress,
+  type DestinationLostResolution,
+  type MigrateVmInput,
+  type MigrationPhase,
+  type MigrationProgress,
+  type MigrationReport,
+  type StepFailure,
+} from '../common/migration';
 import { hostTaskQueue } from '../common/types';
-import { CLUSTER_SCOPE, SearchAttributes, abortUpdate, approveCutoverSignal, hostScope, progressQuery, setBandwidthSignal } from './definitions';
+import { describeExit } from '../hypervisor/exit';
+import {
+  CLUSTER_SCOPE,
+  SearchAttributes,
+  abortUpdate,
+  approveCutoverUpdate,
+  hostScope,
+  progressQuery,
+  resolveDestinationLostUpdate,
+  setBandwidthSignal,
+  stepRetryingSignal,
+} from './definitions';
+import { displayPercent, recentSamples, type ProgressStage, type ProgressTrack } from '../common/progress';
 import { bandwidthError, validateInput } from './validate';
 import { Slots } from './slots';
-import { fenceDestination, fenceWorkflowId } from './fence-destination';
+import { fenceDestination, fenceWorkflowId, revokeDestination, revokeWorkflowId } from './fence-destination';
 
 const GiB = 1024 ** 3;
 /** Small VMs still get time for the orchestration itself. */
@@ -34,6 +57,14 @@ const MIN_COMPLETION_TIMEOUT_MS = 10 * 60_000;
 const FINAL_ROUNDS = 4;
 /** The downtime limit of a forced switchover (completion timeout, `onCompletionTimeout: switchover`). */
 const FORCED_DOWNTIME_MS = 3_600_000;
+/**
+ * How long a rollback waits for the destination to fence its epoch before it lets a background
+ * workflow go on trying: before the switchover the VM runs on the source, so nothing waits for it.
+ */
+const FENCE_WAIT_SECONDS = 15;
+const FENCE_WAIT = `${FENCE_WAIT_SECONDS} seconds`;
+/** A step that failed after the commit is tried again this often (the migration can only go forward). */
+const ROLL_FORWARD_RETRY = '30 seconds';
 const PRE_COMMIT: MigrationPhase[] = ['validating', 'waiting-for-slot', 'preparing', 'disk-precopy', 'disk-dirty-rounds', 'memory-precopy', 'awaiting-cutover', 'converging'];
 
 function hostActivities(host: string, deadlineSeconds: number) {
@@ -58,13 +89,18 @@ function hostActivities(host: string, deadlineSeconds: number) {
     heartbeatTimeout: '5 seconds',
     retry: { initialInterval: '500ms', maximumInterval: '30 seconds' },
   };
+  const fence: ActivityOptions = { ...quick, startToCloseTimeout: FENCE_WAIT, scheduleToCloseTimeout: FENCE_WAIT };
   return {
     quick: proxyActivities<Activities>(quick),
     transfer: proxyActivities<Activities>(transfer),
     rollForward: proxyActivities<Activities>(rollForward),
+    fence: proxyActivities<Activities>(fence),
     options: { quick, transfer, rollForward },
   };
 }
+
+/** The migration cannot go on because its VM's process died on the source: it fails, and says how the VM is left. */
+class SourceVmCrashed extends Error {}
 
 export async function migrateVm(input: MigrateVmInput): Promise<MigrationReport> {
   const slots = new Slots();
@@ -112,8 +148,18 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
   let bandwidth = cfg.bandwidthBytesPerSecond;
   let destination: string | null = null;
   let ref: MigrationRef | null = null;
-  let maxPercent = 0;
+  /** Set while the switchover waits for a destination that does not answer, after the Final message may have left. */
+  let lostDestination: { host: string; epoch: number } | null = null;
+  let resolution: MigrationReport['resolution'] | null = null;
   const progress: MigrationProgress = initialProgress(cfg.vmId, cfg.sourceHost, cfg.mode);
+  const track: ProgressTrack = {
+    plan: { diskBytes: 0, memoryBytes: 0, blockBytes: cfg.blockBytes, postcopy: cfg.mode === 'tpm' },
+    position: { stage: 'prepare', round: 0 },
+    staleBlocks: 0,
+    samples: [],
+    floor: 0,
+  };
+  let convergingRound = 0;
   const report: MigrationReport = {
     vmId: cfg.vmId,
     outcome: 'completed',
@@ -136,12 +182,54 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
     hypervisorDowntimeMs: null,
     throttled: false,
     diskPrecopyResumedFromBlock: 0,
+    blockBytes: cfg.blockBytes,
+    coldMigration: false,
   };
 
   let preCommitScope: CancellationScope | null = null;
 
-  setHandler(progressQuery, () => ({ ...progress, percent: maxPercent }));
-  setHandler(approveCutoverSignal, () => void (approved = true));
+  setHandler(progressQuery, () => ({ ...progress, percent: track.floor, track }));
+  setHandler(
+    approveCutoverUpdate,
+    () => {
+      approved = true;
+      return { accepted: true as const, phase };
+    },
+    {
+      validator: () => {
+        if (cfg.cutover !== 'manual') {
+          throw new Error(`migration of ${cfg.vmId} switches over on its own (cutover auto): there is nothing to approve; migrate with --cutover manual to approve the switchover by hand`);
+        }
+        if (committed || !PRE_COMMIT.includes(phase)) throw new Error(`migration of ${cfg.vmId} is in phase ${phase}: approve is possible only before the switchover`);
+      },
+    },
+  );
+  setHandler(stepRetryingSignal, (retry) => {
+    progress.retrying = retry;
+    showDetails();
+  });
+  setHandler(
+    resolveDestinationLostUpdate,
+    (r: DestinationLostResolution) => {
+      const lost = lostDestination!;
+      resolution = { reason: r.reason.trim(), by: r.by, host: lost.host, at: new Date(workflowNow()).toISOString() };
+      report.resolution = resolution;
+      upsertMemo({ resolution });
+      log.warn(`destination ${lost.host} declared lost by ${resolution.by}: ${resolution.reason}`, { vmId: cfg.vmId, migrationId, epoch: lost.epoch });
+      return { accepted: true as const, host: lost.host, epoch: lost.epoch };
+    },
+    {
+      validator: (r: DestinationLostResolution) => {
+        if (!lostDestination || resolution) {
+          throw new Error(
+            `migration of ${cfg.vmId} is in phase ${phase} and does not wait for a lost destination: --destination-lost applies only while the switchover waits for a destination that stopped answering after the Final message left`,
+          );
+        }
+        if (typeof r?.reason !== 'string' || r.reason.trim() === '') throw new Error('say why the destination is lost for good: --reason TEXT (for example "host powered off")');
+        if (typeof r.by !== 'string' || r.by === '') throw new Error('the resolution must name who decided (by)');
+      },
+    },
+  );
   setHandler(setBandwidthSignal, (bps) => {
     // A signal cannot be refused to its sender (FerryClient checks first): a bad value is dropped, never applied.
     const error = bandwidthError(bps);
@@ -154,14 +242,17 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
   setHandler(
     abortUpdate,
     async (reason) => {
+      const before = abortReason;
+      // Set first: the switchover may come back aborted before the cancellation's answer does.
+      abortReason = reason || 'aborted by operator';
       if (phase === 'memory-precopy') {
         // The stream runs inside the switchover activity: the source stops it unless the freeze began.
         const { cancelled } = await src.quick.cancelMachineState({ migrationId });
-        if (!cancelled && abortReason === null) {
+        if (!cancelled && before === null) {
+          abortReason = null;
           throw ApplicationFailure.nonRetryable(`migration of ${cfg.vmId}: the freeze has begun, it can only complete`, 'AbortRefused');
         }
       }
-      abortReason = reason || 'aborted by operator';
       preCommitScope?.cancel();
       return { accepted: true, phase };
     },
@@ -183,22 +274,44 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
     progress.phase = next;
     progress.message = message;
     upsertSearchAttributes([{ key: SearchAttributes.phase, value: next }]);
-    setCurrentDetails(`**${next}**: ${message}`);
     updatePercent();
     log.info(message, { phase: next, vmId: cfg.vmId, migrationId });
   }
 
-  function updatePercent(): void {
+  /** The Web UI's current details: the phase, what happens, and the step being retried (if one is). */
+  function showDetails(): void {
+    setCurrentDetails(`**${phase}**: ${progress.message}${progress.retrying ? `\n\n${formatRetry(progress.retrying)}` : ''}`);
+  }
+
+  /**
+   * A step ended (or the phase moved on): nothing is being retried now. Percent, rate and ETA come
+   * from the progress model (common/progress.ts): the workflow keeps its track.
+   */
+  function updatePercent(stepDone = 0): void {
+    progress.retrying = null;
+    showDetails();
     // The report counts every round, the switchover and the postcopy: the progress shows the same.
     progress.disk.sentBytes = report.diskBytesSent;
     progress.memory.sentBytes = report.memoryBytesSent;
-    const total = progress.disk.totalBytes + progress.memory.totalBytes;
-    const done = progress.disk.sentBytes + progress.memory.sentBytes;
-    const byBytes = total > 0 ? Math.min(0.9, done / (total * 1.1)) : 0;
-    const byPhase: Partial<Record<MigrationPhase, number>> = { switchover: 0.9, postcopy: 0.92, finalizing: 0.98, completed: 1 };
-    maxPercent = Math.max(maxPercent, Math.round(100 * Math.max(byBytes, byPhase[phase] ?? 0)));
-    const rate = progress.transferBytesPerSecond;
-    progress.etaSeconds = rate > 0 ? Math.round((progress.disk.remainingBytes + progress.memory.remainingBytes) / rate) : null;
+    track.floor = displayPercent(track.plan, { ...track.position, stepDone }, track.floor);
+  }
+
+  /** A transfer starts: the position moves, and the bytes so far are a rate sample. */
+  function stage(next: ProgressStage, round = 0): void {
+    track.position = { stage: next, round };
+    sample();
+    updatePercent();
+  }
+
+  /** A transfer finished: its step is done, and its bytes are a rate sample. */
+  function transferred(): void {
+    sample();
+    updatePercent(1);
+  }
+
+  function sample(): void {
+    const now = workflowNow();
+    track.samples = recentSamples([...track.samples, { atMs: now, bytes: report.diskBytesSent + report.memoryBytesSent }], now);
   }
 
   upsertSearchAttributes([
@@ -212,11 +325,13 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
   const sourceEpoch = vm.ownership!.epoch;
   /** A rollback gives the VM back the run state it had: a paused VM stays paused. */
   const wasRunning = vm.state !== 'paused';
+  report.coldMigration = !wasRunning;
   const epoch = sourceEpoch + 1;
   progress.epoch = epoch;
   report.epoch = epoch;
   progress.disk.totalBytes = vm.diskBytes;
   progress.memory.totalBytes = vm.memoryBytes;
+  track.plan = { ...track.plan, diskBytes: vm.diskBytes, memoryBytes: vm.memoryBytes };
   upsertMemo({ vm: cfg.vmId, source: cfg.sourceHost, candidates: cfg.destinationHosts.join(','), diskBytes: vm.diskBytes, memoryBytes: vm.memoryBytes, mode: cfg.mode });
 
   // Completion timeout: measured from the start, per GiB of disk and memory.
@@ -235,7 +350,7 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
   });
 
   /** Everything up to the commit point, against one destination. Throws to roll back. */
-  async function precopy(dest: string): Promise<SwitchoverResult> {
+  async function precopy(dest: string): Promise<SwitchoverResult | DestinationLost> {
     const dst = hostActivities(dest, cfg.destinationDeadlineSeconds);
     await slots.acquire(
       [
@@ -257,6 +372,7 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
     });
     report.incremental = prepared.incremental;
     report.incrementalFallbackReason = prepared.reason;
+    progress.incremental = { incremental: prepared.incremental, fallbackReason: prepared.reason ?? null };
     upsertSearchAttributes([{ key: SearchAttributes.incremental, value: prepared.incremental }]);
     upsertMemo({ incremental: prepared.incremental, incrementalFallbackReason: prepared.reason ?? null });
     if (prepared.reason) log.info(`full copy: ${prepared.reason}`, { vmId: cfg.vmId, migrationId });
@@ -265,12 +381,14 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
       vmId: cfg.vmId,
       epoch,
       destinationAddress: prepared.dataAddress,
+      destinationHost: dest,
       blockBytes: cfg.blockBytes,
       bandwidthBytesPerSecond: bandwidth,
       destinationDeadlineSeconds: cfg.destinationDeadlineSeconds,
     };
 
     setPhase('disk-precopy', `copying the ${prepared.incremental ? 'blocks written since the last migration' : 'disk'} of ${cfg.vmId} to ${dest}`);
+    stage('disk-first-pass');
     const full = await src.transfer.copyDiskFirstPass.executeWithOptions(
       { ...src.options.transfer, summary: prepared.incremental ? 'disk precopy: incremental pass (blocks written since)' : 'disk precopy: full pass' },
       [{ ref, incremental: prepared.incremental }],
@@ -278,8 +396,7 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
     report.skippedBlocks = full.skippedBlocks;
     report.diskBytesSent += full.bytes;
     report.diskPrecopyResumedFromBlock = full.resumedFromBlock;
-    progress.transferBytesPerSecond = full.durationMs > 0 ? Math.round((full.bytes / full.durationMs) * 1000) : 0;
-    updatePercent();
+    transferred();
 
     setPhase('disk-dirty-rounds', 'copying the blocks written during the full pass');
     let throttle = 0;
@@ -287,14 +404,15 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
     let stalls = 0;
     for (let round = 1; round <= cfg.convergence.maxRounds && !forceSwitchover; round++) {
       progress.round = round;
+      stage('disk-rounds', round);
       const r = await src.transfer.copyDiskDirty.executeWithOptions({ ...src.options.transfer, summary: `disk precopy round ${round}` }, [ref]);
-      report.diskRounds = round;
+      report.diskRounds++;
       report.diskBytesSent += r.bytes;
       progress.disk.dirtyBlocks = r.items;
       progress.disk.remainingBytes = r.items * cfg.blockBytes;
       progress.dirtyBytesPerSecond = r.durationMs > 0 ? Math.round((r.bytes / r.durationMs) * 1000) : 0;
       progress.message = `disk precopy round ${round}: ${r.items} blocks`;
-      updatePercent();
+      transferred();
       if (r.items <= cfg.convergence.dirtyBlockThreshold) break;
       stalls = r.items >= previous * 0.9 ? stalls + 1 : 0;
       previous = r.items;
@@ -311,12 +429,16 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
       setPhase('awaiting-cutover', `disk copied; waiting for approval to switch over to ${dest} (ferry approve ${cfg.vmId})`);
       await condition(() => approved || forceSwitchover, '5 seconds');
       if (!approved && !forceSwitchover) {
+        stage('converging', ++convergingRound);
         const r = await src.transfer.copyDiskDirty.executeWithOptions({ ...src.options.transfer, summary: 'disk round while awaiting cutover' }, [ref]);
+        report.diskRounds++;
         report.diskBytesSent += r.bytes;
+        transferred();
       }
     }
     if (cfg.cutover === 'manual') await converge(); // the set grew while it waited
     setPhase('memory-precopy', `copying the memory and device state of ${cfg.vmId}, then the freeze`);
+    stage('memory');
     const machine = { downtimeTargetMs: forceSwitchover ? FORCED_DOWNTIME_MS : cfg.downtimeTargetMs, autoConverge: cfg.convergence.onStall === 'throttle' };
     return CancellationScope.nonCancellable(() => switchover(dest, machine));
 
@@ -325,10 +447,12 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
       setPhase('converging', `last disk rounds before the freeze (${cfg.vmId} to ${dest})`);
       let lastDiskItems = Infinity;
       for (let round = 1; round <= FINAL_ROUNDS && !forceSwitchover; round++) {
+        stage('converging', ++convergingRound);
         const d = await src.transfer.copyDiskDirty.executeWithOptions({ ...src.options.transfer, summary: `disk: round ${round} before the freeze` }, [ref!]);
+        report.diskRounds++;
         report.diskBytesSent += d.bytes;
         progress.disk.dirtyBlocks = d.items;
-        updatePercent();
+        transferred();
         // In tpm mode stale blocks go to the postcopy, not into the freeze: once the set stops
         // halving, more rounds only send the same blocks again.
         if (d.items <= cfg.convergence.dirtyBlockThreshold || (cfg.mode === 'tpm' && d.items > lastDiskItems / 2)) break;
@@ -344,9 +468,10 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
 
   /**
    * The freeze-and-copy. It never gives up (it can only learn the outcome from the destination), but
-   * while the destination cannot be reached the workflow says so, instead of only retrying.
+   * while the destination cannot be reached the workflow says so, instead of only retrying; an
+   * operator may then declare the destination lost (ferry resolve).
    */
-  async function switchover(dest: string, machine: { downtimeTargetMs: number; autoConverge: boolean }) {
+  async function switchover(dest: string, machine: { downtimeTargetMs: number; autoConverge: boolean }): Promise<SwitchoverResult | DestinationLost> {
     const options: ActivityOptions = {
       ...src.options.rollForward,
       retry: { ...src.options.rollForward.retry, nonRetryableErrorTypes: ['DestinationUnreachable'] },
@@ -354,27 +479,52 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
     };
     for (;;) {
       try {
-        return await src.rollForward.switchover.executeWithOptions(options, [{ ref: ref!, mode: cfg.mode, ...machine }]);
+        const result = await src.rollForward.switchover.executeWithOptions(options, [{ ref: ref!, mode: cfg.mode, ...machine }]);
+        lostDestination = null;
+        return result;
       } catch (err) {
         const cause = (err as { cause?: unknown }).cause;
         if (!(cause instanceof ApplicationFailure && cause.type === 'DestinationUnreachable')) throw err;
-        progress.message = `waiting for destination ${dest} to answer (switchover of epoch ${epoch}): ${cause.message}`;
-        setCurrentDetails(progress.message);
+        lostDestination = { host: dest, epoch };
+        progress.message =
+          `waiting for destination ${dest} to answer (switchover of epoch ${epoch}): ${cause.message}. ` +
+          `Only if ${dest} is powered off or fenced for good: ferry resolve ${cfg.vmId} --destination-lost --reason TEXT`;
+        showDetails();
         log.warn(progress.message, { vmId: cfg.vmId, migrationId });
-        await sleep('10 seconds');
+        if (await condition(() => resolution !== null, '10 seconds')) return { outcome: 'destination-lost' };
       }
     }
   }
 
-  /** `final`: the migration ends rolled back (no other destination will be tried). */
-  async function rollBack(dest: string | null, reason: string, final: boolean): Promise<void> {
-    setPhase('rolling-back', `rolling back: ${reason}`);
+  /**
+   * The operator declared the destination lost: record the fence of its epoch (a workflow that runs
+   * until the lost host's agent destroyed its copy), and only then resume the source.
+   */
+  async function resumeAfterLoss(dest: string): Promise<void> {
+    const r = resolution!;
+    setPhase('rolling-back', `destination ${dest} declared lost by ${r.by} (${r.reason}): fencing its epoch ${epoch}, then resuming ${cfg.vmId} on ${cfg.sourceHost}`);
     await CancellationScope.nonCancellable(async () => {
+      await startChild(revokeDestination, {
+        workflowId: revokeWorkflowId(migrationId, dest),
+        args: [{ host: dest, migrationId, vmId: cfg.vmId, epoch, by: r.by, at: r.at, reason: r.reason }],
+        parentClosePolicy: ParentClosePolicy.ABANDON,
+      });
+      await untilDone('resuming the source', cfg.sourceHost, () => src.quick.resumeSourceAfterLoss({ ref: ref!, wasRunning, startedAtMs: startedAt }));
+    });
+  }
+
+  /** `final`: the migration ends rolled back (no other destination will be tried). */
+  async function rollBack(dest: string | null, reason: string, final: boolean): Promise<RollbackResult> {
+    setPhase('rolling-back', `rolling back: ${reason}`);
+    return CancellationScope.nonCancellable(async () => {
       if (dest) {
         const dst = hostActivities(dest, cfg.destinationDeadlineSeconds);
         // Fence first: the source resumes only once the destination can never run this epoch.
-        await dst.quick.abortDestination({ migrationId, vmId: cfg.vmId, epoch }).catch(async (err) => {
-          log.warn('could not reach the destination to fence it: the fence goes on in the background until it answers', { dest, err: String(err) });
+        await dst.fence.abortDestination({ migrationId, vmId: cfg.vmId, epoch }).catch(async (err) => {
+          log.warn(`could not fence destination ${dest} now (${stepFailure(err, { source: cfg.sourceHost, other: dest }, FENCE_WAIT_SECONDS).message}): the fence goes on in the background until it answers`, {
+            vmId: cfg.vmId,
+            migrationId,
+          });
           await startChild(fenceDestination, {
             workflowId: fenceWorkflowId(migrationId, dest),
             args: [{ host: dest, migrationId, vmId: cfg.vmId, epoch }],
@@ -382,76 +532,140 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
           });
         });
       }
-      for (;;) {
-        try {
-          await src.quick.rollbackSource({ ref, vmId: cfg.vmId, migrationId, wasRunning, final, startedAtMs: startedAt });
-          return;
-        } catch (err) {
-          // A paused source with an unreachable destination must wait: resuming could make two copies.
-          progress.message = `VM ${cfg.vmId} is paused on ${cfg.sourceHost}; waiting for destination ${dest} to confirm the abort: ${String(err)}`;
-          setCurrentDetails(progress.message);
-          await sleep('10 seconds');
-        }
-      }
+      // A stopped source with an unreachable destination waits (resuming could make two copies); the message says why.
+      return untilDone('rolling back', cfg.sourceHost, () => src.quick.rollbackSource({ ref, vmId: cfg.vmId, migrationId, wasRunning, final, startedAtMs: startedAt }));
     });
   }
 
-  for (const dest of cfg.destinationHosts) {
-    destination = dest;
-    progress.destinationHost = dest;
-    report.destinationHost = dest;
-    upsertSearchAttributes([{ key: SearchAttributes.destinationHost, value: dest }]);
-    preCommitScope = new CancellationScope();
-    if (abortReason !== null) preCommitScope.cancel(); // aborted while validating or between destinations
-    let sw: SwitchoverResult;
-    try {
-      sw = await preCommitScope.run(() => precopy(dest));
-    } catch (err) {
-      const reason = abortReason ?? failureMessage(err, dest, cfg.destinationDeadlineSeconds);
-      const final = abortReason !== null || isCancellation(err);
-      await rollBack(dest, reason, final);
-      if (final) return finish('rolled-back', reason);
-      report.failedDestinations.push({ host: dest, reason });
-      await releaseHostSlots();
-      continue;
+  /** A step that must happen: tried again every 10 s while it fails, saying why. */
+  async function untilDone<T>(what: string, host: string, fn: () => Promise<T>): Promise<T> {
+    for (;;) {
+      try {
+        return await fn();
+      } catch (err) {
+        progress.message = `${what}: ${stepFailure(err, { source: cfg.sourceHost, other: host }, cfg.destinationDeadlineSeconds).message} (trying again every 10 s)`;
+        showDetails();
+        log.warn(progress.message, { vmId: cfg.vmId, migrationId });
+        await sleep('10 seconds');
+      }
     }
-    preCommitScope = null;
-    report.memoryBytesSent += sw.memoryBytes;
-    report.diskBytesSent += sw.diskBytes;
-    if (sw.outcome === 'aborted') {
-      const final = abortReason !== null;
-      const reason = abortReason ?? sw.reason;
-      await rollBack(dest, reason, final);
-      if (final) return finish('rolled-back', reason);
-      report.failedDestinations.push({ host: dest, reason });
-      await releaseHostSlots();
-      continue;
-    }
-    committed = true;
-    report.hypervisorDowntimeMs = sw.hypervisorDowntimeMs;
-    report.memoryRounds = sw.memoryIterations;
-    report.throttled ||= sw.throttled;
-    const dst = hostActivities(dest, cfg.destinationDeadlineSeconds);
-
-    if (cfg.mode === 'tpm') {
-      setPhase('postcopy', `VM runs on ${dest}; pushing ${sw.staleBlocks} stale blocks from ${cfg.sourceHost}`);
-      const pc = await src.rollForward.postcopy.executeWithOptions({ ...src.options.rollForward, summary: `postcopy: ${sw.staleBlocks} stale blocks` }, [ref!]);
-      report.diskBytesSent += pc.bytes;
-    }
-    setPhase('finalizing', `releasing ${cfg.vmId} on ${cfg.sourceHost}`);
-    // Independent steps on two hosts: one round trip for both.
-    const [done] = await Promise.all([
-      dst.rollForward.finishDestination({ migrationId, vmId: cfg.vmId }),
-      src.rollForward.finalizeSource({ vmId: cfg.vmId, migrationId, blockBytes: cfg.blockBytes, startedAtMs: startedAt }),
-    ]);
-    report.downtimeMs = done.downtimeMs;
-    report.onDemandFetches = done.fetches;
-    report.postcopyMs = done.postcopyMs ?? 0;
-    report.staleWaits = done.staleWaits;
-    return finish('completed');
   }
-  await rollBack(null, 'no destination left', true);
-  return finish('rolled-back', `every destination failed: ${report.failedDestinations.map((f) => `${f.host}: ${f.reason}`).join('; ')}`);
+
+  /** After the commit there is no way back: a step that fails for good waits, says why, and is tried again. */
+  async function rollForward<T>(what: string, host: string, fn: () => Promise<T>): Promise<T> {
+    for (;;) {
+      try {
+        return await fn();
+      } catch (err) {
+        progress.message = `${what} waits: ${stepFailure(err, { source: cfg.sourceHost, other: host }, cfg.destinationDeadlineSeconds).message}. The VM runs on ${destination}; the step is tried again every 30 s`;
+        showDetails();
+        log.error(progress.message, { vmId: cfg.vmId, migrationId });
+        await sleep(ROLL_FORWARD_RETRY);
+      }
+    }
+  }
+
+  /**
+   * Before the commit `dest` failed: roll back from it. The report when the migration ends here
+   * (`final`), null when the next destination is to be tried; throws when the source VM died.
+   */
+  async function failedAt(dest: string, reason: string, final: boolean): Promise<MigrationReport | null> {
+    const rb = await rollBack(dest, reason, final);
+    if (rb.state === 'crashed' || rb.state === 'stopped') throw crashed(rb, dest, reason);
+    if (final) return finish('rolled-back', reason);
+    report.failedDestinations.push({ host: dest, reason });
+    await releaseHostSlots();
+    return null;
+  }
+
+  /** The source VM's process died: after the rollback, the migration fails and says how the VM is left. */
+  function crashed(rb: RollbackResult, dest: string | null, cause: string): SourceVmCrashed {
+    const how = rb.exit ? ` (${describeExit(rb.exit)})` : '';
+    const cleaned = dest ? `; destination ${dest} was fenced and its incoming VM removed` : '';
+    return new SourceVmCrashed(
+      `VM ${cfg.vmId} is ${rb.state} on ${cfg.sourceHost}${how}: its process ended during the migration (${cause})${cleaned}. Restarting it is your choice: ferry vm start ${cfg.vmId} --host ${cfg.sourceHost}`,
+    );
+  }
+
+  try {
+    for (const dest of cfg.destinationHosts) {
+      destination = dest;
+      progress.destinationHost = dest;
+      report.destinationHost = dest;
+      upsertSearchAttributes([{ key: SearchAttributes.destinationHost, value: dest }]);
+      preCommitScope = new CancellationScope();
+      if (abortReason !== null) preCommitScope.cancel(); // aborted while validating or between destinations
+      let sw: SwitchoverResult | DestinationLost;
+      try {
+        sw = await preCommitScope.run(() => precopy(dest));
+      } catch (err) {
+        const failure = stepFailure(err, { source: cfg.sourceHost, other: dest }, cfg.destinationDeadlineSeconds);
+        const reason = abortReason ?? failure.message;
+        // Another destination cannot help when the source is the problem (its VM died, its image fails).
+        const final = abortReason !== null || isCancellation(err) || failure.blame === 'source';
+        const ended = await failedAt(dest, reason, final);
+        if (ended) return ended;
+        continue;
+      }
+      preCommitScope = null;
+      if (sw.outcome === 'destination-lost') {
+        await resumeAfterLoss(dest);
+        const r = resolution!;
+        const reason = `destination ${dest} was declared lost by ${r.by} at ${r.at} (${r.reason}) after the Final message left; ${cfg.vmId} runs on ${cfg.sourceHost} again and ${dest}'s copy of epoch ${epoch} is revoked`;
+        report.failedDestinations.push({ host: dest, reason: `lost after the Final message left; declared lost by ${r.by}: ${r.reason}` });
+        return finish('rolled-back', reason);
+      }
+      report.memoryBytesSent += sw.memoryBytes;
+      report.diskBytesSent += sw.diskBytes;
+      if (sw.outcome === 'aborted') {
+        const final = abortReason !== null;
+        const reason = abortReason ?? sw.reason;
+        const ended = await failedAt(dest, reason, final);
+        if (ended) return ended;
+        continue;
+      }
+      committed = true;
+      report.hypervisorDowntimeMs = sw.hypervisorDowntimeMs;
+      report.memoryRounds = sw.memoryIterations;
+      report.throttled ||= sw.throttled;
+      track.staleBlocks = sw.staleBlocks;
+      transferred();
+      const dst = hostActivities(dest, cfg.destinationDeadlineSeconds);
+
+      if (cfg.mode === 'tpm') {
+        setPhase('postcopy', `VM runs on ${dest}; pushing ${sw.staleBlocks} stale blocks from ${cfg.sourceHost}`);
+        stage('postcopy');
+        const pc = await rollForward('the postcopy', cfg.sourceHost, () =>
+          src.rollForward.postcopy.executeWithOptions({ ...src.options.rollForward, summary: `postcopy: ${sw.staleBlocks} stale blocks` }, [ref!]),
+        );
+        report.diskBytesSent += pc.bytes;
+        transferred();
+      }
+      setPhase('finalizing', `releasing ${cfg.vmId} on ${cfg.sourceHost}`);
+      stage('finalize');
+      // Independent steps on two hosts: one round trip for both.
+      const [done] = await Promise.all([
+        rollForward('finishing on the destination', dest, () => dst.rollForward.finishDestination({ migrationId, vmId: cfg.vmId })),
+        rollForward('releasing the source', cfg.sourceHost, () => src.rollForward.finalizeSource({ vmId: cfg.vmId, migrationId, blockBytes: cfg.blockBytes, startedAtMs: startedAt })),
+      ]);
+      report.downtimeMs = done.downtimeMs;
+      report.onDemandFetches = done.fetches;
+      report.postcopyMs = done.postcopyMs ?? 0;
+      report.staleWaits = done.staleWaits;
+      return finish('completed');
+    }
+    const rb = await rollBack(null, 'no destination left', true);
+    const reason = `every destination failed: ${report.failedDestinations.map((f) => `${f.host}: ${f.reason}`).join('; ')}`;
+    if (rb.state === 'crashed' || rb.state === 'stopped') throw crashed(rb, null, reason);
+    return finish('rolled-back', reason);
+  } catch (err) {
+    if (!(err instanceof SourceVmCrashed)) throw err;
+    setPhase('failed', err.message);
+    upsertSearchAttributes([{ key: SearchAttributes.outcome, value: 'failed' }]);
+    upsertMemo({ outcome: 'failed', reason: err.message });
+    const details: StepFailure = { host: cfg.sourceHost, blame: 'source' };
+    throw ApplicationFailure.create({ message: err.message, type: 'VmCrashed', nonRetryable: true, details: [details] });
+  }
 
   /** Host slots go back before the next destination is tried, so that hosts are always taken in order. */
   function releaseHostSlots(): Promise<void> {
@@ -464,10 +678,12 @@ async function migrate(input: MigrateVmInput, slots: Slots): Promise<MigrationRe
     report.reason = reason;
     report.totalMs = workflowNow() - startedAt;
     if (outcome === 'rolled-back') report.destinationHost = null;
+    if (outcome === 'completed') track.position = { stage: 'done', round: 0 };
     setPhase(outcome, outcome === 'completed' ? `VM ${cfg.vmId} runs on ${destination} (epoch ${epoch})` : `rolled back: ${reason}`);
-    updatePercent();
     upsertSearchAttributes([{ key: SearchAttributes.outcome, value: outcome }]);
     upsertMemo({ outcome, reason: reason ?? null, downtimeMs: report.downtimeMs, totalMs: report.totalMs, destination: report.destinationHost });
+    // An abort that stopped the stream may still wait for its activity's answer: it gets its reply.
+    await condition(allHandlersFinished);
     return report;
   }
 }
@@ -478,12 +694,23 @@ function workflowNow(): number {
   return Date.now();
 }
 
-function failureMessage(err: unknown, host: string, deadlineSeconds: number): string {
-  if (err instanceof ApplicationFailure) return err.message;
-  const e = err as { cause?: unknown; message?: string };
+/** The switchover stopped for good: an operator declared the destination lost (ferry resolve). */
+interface DestinationLost {
+  outcome: 'destination-lost';
+}
+
+/**
+ * What a failed step says and whose problem it is (the agents classify their errors: activities/failures.ts).
+ * A step that timed out is named by the host it runs on: the source for source steps, else `other`.
+ */
+function stepFailure(err: unknown, hosts: { source: string; other: string }, deadlineSeconds: number): { message: string; blame: StepFailure['blame'] } {
+  if (err instanceof ApplicationFailure) return { message: err.message, blame: (err.details?.[0] as StepFailure | undefined)?.blame ?? null };
+  const e = err as { cause?: unknown; message?: string; activityType?: string };
   if (e?.cause instanceof TimeoutFailure) {
-    return `host ${host} did not answer on task queue ${hostTaskQueue(host)} within ${deadlineSeconds} s: is its agent running (ferry worker --host ${host})?`;
+    const host = e.activityType !== undefined && SOURCE_STEPS.includes(e.activityType) ? hosts.source : hosts.other;
+    return { message: `host ${host} did not answer on task queue ${hostTaskQueue(host)} within ${deadlineSeconds} s: is its agent running (ferry worker --host ${host})?`, blame: null };
   }
+  if (e?.cause instanceof ApplicationFailure) return { message: e.cause.message, blame: (e.cause.details?.[0] as StepFailure | undefined)?.blame ?? null };
   const cause = e?.cause as { message?: string } | undefined;
-  return cause?.message ?? e?.message ?? String(err);
+  return { message: cause?.message ?? e?.message ?? String(err), blame: null };
 }

@@ -1,4 +1,4 @@
-// `ferry abort`, `ferry approve`, `ferry bandwidth`: steer a running migration.
+// `ferry abort`, `ferry approve`, `ferry resolve`, `ferry bandwidth`: steer a running migration.
 import { Command } from 'commander';
 import { formatBytes } from './progress-view';
 import { EXIT, ferryAction, printJson, vmIdArg, withConnectionFlags } from './common';
@@ -30,11 +30,37 @@ export function abortCommand(): Command {
 
 export function approveCommand(): Command {
   return withConnectionFlags(
-    new Command('approve').description('approve the switchover of a migration started with --cutover manual').argument('<vm>', 'VM id', vmIdArg),
+    new Command('approve')
+      .description('approve the switchover of a migration started with --cutover manual (refused, with the reason, for any other)')
+      .argument('<vm>', 'VM id', vmIdArg),
   ).action(
     ferryAction(async (ferry, vmId: string) => {
-      await ferry.getMigration(vmId).approveCutover();
-      process.stdout.write(`switchover of ${vmId} approved\n`);
+      const { phase } = await ferry.getMigration(vmId).approveCutover();
+      process.stdout.write(`switchover of ${vmId} approved (phase ${phase})\n`);
+    }),
+  );
+}
+
+export function resolveCommand(): Command {
+  return withConnectionFlags(
+    new Command('resolve')
+      .description(
+        'give the last word on a migration that waits for a lost destination: --destination-lost resumes the VM on its source and ' +
+          "fences the lost host's copy. DANGER: only when that host is known to be powered off or fenced (see README, Resolving a lost destination)",
+      )
+      .argument('<vm>', 'VM id', vmIdArg)
+      .requiredOption('--destination-lost', 'the destination that stopped answering after the Final message left is gone for good')
+      .requiredOption('--reason <text>', 'why you know it is gone (recorded in the workflow history with who and when)')
+      .option('--json', 'print JSON'),
+  ).action(
+    ferryAction(async (ferry, vmId: string, f: { reason: string; json?: boolean }) => {
+      const r = await ferry.getMigration(vmId).resolveDestinationLost(f.reason);
+      if (f.json) printJson({ vmId, ...r });
+      else {
+        process.stdout.write(
+          `destination ${r.host} of ${vmId} declared lost (epoch ${r.epoch} fenced there); the VM resumes on its source (ferry status ${vmId} --follow)\n`,
+        );
+      }
     }),
   );
 }

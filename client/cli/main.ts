@@ -4,7 +4,7 @@ import { basesCommand } from './bases';
 import { Command, CommanderError } from 'commander';
 import { workerCommand } from '../../worker/main';
 import { exitCodeFor } from './common';
-import { abortCommand, approveCommand, bandwidthCommand } from './control';
+import { abortCommand, approveCommand, bandwidthCommand, resolveCommand } from './control';
 import { listCommand, migrateCommand, statusCommand } from './migrate';
 import { serverCommand } from './server';
 import { slotsCommand } from './slots';
@@ -17,7 +17,8 @@ Exit codes:
   2    bad flags or arguments
   3    the migration rolled back: the VM runs on its source
   4    refused, nothing changed: invalid input, VM already migrating, unknown VM or
-       migration, host without an agent, abort past the commit point
+       migration, host without an agent, abort past the commit point, approve of an
+       automatic cutover, resolve of a migration that does not wait for a lost host
   130  interrupted: Ctrl-C stops watching, the migration goes on
 
 Client commands connect with --address, --namespace, --api-key, --tls, --tls-cert,
@@ -43,6 +44,7 @@ const program = new Command('ferry')
   .addCommand(listCommand())
   .addCommand(abortCommand())
   .addCommand(approveCommand())
+  .addCommand(resolveCommand())
   .addCommand(bandwidthCommand())
   .addCommand(slotsCommand())
   .addHelpText('after', EPILOG);
@@ -63,7 +65,9 @@ process.stdout.on('error', (err: NodeJS.ErrnoException) => {
   throw err;
 });
 
-program.parseAsync(process.argv).catch((err: unknown) => {
+// Exit once the command is done: after Ctrl-C while the server is away, the SDK would otherwise retry
+// its calls on a closed connection (and throw from a timer).
+program.parseAsync(process.argv).then(() => process.exit(), (err: unknown) => {
   // commander has printed its own errors (and the help) already
   if (!(err instanceof CommanderError)) process.stderr.write(`ferry: ${err instanceof Error ? err.message : String(err)}\n`);
   process.exit(exitCodeFor(err));

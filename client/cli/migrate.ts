@@ -1,16 +1,13 @@
 // `ferry migrate`, `ferry status` and `ferry list`: start, watch and find migrations.
 import { Command, InvalidArgumentError, Option } from 'commander';
-import type { MigrateVmInput, MigrationPhase, MigrationProgress, MigrationReport } from '../../common/migration';
+import { Connection } from '@temporalio/client';
+import { MIGRATION_PHASES, formatRetry, type MigrateVmInput, type MigrationPhase, type MigrationProgress, type MigrationReport } from '../../common/migration';
 import type { FerryClient, MigrationHandle, MigrationState } from '../ferry-client';
-import { FerryRequestError } from '../errors';
-import { followMigration, formatBytes, formatReport } from './progress-view';
+import { FerryRequestError, isTemporalUnavailable } from '../errors';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { followMigration, formatBytes, formatRate, formatReport, incrementalLine } from './progress-view';
 import { EXIT, ferryAction, hostArg, printJson, table, vmIdArg, withConnectionFlags } from './common';
 import { parseRate, parseSize } from './units';
-
-const PHASES: MigrationPhase[] = [
-  'validating', 'waiting-for-slot', 'preparing', 'disk-precopy', 'disk-dirty-rounds', 'memory-precopy', 'awaiting-cutover',
-  'switchover', 'postcopy', 'finalizing', 'rolling-back', 'completed', 'rolled-back', 'failed',
-];
 
 interface MigrateFlags {
   to: string[];
@@ -26,8 +23,9 @@ interface MigrateFlags {
 }
 
 function hostList(text: string): string[] {
-  const hosts = text.split(',').map((h) => h.trim()).filter(Boolean);
-  if (hosts.length === 0) throw new InvalidArgumentError('name at least one destination host');
+  const hosts = text.split(',').map((h) => h.trim());
+  if (hosts.every((h) => h === '')) throw new InvalidArgumentError('name at least one destination host');
+  if (hosts.includes('')) throw new InvalidArgumentError(`${JSON.stringify(text)} has an empty host name: separate the hosts with single commas, e.g. beta,gamma`);
   return hosts.map(hostArg);
 }
 
@@ -48,19 +46,66 @@ function onInterrupt(): { signal: AbortSignal; dispose(): void } {
 /**
  * Wait for the end of a migration, with a progress bar on stderr unless `quiet`. Resolves with the
  * report, or null when Ctrl-C stopped the watching (the migration goes on); rejects with the failure.
+ * While the Temporal server does not answer it says so and keeps trying.
  */
 async function waitForEnd(handle: MigrationHandle, quiet: boolean | undefined): Promise<MigrationReport | null> {
   const interrupt = onInterrupt();
+  const server = watchServer(handle, interrupt.signal);
   try {
     const aborted = new Promise<never>((_, reject) => interrupt.signal.addEventListener('abort', () => reject(interrupt.signal.reason as Error), { once: true }));
-    return quiet ? await Promise.race([handle.result(), aborted]) : await followMigration(handle, { signal: interrupt.signal });
+    for (;;) {
+      try {
+        return quiet ? await Promise.race([handle.result(), aborted]) : await followMigration(handle, { signal: interrupt.signal });
+      } catch (err) {
+        if (!isTemporalUnavailable(err)) throw err;
+        await Promise.race([server.answering(), aborted]);
+      }
+    }
   } catch (err) {
     if (!(err instanceof Detached)) throw err;
     process.stderr.write(`\nferry: stopped watching; the migration of ${handle.vmId} goes on (ferry status ${handle.vmId} --follow, ferry abort ${handle.vmId})\n`);
     return null;
   } finally {
+    server.stop();
     interrupt.dispose();
   }
+}
+
+const SERVER_CHECK_MS = 2000;
+const SERVER_DEADLINE_MS = 5000;
+
+/** Asks the Temporal server about the workflow every few seconds, and says when it stops and starts answering. */
+function watchServer(handle: MigrationHandle, signal: AbortSignal): { answering(): Promise<void>; stop(): void } {
+  const { connection } = handle.workflow.client;
+  const who = connection instanceof Connection ? `the Temporal server at ${connection.options.address}` : 'the Temporal server';
+  let lost = false;
+  let back: (() => void)[] = [];
+  let stopped = false;
+  void (async () => {
+    while (!stopped && !signal.aborted) {
+      try {
+        await connection.withDeadline(Date.now() + SERVER_DEADLINE_MS, () => handle.workflow.describe());
+        if (lost) process.stderr.write(`\nferry: ${who} answers again; following ${handle.vmId}\n`);
+        lost = false;
+        back.splice(0).forEach((resolve) => resolve());
+      } catch (err) {
+        if (isTemporalUnavailable(err) && !lost) {
+          lost = true;
+          process.stderr.write(
+            `\nferry: lost ${who} (${(err as Error).message}); trying again every ${SERVER_CHECK_MS / 1000} s until it answers (Ctrl-C stops watching; the migration goes on)\n`,
+          );
+        }
+      }
+      await sleep(SERVER_CHECK_MS);
+    }
+  })();
+  return {
+    answering: () => (lost ? new Promise<void>((resolve) => back.push(resolve)) : sleep(SERVER_CHECK_MS)),
+    stop: () => {
+      stopped = true;
+      back = [];
+    },
+  };
 }
 
 /** Wait for the end, print the report (JSON or text) and return the exit code. */
@@ -86,8 +131,10 @@ function describeProgress(p: MigrationProgress): string {
   return [
     `${p.vmId}: ${p.phase}, ${p.percent}%  (${route}, ${p.mode}${p.epoch !== null ? `, epoch ${p.epoch}` : ''}${p.round ? `, round ${p.round}` : ''})`,
     `  disk ${formatBytes(p.disk.totalBytes)} (sent ${formatBytes(p.disk.sentBytes)}), memory ${formatBytes(p.memory.totalBytes)} (sent ${formatBytes(p.memory.sentBytes)}), ` +
-      `${formatBytes(p.transferBytesPerSecond)}/s, dirty ${p.disk.dirtyBlocks} blocks ${p.memory.dirtyPages} pages, ETA ${p.etaSeconds === null ? '-' : `${p.etaSeconds}s`}`,
+      `${formatRate(p.transferBytesPerSecond)}, dirty ${p.disk.dirtyBlocks} blocks ${p.memory.dirtyPages} pages, ETA ${p.etaSeconds === null ? '-' : `${p.etaSeconds}s`}`,
     `  ${p.message}`,
+    ...(p.incremental ? [`  ${incrementalLine(p.incremental.incremental, p.incremental.fallbackReason)}`] : []),
+    ...(p.retrying ? [`  ${formatRetry(p.retrying)}`] : []),
   ].join('\n');
 }
 
@@ -104,6 +151,8 @@ function printState(s: MigrationState): void {
     process.stdout.write(`${s.vmId}: ${s.error.refused ? 'refused' : s.status.toLowerCase()}: ${s.error.message}\n`);
   } else if (s.progress) {
     process.stdout.write(`${describeProgress(s.progress)}\n`);
+  } else if (s.progressUnavailable) {
+    process.stdout.write(`${s.vmId}: ${s.status.toLowerCase()}${s.phase ? `, ${s.phase} when Temporal last recorded it` : ''}; no progress: ${s.progressUnavailable}\n`);
   } else {
     process.stdout.write(`${s.vmId}: ${s.status.toLowerCase()} (workflow ${s.workflowId}, no progress yet)\n`);
   }
@@ -185,7 +234,7 @@ export function listCommand(): Command {
       .option('--vm <vm>', 'only this VM')
       .option('--from <host>', 'only from this source host')
       .option('--to <host>', 'only to this destination host')
-      .addOption(new Option('--phase <phase>', 'only in this phase').choices(PHASES))
+      .addOption(new Option('--phase <phase>', 'only in this phase').choices(MIGRATION_PHASES))
       .option('--running', 'only running migrations')
       .option('--limit <n>', 'at most this many', (v) => {
         const n = Number(v);

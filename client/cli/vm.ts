@@ -1,9 +1,9 @@
-// `ferry vm create|list|inspect|start|destroy`: VMs of the simulated hypervisor, through a host's agent.
+// `ferry vm create|list|inspect|start|pause|resume|verify|destroy`: VMs of the simulated hypervisor, through a host's agent.
 import { Command, Option } from 'commander';
 import type { VmSummary } from '../../activities';
-import { PAGE_BYTES, SECTOR_BYTES, WORKLOADS, type Workload } from '../../common/types';
+import { DEFAULT_OPS_PER_SECOND, PAGE_BYTES, SECTOR_BYTES, WORKLOADS, type Workload } from '../../common/types';
 import { formatBytes } from './progress-view';
-import { ferryAction, hostArg, printJson, table, vmIdArg, withConnectionFlags } from './common';
+import { EXIT, ferryAction, hostArg, printJson, table, vmIdArg, withConnectionFlags } from './common';
 import { parseCount, sizeMultipleOf } from './units';
 
 interface CreateFlags {
@@ -17,13 +17,26 @@ interface CreateFlags {
   json?: boolean;
 }
 
+const WORKLOAD_HELP = [
+  'guest workload: idle (a timer tick, one page dirty), memhog (stamps memory all over),',
+  'seqwrite (256 KiB sequential writes), randwrite (4 KiB random writes), mixed (70% reads',
+  'in a drifting 4 MiB window), readmostly (95% reads of a 1 MiB hot set)',
+].join(' ');
+const RATE_HELP = `guest operations per second, 0 = as fast as it can (default by workload: ${WORKLOADS.map((w) => `${w} ${DEFAULT_OPS_PER_SECOND[w]}`).join(', ')})`;
+
 function ownership(s: VmSummary): string {
   return s.ownership ? `${s.ownership.state}@${s.ownership.epoch}` : '-';
 }
 
+/** The run state, and how a dead VM's process ended ("crashed (SIGKILL)"). */
+function runState(s: VmSummary): string {
+  if (!s.exit || s.state !== 'crashed') return s.state;
+  return `crashed (${s.exit.signal ?? (s.exit.code !== null ? `exit ${s.exit.code}` : 'exit unknown')})`;
+}
+
 function describe(s: VmSummary): string {
   return [
-    `${s.vmId} on ${s.host}: ${s.state}${s.pid ? ` (pid ${s.pid})` : ''}, ownership ${ownership(s)}`,
+    `${s.vmId} on ${s.host}: ${runState(s)}${s.pid ? ` (pid ${s.pid})` : ''}, ownership ${ownership(s)}`,
     `  disk ${formatBytes(s.diskBytes)}, memory ${formatBytes(s.memoryBytes)}, workload ${s.workload} (seed ${s.seed}, ${s.opsPerSecond || 'unlimited'} ops/s)`,
     `  runs under ${s.accel}${s.exit ? `; last exit: ${s.exit.signal ? `signal ${s.exit.signal}` : `status ${s.exit.code ?? 'unknown'}`} at ${s.exit.at}` : ''}`,
     s.guest
@@ -43,9 +56,9 @@ export function vmCommand(): Command {
         .requiredOption('--host <host>', 'host whose agent creates the VM', hostArg)
         .requiredOption('--disk <size>', 'disk size, a whole number of 512-byte sectors (e.g. 1GiB)', sizeMultipleOf(SECTOR_BYTES, '512-byte sectors'))
         .requiredOption('--memory <size>', 'memory size, a whole number of 4 KiB pages (e.g. 256MiB)', sizeMultipleOf(PAGE_BYTES, '4 KiB pages'))
-        .addOption(new Option('--workload <name>', 'guest workload').choices(WORKLOADS).makeOptionMandatory())
+        .addOption(new Option('--workload <name>', WORKLOAD_HELP).choices(WORKLOADS).makeOptionMandatory())
         .option('--seed <n>', 'seed of the deterministic workload (default 1)', parseCount('--seed'))
-        .option('--ops-per-second <n>', 'guest operations per second, 0 = as fast as it can (default 0)', parseCount('--ops-per-second'))
+        .option('--ops-per-second <n>', RATE_HELP, parseCount('--ops-per-second'))
         .option('--fill', 'write every block once before the workload starts')
         .option('--json', 'print the VM as JSON'),
     ).action(
@@ -73,7 +86,9 @@ export function vmCommand(): Command {
         const vms = await ferry.hostCommand(f.host, 'vmList');
         if (f.json) return printJson(vms);
         if (vms.length === 0) return void process.stdout.write(`no VMs on ${f.host}\n`);
-        const rows = vms.map((s) => [s.vmId, s.state, ownership(s), formatBytes(s.diskBytes), formatBytes(s.memoryBytes), s.workload, s.guest ? String(s.guest.ops) : '-']);
+        // A VM whose process is gone has no guest counters: its state says what happened, not OPS 0.
+        const live = (v: VmSummary) => v.pid !== null && v.guest !== null;
+        const rows = vms.map((v) => [v.vmId, runState(v), ownership(v), formatBytes(v.diskBytes), formatBytes(v.memoryBytes), v.workload, live(v) ? String(v.guest!.ops) : '-']);
         process.stdout.write(`${table(['VM', 'STATE', 'OWNERSHIP', 'DISK', 'MEMORY', 'WORKLOAD', 'OPS'], rows)}\n`);
       }),
     ),
@@ -107,6 +122,47 @@ export function vmCommand(): Command {
         const s = await ferry.hostCommand(f.host, 'vmStart', { vmId });
         if (f.json) printJson(s);
         else process.stdout.write(`started ${describe(s)}\n`);
+      }),
+    ),
+  );
+
+  for (const [name, command, done] of [
+    ['pause', 'vmPause', 'paused'],
+    ['resume', 'vmResume', 'resumed'],
+  ] as const) {
+    vm.addCommand(
+      withConnectionFlags(
+        new Command(name)
+          .description(name === 'pause' ? 'pause the guest (a migration of a paused VM moves it paused: a cold migration)' : 'let a paused guest run again')
+          .argument('<vm>', 'VM id', vmIdArg)
+          .requiredOption('--host <host>', 'host the VM is on', hostArg)
+          .option('--json', 'print JSON'),
+      ).action(
+        ferryAction(async (ferry, vmId: string, f: { host: string; json?: boolean }) => {
+          const s = await ferry.hostCommand(f.host, command, { vmId });
+          if (f.json) printJson(s);
+          else process.stdout.write(`${done} ${describe(s)}\n`);
+        }),
+      ),
+    );
+  }
+
+  vm.addCommand(
+    withConnectionFlags(
+      new Command('verify')
+        .description("check the VM's data where it runs (simulator: the guest runs on to an operation count and halts, then disk and memory are compared with a reference run that never migrated); exit 1 on a violation")
+        .argument('<vm>', 'VM id', vmIdArg)
+        .requiredOption('--host <host>', 'host the VM runs on', hostArg)
+        .option('--json', 'print JSON'),
+    ).action(
+      ferryAction(async (ferry, vmId: string, f: { host: string; json?: boolean }) => {
+        const r = await ferry.hostCommand(f.host, 'vmVerify', { vmId });
+        if (f.json) printJson(r);
+        else {
+          const verdict = r.violations === 0 ? 'data correct' : `${r.violations} violation(s)`;
+          process.stdout.write(`${vmId} on ${f.host}: ${verdict} (${r.checked} blocks checked)\n  ${r.method}${r.details ? `\n  ${r.details}` : ''}\n`);
+        }
+        return r.violations === 0 ? EXIT.ok : EXIT.error;
       }),
     ),
   );

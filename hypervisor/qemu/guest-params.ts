@@ -1,11 +1,11 @@
 // The kernel command line that tells Ferry's guest program what to run (guest/PROTOCOL.md,
 // "Parameters").
-import type { Workload } from '../../common/types';
+import { WORKLOADS, type Workload } from '../../common/types';
 import { MAX_GUEST_SEED } from './guest-content';
 
-/** The simulator's workloads plus memhog (dirties memory pages, no disk I/O). */
-export type GuestWorkload = Workload | 'memhog';
-export const GUEST_WORKLOADS: readonly GuestWorkload[] = ['idle', 'seqwrite', 'randwrite', 'mixed', 'readmostly', 'memhog'];
+/** The simulator's workloads, memhog included (it dirties memory pages, no disk I/O). */
+export type GuestWorkload = Workload;
+export const GUEST_WORKLOADS: readonly GuestWorkload[] = WORKLOADS;
 /** ops/s a workload runs at when no rate is given (seqwrite: 256 KiB per op; memhog: one page per op). */
 export const DEFAULT_GUEST_RATES: Readonly<Record<GuestWorkload, number>> = {
   idle: 0,

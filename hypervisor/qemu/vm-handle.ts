@@ -104,7 +104,13 @@ export class QemuVmHandle implements VmHandle {
   private throttle = 0;
 
   async pause(): Promise<void> {
+    const { status } = await this.qmp.execute<{ status: string }>('query-status');
+    if (status === 'inmigrate' || (status === 'prelaunch' && this.config().incoming)) {
+      throw new HypervisorError('InvalidState', `pause: VM ${this.vmId} is incoming and has no guest to pause before its machine-state stream is loaded`);
+    }
     await this.qmp.execute('stop');
+    // A loaded incoming VM that stays paused (a cold migration): it is this host's VM from now on.
+    if (this.config().incoming) this.setConfig({ incoming: false });
   }
 
   async resume(): Promise<void> {

@@ -4,7 +4,8 @@
 //
 // Memory layout: bytes [0, 4*blocks) hold the guest's version table (uint32 LE per 4 KiB guest block),
 // so the table migrates with the memory; the data area (from the next page on) receives 16 bytes per
-// operation at a pseudo-random place, so memory gets dirtied like a real guest's.
+// operation at a pseudo-random place, so memory gets dirtied like a real guest's. The idle guest only
+// ticks: its stamp always lands in the first slot of the data area (one dirty page).
 import { constants as bufferConstants } from 'node:buffer';
 import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
@@ -216,6 +217,7 @@ export class Guest {
     op.first = 0;
     switch (this.spec.workload) {
       case 'idle':
+      case 'memhog':
         op.kind = OpKind.Memory;
         op.count = 0;
         break;
@@ -302,7 +304,8 @@ export class Guest {
 
   private stampMemory(op: GuestOp): void {
     const slots = Math.floor(this.layout.dataBytes / MEM_STAMP_BYTES);
-    const at = this.layout.dataOffset + (op.r3 % slots) * MEM_STAMP_BYTES;
+    const slot = this.spec.workload === 'idle' ? 0 : op.r3 % slots;
+    const at = this.layout.dataOffset + slot * MEM_STAMP_BYTES;
     const m = this.memory;
     m.writeUInt32LE(op.index >>> 0, at);
     m.writeUInt32LE(Math.floor(op.index / 0x1_0000_0000) >>> 0, at + 4);

@@ -14,6 +14,10 @@ import { VmPaths, writeFileAtomic, type SavedRun, type VmConfig } from './vm-fil
 
 /** The guest runs ops in a synchronous slice this long, then yields so the control socket stays responsive. */
 const SLICE_MS = 1.5;
+/** A guest without a rate measures its pace over stretches of running this long... */
+const PACE_SAMPLE_MS = 250;
+/** ...and keeps this much of the last measure in the next (a moving average). */
+const PACE_SMOOTHING = 0.5;
 const MAX_LOGGED_VIOLATIONS = 20;
 /** While the guest runs, the probe's heartbeat is at most this old (ms). */
 const HEARTBEAT_MS = 2;
@@ -78,6 +82,9 @@ export class Machine {
   private scheduled = false;
   private rateBaseAt = 0;
   private rateBaseOps = 0;
+  /** A guest without a rate: its pace while unthrottled (ops/s), which a throttle cuts; where its measure began. */
+  private freePace: number | null = null;
+  private paceMark: { atMs: number; ops: number } | null = null;
   private loggedViolations = 0;
   private stopping = false;
 
@@ -218,6 +225,7 @@ export class Machine {
   private rebaseRate(): void {
     this.rateBaseAt = nowMs();
     this.rateBaseOps = this.guest.ops;
+    this.paceMark = null; // a pause or a throttle change is not part of the pace
   }
 
   private schedule(delayMs: number): void {
@@ -234,7 +242,11 @@ export class Machine {
     const start = nowMs();
     this.beat();
     let budget = Number.POSITIVE_INFINITY;
-    const rate = guest.opsPerSecond;
+    // Throttles (the disk's and the stream's auto-converge): the guest keeps (1 - throttle) of its rate,
+    // or, without one, of the pace it had unthrottled (until that is measured it runs free).
+    const throttle = this.effectiveThrottle();
+    const measuring = guest.opsPerSecond === 0 && (throttle === 0 || this.freePace === null);
+    const rate = measuring ? 0 : (guest.opsPerSecond || (this.freePace as number)) * (1 - throttle);
     if (rate > 0) {
       const due = this.rateBaseOps + Math.floor(((start - this.rateBaseAt) * rate) / 1000);
       if (due - guest.ops > Math.max(1, rate * 0.2)) {
@@ -261,9 +273,19 @@ export class Machine {
       now = nowMs();
       if (now - start >= SLICE_MS) break;
     }
-    const throttle = this.effectiveThrottle();
-    if (throttle > 0) this.schedule(((now - start) * throttle) / (1 - throttle));
-    else this.schedule(0);
+    if (measuring) this.measurePace(now);
+    this.schedule(0);
+  }
+
+  private measurePace(now: number): void {
+    const mark = this.paceMark;
+    if (!mark) {
+      this.paceMark = { atMs: now, ops: this.guest.ops };
+    } else if (now - mark.atMs >= PACE_SAMPLE_MS) {
+      const pace = ((this.guest.ops - mark.ops) * 1000) / (now - mark.atMs);
+      this.freePace = this.freePace === null ? pace : PACE_SMOOTHING * this.freePace + (1 - PACE_SMOOTHING) * pace;
+      this.paceMark = { atMs: now, ops: this.guest.ops };
+    }
   }
 
   /** haltAt stays set: it is part of the CPU state, so a halted guest stays halted wherever it moves. */
@@ -470,7 +492,13 @@ export class Machine {
     c.set('query-status', () => ({ ret: this.status() }));
 
     c.set('pause', () => {
-      this.requireState('pause', ['running', 'paused', 'halted'], 'an incoming VM has no guest to pause yet');
+      if (this.state === 'incoming' && this.cpuLoaded) {
+        // A loaded incoming VM that stays paused (a cold migration): it is this host's VM from now on.
+        this.config = { ...this.config, incoming: false };
+        writeFileAtomic(this.paths.config, JSON.stringify(this.config, null, 2));
+      } else {
+        this.requireState('pause', ['running', 'paused', 'halted'], 'an incoming VM has no guest to pause before its machine-state stream is loaded');
+      }
       this.setState('paused');
       return { ret: { ops: this.guest.ops } };
     });

@@ -14,7 +14,8 @@ import { fillDisk, parseCpuState, validateSpec } from './guest';
 import { verifyAgainstReference } from './verify';
 import { SimVmHandle, toVmStatus } from './vm-handle';
 import { VmPaths, controlSocketPath, isVmProcessAlive, readJson, readPid, writeFileAtomic, type SavedRun, type VmConfig } from './vm-files';
-import { CrashWatch, describeExit } from '../crash-watch';
+import { CrashWatch } from '../crash-watch';
+import { describeExit } from '../exit';
 import { setTimeout as sleep } from 'node:timers/promises';
 
 export type SimLogger = Pick<Logger, 'info' | 'warn' | 'debug'>;
@@ -144,34 +145,42 @@ export class SimDriver implements HypervisorDriver {
     if (fs.existsSync(p.config)) {
       throw new HypervisorError('VmExists', `VM ${spec.vmId} already exists under ${this.home}: destroy it first or pick another id`);
     }
+    const newDir = !fs.existsSync(p.dir);
     await fsp.mkdir(p.bitmaps, { recursive: true });
     const hasDisk = fs.existsSync(p.disk);
-    if (opts.reuseDisk) {
-      if (!hasDisk) throw new HypervisorError('InvalidArgument', `reuseDisk: no kept disk at ${p.disk}: create without reuseDisk`);
-      const { size } = await fsp.stat(p.disk);
-      if (size !== spec.diskBytes) {
-        throw new HypervisorError('InvalidArgument', `reuseDisk: the kept disk is ${size} bytes, the spec says ${spec.diskBytes}: destroy it and create afresh`);
+    try {
+      if (opts.reuseDisk) {
+        if (!hasDisk) throw new HypervisorError('InvalidArgument', `reuseDisk: no kept disk at ${p.disk}: create without reuseDisk`);
+        const { size } = await fsp.stat(p.disk);
+        if (size !== spec.diskBytes) {
+          throw new HypervisorError('InvalidArgument', `reuseDisk: the kept disk is ${size} bytes, the spec says ${spec.diskBytes}: destroy it and create afresh`);
+        }
+      } else {
+        if (hasDisk) {
+          throw new HypervisorError(
+            'VmExists',
+            `a kept disk of VM ${spec.vmId} exists at ${p.disk}: pass reuseDisk: true to build on it, or destroy(${spec.vmId}) to delete it`,
+          );
+        }
+        const file = await fsp.open(p.disk, 'wx');
+        try {
+          await file.truncate(spec.diskBytes);
+          if (spec.fill && !opts.incoming) await fillDisk(file, spec);
+          await file.sync();
+        } finally {
+          await file.close();
+        }
       }
-    } else {
-      if (hasDisk) {
-        throw new HypervisorError(
-          'VmExists',
-          `a kept disk of VM ${spec.vmId} exists at ${p.disk}: pass reuseDisk: true to build on it, or destroy(${spec.vmId}) to delete it`,
-        );
-      }
-      const file = await fsp.open(p.disk, 'wx');
-      try {
-        await file.truncate(spec.diskBytes);
-        if (spec.fill && !opts.incoming) await fillDisk(file, spec);
-        await file.sync();
-      } finally {
-        await file.close();
-      }
+      const config: VmConfig = { spec: { ...spec }, incoming: opts.incoming ?? false, createdAt: new Date().toISOString() };
+      writeFileAtomic(p.config, JSON.stringify(config, null, 2));
+      this.log?.info({ vmId: spec.vmId, incoming: config.incoming, diskBytes: spec.diskBytes }, 'VM created');
+      return this.stoppedStatus(p, config);
+    } catch (e) {
+      // Half a VM is no VM: remove what this call wrote (a kept disk it was asked to build on stays).
+      if (newDir) await fsp.rm(p.dir, { recursive: true, force: true });
+      else if (!hasDisk) await fsp.rm(p.disk, { force: true });
+      throw e;
     }
-    const config: VmConfig = { spec: { ...spec }, incoming: opts.incoming ?? false, createdAt: new Date().toISOString() };
-    writeFileAtomic(p.config, JSON.stringify(config, null, 2));
-    this.log?.info({ vmId: spec.vmId, incoming: config.incoming, diskBytes: spec.diskBytes }, 'VM created');
-    return this.stoppedStatus(p, config);
   }
 
   async start(vm: VmId, opts: SimStartOptions = {}): Promise<SimVmHandle> {
@@ -338,7 +347,6 @@ export class SimDriver implements HypervisorDriver {
     };
   }
 }
-
 
 async function waitForExit(pid: number, dir: string, timeoutMs: number): Promise<boolean> {
   const deadline = Date.now() + timeoutMs;

@@ -147,7 +147,8 @@ export class OutgoingMigration {
         const dirty = log.dirtyCount * PAGE_BYTES;
         this.remainingBytes = dirty;
         this.dirtyBytesPerSecond = Math.round(dirty / seconds);
-        this.expectedDowntimeMs = bandwidth > 0 ? (dirty / bandwidth) * 1000 : null;
+        // Nothing dirty (a paused or idle guest) costs nothing to send, whatever the bandwidth seen.
+        this.expectedDowntimeMs = dirty === 0 ? 0 : bandwidth > 0 ? (dirty / bandwidth) * 1000 : null;
         if (this.limits.downtimeLimitMs > 0 && this.expectedDowntimeMs !== null && this.expectedDowntimeMs <= this.limits.downtimeLimitMs) break;
         if (this.limits.autoConverge && this.iterations >= 2 && dirty > sent / 2) {
           this.cpuThrottle = this.cpuThrottle === 0 ? THROTTLE_INITIAL : Math.min(THROTTLE_MAX, this.cpuThrottle + THROTTLE_STEP);

@@ -4,6 +4,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import type { VmSpec } from '../driver';
 import { socketPath } from '../socket-path';
+import { tempFileFor } from '../../common/durable-file';
 
 export interface VmConfig {
   spec: VmSpec;
@@ -56,15 +57,20 @@ export class VmPaths {
 
 /** Write-to-temp, fsync, rename, fsync the directory: the file is either old or new after a crash. */
 export function writeFileAtomic(file: string, data: string | Buffer): void {
-  const tmp = `${file}.tmp-${process.pid}`;
-  const fd = fs.openSync(tmp, 'w');
+  const tmp = tempFileFor(file);
   try {
-    fs.writeFileSync(fd, data);
-    fs.fsyncSync(fd);
-  } finally {
-    fs.closeSync(fd);
+    const fd = fs.openSync(tmp, 'w');
+    try {
+      fs.writeFileSync(fd, data);
+      fs.fsyncSync(fd);
+    } finally {
+      fs.closeSync(fd);
+    }
+    fs.renameSync(tmp, file);
+  } catch (e) {
+    fs.rmSync(tmp, { force: true });
+    throw e;
   }
-  fs.renameSync(tmp, file);
   const dfd = fs.openSync(path.dirname(file), 'r');
   try {
     fs.fsyncSync(dfd);

@@ -54,6 +54,10 @@ it('bench --quick writes a summary with every field, as numbers', async () => {
     ];
     for (const p of numeric) expect([p, typeof at(p)]).toEqual([p, 'number']);
     expect(typeof at('heavy_writer.completed')).toBe('boolean');
+    const rounds = at('heavy_writer.guest_rounds') as { blocks: number; ops_per_second: number | null; throttle: number | null }[];
+    expect(rounds.length).toBeGreaterThan(0);
+    expect(rounds.every((r) => typeof r.blocks === 'number' && typeof r.throttle === 'number')).toBe(true);
+    expect(rounds.some((r) => typeof r.ops_per_second === 'number')).toBe(true);
     expect(out.runs.length).toBeGreaterThan(0);
   } finally {
     await fs.rm(dir, { recursive: true, force: true });

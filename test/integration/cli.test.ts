@@ -1,12 +1,17 @@
 // The `ferry` CLI as people and scripts run it: a child process against the test server and real agents.
-import { startCluster, testVm, uniqueHosts } from '../support/cluster';
-import { ferry as runFerry, inBatches, type Run } from '../support/cli';
+import { startCluster, testVm, uniqueHosts, waitForProgress } from '../support/cluster';
+import { ferry as runFerry, inBatches, startFerry, type Run } from '../support/cli';
 import type { LocalCluster } from '../../harness/cluster';
 import type { FerryClient } from '../../client/ferry-client';
 import type { MigrationReport } from '../../common/migration';
 import { migrationQuery } from '../../client/ferry-client';
 import { resolveConnection } from '../../client/connection';
 import { parseRate, parseSize } from '../../client/cli/units';
+import { DEFAULT_OPS_PER_SECOND } from '../../common/types';
+import { promises as fs } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { freePort } from '../../scripts/temporal-cli';
 
 jest.setTimeout(120_000);
 
@@ -48,7 +53,10 @@ describe('parsing, in process', () => {
 });
 
 describe('without a server', () => {
-  const commands = [[], ['server'], ['worker'], ['vm'], ['vm', 'create'], ['vm', 'list'], ['vm', 'inspect'], ['vm', 'destroy'], ['migrate'], ['status'], ['list'], ['abort'], ['approve'], ['bandwidth']];
+  const commands = [
+    [], ['server'], ['worker'], ['vm'], ['vm', 'create'], ['vm', 'list'], ['vm', 'inspect'], ['vm', 'pause'], ['vm', 'resume'], ['vm', 'verify'], ['vm', 'destroy'],
+    ['migrate'], ['status'], ['list'], ['abort'], ['approve'], ['resolve'], ['bandwidth'],
+  ];
 
   it('--help works for every command', async () => {
     const runs = await inBatches(commands, (c) => ferry(...c, '--help'));
@@ -70,6 +78,8 @@ describe('without a server', () => {
       [['vm', 'create', 'x', '--disk', '1MiB', '--memory', '8MiB', '--workload', 'idle'], /required option '--host <host>'/],
       [['migrate', 'x', '--from', 'a', '--to', 'b', '--bandwidth', 'fast'], /expected a rate such as 100MiB\/s/],
       [['migrate', 'x', '--from', 'a', '--to', 'B!'], /invalid host name "B!"/],
+      [['migrate', 'x', '--from', 'a', '--to', 'alpha,'], /"alpha," has an empty host name: separate the hosts with single commas/],
+      [['migrate', 'x', '--from', 'a', '--to', 'alpha,,beta'], /empty host name/],
       [['migrate', 'x', '--from', 'a', '--to', 'b', '--mode', 'warp'], /Allowed choices are tpm, precopy/],
       [['frobnicate'], /unknown command 'frobnicate'/],
     ];
@@ -80,6 +90,21 @@ describe('without a server', () => {
       expect(run.stderr).toMatch(/^ferry: /);
       expect(run.stderr).toMatch(message);
     });
+  });
+
+  it.each(['SIGKILL', 'SIGTERM'] as const)('ferry server whose Temporal server gets %s says so and exits 1', async (signal) => {
+    const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'ferry-cli-server-'));
+    const run = startFerry(['server', '--db', path.join(dir, 't.db'), '--port', String(await freePort()), '--headless']);
+    try {
+      const [, pid] = await run.waitFor('stdout', /Temporal dev server \(pid (\d+)\)[\s\S]*Press Ctrl-C/);
+      process.kill(Number(pid), signal);
+      expect(await run.exited).toBe(1);
+      expect(run.stderr()).toMatch(signal === 'SIGKILL' ? /the Temporal dev server \(pid \d+\) was killed by SIGKILL: run `ferry server` again/ : /exited by itself with code 0/);
+      expect(run.stdout()).not.toContain('Temporal dev server stopped');
+    } finally {
+      run.child.kill('SIGKILL');
+      await fs.rm(dir, { recursive: true, force: true });
+    }
   });
 
   it('says how to fix an unreachable server', async () => {
@@ -120,6 +145,19 @@ describe('against real agents', () => {
     const again = await ferry('vm', 'create', vm.vmId, '--host', A, '--disk', '32MiB', '--memory', '8MiB', '--workload', 'idle');
     expect(again.code).toBe(4);
     expect(again.stderr).toMatch(new RegExp(`already exists on host ${A}`));
+  });
+
+  it('creates a VM at its workload\'s default rate when --ops-per-second is not given', async () => {
+    for (const workload of ['idle', 'randwrite'] as const) {
+      const id = `${vm.vmId}-rate-${workload}`;
+      const created = await ferry('vm', 'create', id, '--host', A, '--disk', '1MiB', '--memory', '1MiB', '--workload', workload, '--json');
+      expect(exitOf(created)).toBe(0);
+      expect(json(created)).toMatchObject({ vmId: id, workload, opsPerSecond: DEFAULT_OPS_PER_SECOND[workload] });
+      expect(exitOf(await ferry('vm', 'destroy', id, '--host', A))).toBe(0);
+    }
+    expect(DEFAULT_OPS_PER_SECOND.idle).toBeGreaterThan(0);
+    const help = await ferry('vm', 'create', '--help');
+    expect(help.stdout.replace(/\s+/g, ' ')).toContain(`default by workload: idle ${DEFAULT_OPS_PER_SECOND.idle}, memhog 0,`);
   });
 
   it('migrates with --wait --json, then status and list show it', async () => {
@@ -176,6 +214,29 @@ describe('against real agents', () => {
     expect(status.stderr).toMatch(/no migration of VM never-migrated-\d+ found/);
   });
 
+  it('status answers within a bounded wait when the agent holding the workflow is stopped, naming its host', async () => {
+    const other = testVm('idle', { diskBytes: 1024 * 1024, memoryBytes: 1024 * 1024, opsPerSecond: 10 });
+    await client.hostCommand(A, 'vmCreate', other);
+    const handle = await client.migrate({ vmId: other.vmId, sourceHost: A, destinationHosts: [B], cutover: 'manual' });
+    await waitForProgress(handle, 'awaiting-cutover', (p) => p.phase === 'awaiting-cutover');
+    // Both agents run a workflow worker: stopped, neither can answer the progress query.
+    const pids = [A, B].map((h) => cluster.agents.get(h)!.process.pid!);
+    for (const pid of pids) process.kill(pid, 'SIGSTOP');
+    let status: Run;
+    try {
+      status = await ferry('status', other.vmId, '--json');
+    } finally {
+      for (const pid of pids) process.kill(pid, 'SIGCONT');
+    }
+    expect(exitOf(status)).toBe(0);
+    const state = json<{ status: string; phase: string; progress: unknown; progressUnavailable: string }>(status);
+    expect(state).toMatchObject({ status: 'RUNNING', phase: 'awaiting-cutover', progress: null });
+    expect(state.progressUnavailable).toMatch(new RegExp(`^host (${A}|${B}) does not answer: it holds the migration's workflow and did not answer within 5 s \\(is \`ferry worker --host (${A}|${B})\` running, and not stopped\\?\\)`));
+    await handle.abort('test done');
+    expect((await handle.result()).outcome).toBe('rolled-back');
+    await client.hostCommand(A, 'vmDestroy', { vmId: other.vmId });
+  });
+
   it('switches over a --cutover manual migration once approved', async () => {
     expect(exitOf(await ferry('migrate', vm.vmId, '--from', A, '--to', B, '--cutover', 'manual'))).toBe(0);
     let phase = '';
@@ -217,9 +278,14 @@ describe('against real agents', () => {
     expect(late.stderr).toMatch(/no running migration of VM/);
   });
 
-  it('destroys the VM', async () => {
+  it('destroys the VM, and nothing of it stays on the host', async () => {
+    const named = async (dir: string): Promise<string[]> =>
+      (await fs.readdir(dir, { recursive: true })).filter((f) => f.includes(vm.vmId)).sort();
+    // It has run on B since a migration: B tracks its writes for the next incremental one.
+    expect(await named(cluster.home(B))).toContain(path.join('im', `${vm.vmId}.json`));
     const run = await ferry('vm', 'destroy', vm.vmId, '--host', B);
     expect(exitOf(run)).toBe(0);
+    expect(await named(cluster.home(B))).toEqual([]);
     const gone = await ferry('vm', 'inspect', vm.vmId, '--host', B);
     expect(gone.code).toBe(4);
     expect(gone.stderr).toMatch(new RegExp(`does not exist on host ${B}`));

@@ -581,3 +581,79 @@ describe('data plane', () => {
     await expectCode(session.send({ type: MSG_BLOCK, meta: {}, data: Buffer.alloc(1) }), 'disconnected');
   });
 });
+
+describe('urgent messages', () => {
+  /** A server that records the order in which it applied messages (meta.i), taking `applyMs` for each. */
+  async function orderedServer(applyMs = 0): Promise<{ server: DataPlaneServer; order: number[] }> {
+    const order: number[] = [];
+    const server = await startServer({
+      accept: async () => ({
+        onMessage: async (_s, msg) => {
+          if (applyMs > 0) await new Promise((r) => setTimeout(r, applyMs));
+          order.push(msg.meta.i as number);
+        },
+      }),
+    });
+    return { server, order };
+  }
+
+  /** Queues `n` bulk messages without waiting for the window (their promises are returned). */
+  function queueBulk(session: DataPlaneSession, n: number, bytes = BLOCK): Promise<void>[] {
+    const sends: Promise<void>[] = [];
+    for (let i = 0; i < n; i++) sends.push(session.send({ type: MSG_BLOCK, meta: { i }, data: randomBytes(bytes) }));
+    return sends;
+  }
+
+  it('12) an urgent message overtakes the bulk queued in the window and the bandwidth limiter, which still holds the rate', async () => {
+    const { server, order } = await orderedServer();
+    const session = await startClient(server.port, { bandwidthBytesPerSecond: 1024 * 1024, windowBytes: 16 * 1024 * 1024 });
+    const t0 = performance.now();
+    const bulk = queueBulk(session, 24); // 1.5 MiB: about 1.5 s at 1 MiB/s
+    await new Promise((r) => setTimeout(r, 100));
+    await session.send({ type: MSG_BLOCK, meta: { i: -1 }, data: randomBytes(BLOCK) }, { urgent: true });
+    await Promise.all(bulk);
+    await session.flush();
+    // Behind the urgent message: only what was already written (one frame, and one in the limiter's debt).
+    expect(order.indexOf(-1)).toBeLessThanOrEqual(3);
+    expect(order.filter((i) => i >= 0)).toEqual([...Array(24).keys()]);
+    // The urgent bytes were charged: 25 blocks at 1 MiB/s take about 1.5 s (burst allowances aside).
+    expect(performance.now() - t0).toBeGreaterThanOrEqual(1000);
+  });
+
+  it('13) with write-ahead, an urgent message waits only for what was written, not for the whole window', async () => {
+    const { server, order } = await orderedServer(3);
+    const session = await startClient(server.port, { windowBytes: 16 * 1024 * 1024, writeAheadBytes: 4 * BLOCK });
+    const bulk = queueBulk(session, 120);
+    await new Promise((r) => setTimeout(r, 30));
+    const before = order.length;
+    await session.send({ type: MSG_BLOCK, meta: { i: -1 }, data: randomBytes(BLOCK) }, { urgent: true });
+    await Promise.all(bulk);
+    await session.flush();
+    expect(order.indexOf(-1) - before).toBeLessThanOrEqual(6);
+    expect(order.filter((i) => i >= 0)).toEqual([...Array(120).keys()]);
+  });
+
+  it('14) urgent messages past a full window and across reconnects: every message applied exactly once', async () => {
+    const image = sourceImage(600);
+    const { target, handler } = fileTarget('t14.img', image);
+    const server = await startServer({ accept: async () => handler });
+    const proxy = new FaultProxy(server.port);
+    await proxy.start();
+    proxy.cutAt = 12 * 1024 * 1024;
+    const session = await startClient(proxy.port, { windowBytes: 512 * 1024, writeAheadBytes: 256 * 1024 });
+    const sends: Promise<void>[] = [];
+    for (let off = 0; off < image.length; off += BLOCK) {
+      const msg = { type: MSG_BLOCK, meta: { offset: off }, data: image.subarray(off, off + BLOCK) };
+      // Every 5th block urgent, sent without waiting: it must not wait for the (full) window.
+      if ((off / BLOCK) % 5 === 0) sends.push(session.send(msg, { urgent: true }));
+      else await session.send(msg);
+    }
+    await Promise.all(sends);
+    await session.flush();
+    expect(session.stats.reconnects).toBeGreaterThanOrEqual(1);
+    expect(targetHash(target, image.length)).toBe(sha256(image));
+    expect(target.applied).toBe(600);
+    expect([...target.appliedOffsets.values()].every((n) => n === 1)).toBe(true);
+    expect(session.stats.inFlight).toBe(0);
+  });
+});

@@ -81,8 +81,8 @@ describe('abort', () => {
 });
 
 describe('postcopy', () => {
-  it('serves guest reads of stale blocks by on-demand fetch, with correct data', async () => {
-    const vm = testVm('mixed', { opsPerSecond: 4000, memoryBytes: 2 * 1024 * 1024 });
+  /** A migration whose link drops to `bandwidth` before the memory precopy: its postcopy push crawls. */
+  async function slowPostcopy(vm: TestVm, bandwidth: number) {
     await t.ferry.hostCommand(a, 'vmCreate', vm);
     const handle = await t.ferry.migrate({
       vmId: vm.vmId,
@@ -91,15 +91,34 @@ describe('postcopy', () => {
       convergence: { maxRounds: 1, dirtyBlockThreshold: 1_000_000 },
       downtimeTargetMs: 10_000, // one memory round is enough: the slow part is the postcopy
     });
-    // Live bandwidth change: the postcopy push crawls, so the guest must fetch what it reads.
     await waitForPhase(handle, ['memory-precopy']);
-    await handle.setBandwidth(2 * 1024 * 1024);
+    await handle.setBandwidth(bandwidth); // live: the guest must fetch what it reads
     const report = await handle.result();
     expect(report).toMatchObject({ outcome: 'completed' });
+    return { report, dest: await t.ferry.hostCommand(b, 'vmInspect', { vmId: vm.vmId }) };
+  }
+
+  it('serves guest reads of stale blocks by on-demand fetch, with correct data', async () => {
+    const vm = testVm('mixed', { opsPerSecond: 4000, memoryBytes: 2 * 1024 * 1024 });
+    const { report } = await slowPostcopy(vm, 2 * 1024 * 1024);
     expect(report.onDemandFetches).toBeGreaterThan(0);
     expect(report.staleWaits.waits).toBeGreaterThan(0);
     expect(report.staleWaits.longestWaitMs).toBeGreaterThan(0);
     expect(report.staleWaits.totalWaitMs).toBeGreaterThanOrEqual(report.staleWaits.longestWaitMs);
+    await expectGuestCorrect(b, vm);
+  });
+
+  it('at 1 MiB/s serves every stale read of the guest long before the push would reach its block', async () => {
+    const vm = testVm('mixed', { opsPerSecond: 2000, memoryBytes: 2 * 1024 * 1024 });
+    const { report, dest } = await slowPostcopy(vm, 1024 * 1024);
+    // The push of the stale blocks took seconds at 1 MiB/s, and the guest read stale blocks meanwhile.
+    expect(report.postcopyMs).toBeGreaterThan(3000);
+    expect(report.staleWaits.waits).toBeGreaterThan(5);
+    expect(report.onDemandFetches).toBeGreaterThan(5);
+    // A stale read waits a few round trips, not for the push; and the guest's longest gap between two
+    // operations is its downtime (the last pages cross the slow link in the freeze) or such a wait.
+    expect(report.staleWaits.longestWaitMs).toBeLessThan(report.postcopyMs / 4);
+    expect(dest.guest!.maxGapMs).toBeLessThan(Math.max((report.downtimeMs ?? 0) + 1, report.postcopyMs / 4));
     await expectGuestCorrect(b, vm);
   });
 });

@@ -1,33 +1,19 @@
 // The Temporal server is killed (SIGKILL) in the middle of a migration and started again on the same
 // SQLite file: the workflow continues from its history and completes with correct data.
-import os from 'node:os';
-import path from 'node:path';
-import { promises as fs } from 'node:fs';
-import { ensureTemporalCli, startDevServer, freePort, type DevServer } from '../../scripts/temporal-cli';
-import { LocalCluster } from '../../harness/cluster';
-import { FerryClient } from '../../client/ferry-client';
+import { OwnServer } from '../support/own-server';
 import { testVm, expectGuestCorrect } from '../support/cluster';
 
 jest.setTimeout(300_000);
 
-let dir: string;
-let server: DevServer | null = null;
-let cluster: LocalCluster | null = null;
+let own: OwnServer | null = null;
 
 afterAll(async () => {
-  await cluster?.stop();
-  await server?.stop();
-  if (dir) await fs.rm(dir, { recursive: true, force: true });
+  await own?.stop();
 });
 
 it('a migration survives a kill -9 and restart of the Temporal server', async () => {
-  dir = await fs.mkdtemp(path.join(os.tmpdir(), 'ferry-restart-'));
-  const cli = await ensureTemporalCli();
-  const dbFile = path.join(dir, 'temporal.db');
-  const port = await freePort();
-  server = await startDevServer({ cliPath: cli.path, dbFile, port, uiPort: null });
-  cluster = await LocalCluster.start({ temporalAddress: server.address, hosts: ['a', 'b'], root: dir });
-  const ferry = new FerryClient(cluster.client);
+  own = await OwnServer.start(['a', 'b']);
+  const { ferry, cluster } = own;
 
   const vm = testVm('randwrite', { opsPerSecond: 30, diskBytes: 48 * 1024 * 1024 });
   await ferry.hostCommand('a', 'vmCreate', vm);
@@ -38,10 +24,9 @@ it('a migration survives a kill -9 and restart of the Temporal server', async ()
     await new Promise((r) => setTimeout(r, 200));
   }
 
-  process.kill(server.pid, 'SIGKILL');
-  await server.exited;
+  await own.kill();
   await new Promise((r) => setTimeout(r, 2000));
-  server = await startDevServer({ cliPath: cli.path, dbFile, port, uiPort: null });
+  await own.restart();
 
   const report = await handle.result();
   expect(report.outcome).toBe('completed');

@@ -101,10 +101,22 @@ async function runOn(dst: SimVmHandle): Promise<void> {
   await dst.resume();
 }
 
+/**
+ * As runOn, but the guest leaves its halt with the next halt already set (run-until from halted), so
+ * an unthrottled guest cannot run past `ops` before the target reaches it. Resolves at the halt.
+ */
+async function runTo(dst: SimVmHandle, ops: number): Promise<void> {
+  await dst.resume();
+  expect((await dst.status()).state).toBe('halted');
+  await dst.runUntil(ops);
+}
+
 describe('incoming VM with stale blocks', () => {
   it('a read of a stale block waits, BLOCK_NEEDED fires once per block, a delivery wakes the guest with correct data', async () => {
     const p = await setUp('post-read', 'mixed', 64 * 1024, 3_000);
-    await runOn(p.dst);
+    const halted = runTo(p.dst, 12_000);
+    halted.catch(() => undefined); // awaited below
+    await waitFor('the guest to run', () => vmState(p.dst), (s) => s.state === 'running');
     await sleep(300);
     const stalled = await vmState(p.dst);
     expect(stalled.state).toBe('running');
@@ -121,7 +133,7 @@ describe('incoming VM with stale blocks', () => {
     // Push the rest in the background, as the source would.
     const remaining = await p.dst.staleBlocks();
     await p.deliver(remaining);
-    await p.dst.runUntil(12_000);
+    await halted;
     off();
     await delivering;
 
@@ -137,8 +149,7 @@ describe('incoming VM with stale blocks', () => {
 
   it('a write covering a whole stale block makes it fresh; its late delivery is discarded', async () => {
     const p = await setUp('post-whole', 'randwrite', 4096, 2_000);
-    await runOn(p.dst);
-    await p.dst.runUntil(6_000); // 4 KiB writes over 4 KiB tracking blocks: never waits
+    await runTo(p.dst, 6_000); // 4 KiB writes over 4 KiB tracking blocks: never waits
     const s = await vmState(p.dst);
     expect(s.staleWaits).toBe(0);
     const stillStale = new Set(await p.dst.staleBlocks());
@@ -169,8 +180,7 @@ describe('incoming VM with stale blocks', () => {
       requested.push(block);
       void p.deliver([block]);
     });
-    await runOn(p.dst);
-    await p.dst.runUntil(200);
+    await runTo(p.dst, 200);
     const s = await vmState(p.dst);
     // Runs of 256 KiB partially cover the 1 MiB blocks 0-3: each is fetched before the write. The
     // last run writes the whole 1536-byte block 4: fresh without a fetch.

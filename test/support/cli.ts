@@ -1,5 +1,5 @@
 // The `ferry` CLI and the examples as child processes against the jest run's Temporal server.
-import { spawn } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import path from 'node:path';
 import { testTemporalAddress } from './temporal';
 
@@ -11,19 +11,24 @@ export interface Run {
   stderr: string;
 }
 
+/** The test server's connection settings over the inherited environment; `env` entries override (undefined removes). */
+function childEnv(env: Record<string, string | undefined>): NodeJS.ProcessEnv {
+  const out: NodeJS.ProcessEnv = { ...process.env, TEMPORAL_ADDRESS: testTemporalAddress(), TEMPORAL_NAMESPACE: 'default' };
+  for (const k of Object.keys(out)) if (k.startsWith('TEMPORAL_TLS') || k === 'TEMPORAL_API_KEY') delete out[k];
+  for (const [k, v] of Object.entries(env)) {
+    if (v === undefined) delete out[k];
+    else out[k] = v;
+  }
+  return out;
+}
+
 /**
  * Runs a TypeScript entry point of the repository (the `ferry` CLI, an example) as a child process
  * against the test server; `env` entries override (undefined removes) the inherited environment.
  */
 export function runScript(script: string, args: string[], env: Record<string, string | undefined> = {}, timeoutMs = 100_000): Promise<Run> {
   return new Promise((resolve, reject) => {
-    const childEnv: NodeJS.ProcessEnv = { ...process.env, TEMPORAL_ADDRESS: testTemporalAddress(), TEMPORAL_NAMESPACE: 'default' };
-    for (const k of Object.keys(childEnv)) if (k.startsWith('TEMPORAL_TLS') || k === 'TEMPORAL_API_KEY') delete childEnv[k];
-    for (const [k, v] of Object.entries(env)) {
-      if (v === undefined) delete childEnv[k];
-      else childEnv[k] = v;
-    }
-    const child = spawn(process.execPath, ['--import', 'tsx', script, ...args], { cwd: REPO, env: childEnv, stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawn(process.execPath, ['--import', 'tsx', script, ...args], { cwd: REPO, env: childEnv(env), stdio: ['ignore', 'pipe', 'pipe'] });
     let stdout = '';
     let stderr = '';
     child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
@@ -35,6 +40,46 @@ export function runScript(script: string, args: string[], env: Record<string, st
       resolve({ code, stdout, stderr });
     });
   });
+}
+
+/** A running `ferry` command whose output can be waited for while it runs. */
+export interface LiveRun {
+  child: ChildProcess;
+  stdout(): string;
+  stderr(): string;
+  /** Resolves with the first match of `pattern` in the stream; rejects if the process ends first. */
+  waitFor(stream: 'stdout' | 'stderr', pattern: RegExp): Promise<RegExpExecArray>;
+  exited: Promise<number | null>;
+}
+
+/** Starts `ferry ...args` as `ferry` does; kill it in a finally. */
+export function startFerry(args: string[], env: Record<string, string | undefined> = {}): LiveRun {
+  const child = spawn(process.execPath, ['--import', 'tsx', 'client/cli/main.ts', ...args], { cwd: REPO, env: childEnv(env), stdio: ['ignore', 'pipe', 'pipe'] });
+  const out = { stdout: '', stderr: '' };
+  const listeners: (() => void)[] = [];
+  for (const stream of ['stdout', 'stderr'] as const) {
+    child[stream]!.on('data', (d: Buffer) => {
+      out[stream] += d.toString();
+      listeners.forEach((l) => l());
+    });
+  }
+  const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
+  return {
+    child,
+    stdout: () => out.stdout,
+    stderr: () => out.stderr,
+    exited,
+    waitFor: (stream, pattern) =>
+      new Promise((resolve, reject) => {
+        const check = () => {
+          const m = pattern.exec(out[stream]);
+          if (m) resolve(m);
+        };
+        listeners.push(check);
+        check();
+        void exited.then((code) => reject(new Error(`ferry exited (${code}) before ${stream} matched ${pattern}:\n${out.stdout}\n${out.stderr}`)));
+      }),
+  };
 }
 
 /** Runs `ferry ...args`. */

@@ -2,7 +2,7 @@
 import os from 'node:os';
 import path from 'node:path';
 import { promises as fs } from 'node:fs';
-import { LocalCluster } from '../../harness/cluster';
+import { LocalCluster, type ClusterOptions } from '../../harness/cluster';
 import { FerryClient, type MigrationHandle } from '../../client/ferry-client';
 import type { MigrationProgress } from '../../common/migration';
 import { referenceRun } from '../../hypervisor/sim/guest';
@@ -10,20 +10,19 @@ import type { VmSpec } from '../../hypervisor/driver';
 import { vmId as asVmId, type Workload } from '../../common/types';
 import { testTemporalAddress } from './temporal';
 
-export async function startCluster(
-  hosts: string[],
-  env?: Record<string, string>,
-  opts: { metrics?: boolean } = {},
-): Promise<{ cluster: LocalCluster; ferry: FerryClient }> {
+/** Options of a test cluster beyond its hosts and their shared environment (see ClusterOptions). */
+export type TestClusterOptions = Pick<ClusterOptions, 'metrics' | 'hostEnv' | 'root'>;
+
+export async function startCluster(hosts: string[], env?: Record<string, string>, opts: TestClusterOptions = {}): Promise<{ cluster: LocalCluster; ferry: FerryClient }> {
   const cluster = await LocalCluster.start({ temporalAddress: testTemporalAddress(), hosts, env, ...opts });
   return { cluster, ferry: new FerryClient(cluster.client) };
 }
 
 /** The cluster of one test file: started before its tests, stopped after them. */
-export function useCluster(hosts: string[], env?: Record<string, string>, opts: { metrics?: boolean } = {}): { readonly cluster: LocalCluster; readonly ferry: FerryClient } {
+export function useCluster(hosts: string[], env?: Record<string, string>, opts: TestClusterOptions | (() => Promise<TestClusterOptions>) = {}): { readonly cluster: LocalCluster; readonly ferry: FerryClient } {
   let started: { cluster: LocalCluster; ferry: FerryClient } | null = null;
   beforeAll(async () => {
-    started = await startCluster(hosts, env, opts);
+    started = await startCluster(hosts, env, typeof opts === 'function' ? await opts() : opts);
   });
   afterAll(async () => {
     await started?.cluster.stop();

@@ -34,6 +34,19 @@ describe('ownership epochs', () => {
     await expect(store.abortIncoming('vm2', 5, 'm2')).rejects.toBeInstanceOf(OwnershipConflict);
   });
 
+  it('revokes an epoch a host committed once the operator declared that host lost, and leaves other migrations alone', async () => {
+    await store.recordIncoming('vm1', 2, 'm1');
+    await store.recordPrepared('vm1', 2, 'm1');
+    await store.commit('vm1', 2, 'm1');
+    await store.revoke('vm1', 2, 'm1');
+    expect(await new OwnershipStore(dir).get('vm1')).toMatchObject({ epoch: 2, state: 'aborted', migrationId: 'm1' });
+    await expect(store.commit('vm1', 2, 'm1')).rejects.toBeInstanceOf(OwnershipConflict);
+    // A later migration may bring the VM here again; a stale revoke of the old one does not touch it.
+    await store.recordIncoming('vm1', 2, 'm2');
+    await store.revoke('vm1', 2, 'm1');
+    expect(await store.get('vm1')).toMatchObject({ epoch: 2, state: 'incoming', migrationId: 'm2' });
+  });
+
   it('a fence recorded before prepare refuses a late prepare of the same migration', async () => {
     await store.abortIncoming('vm1', 3, 'm1');
     await expect(store.recordIncoming('vm1', 3, 'm1')).rejects.toBeInstanceOf(OwnershipConflict);

@@ -83,6 +83,31 @@ describe('guest', () => {
     if (w === 'idle') expect(ref.disk).toBe(sha256(Buffer.alloc(s.diskBytes)));
   });
 
+  it('idle dirties one page of memory however many operations it runs; memhog dirties them all', () => {
+    const pagesDirtied = (w: Workload, ops: number): number => {
+      const s = spec(w);
+      const image = path.join(dir, `dirty-${w}.img`);
+      fs.writeFileSync(image, '');
+      fs.truncateSync(image, s.diskBytes);
+      const fd = fs.openSync(image, 'r+');
+      try {
+        const pages = new Set<number>();
+        const guest = new Guest(s, Buffer.alloc(s.memoryBytes), fdDisk(fd), {
+          onMemoryWrite: (offset, length) => {
+            for (let p = Math.floor(offset / 4096); p <= Math.floor((offset + length - 1) / 4096); p++) pages.add(p);
+          },
+        });
+        guest.initMemory();
+        guest.runSync(ops);
+        return pages.size;
+      } finally {
+        fs.closeSync(fd);
+      }
+    };
+    expect(pagesDirtied('idle', 100_000)).toBe(1);
+    expect(pagesDirtied('memhog', 100_000)).toBeGreaterThan(0.9 * (spec('memhog').memoryBytes / 4096 - 2));
+  });
+
   it('fill writes version 1 everywhere; the read check passes on it and fails if the table disagrees', async () => {
     const s = spec('readmostly', { fill: true });
     const image = path.join(dir, 'fill.img');

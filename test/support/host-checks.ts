@@ -1,0 +1,88 @@
+// What tests of failures look at on a host: its shells, its agent's log, a process's descriptors, and
+// bounds on how long an end may take.
+import path from 'node:path';
+import { promises as fs } from 'node:fs';
+import type { LocalCluster } from '../../harness/cluster';
+import type { MigrationHandle } from '../../client/ferry-client';
+import { setTimeout as sleep } from 'node:timers/promises';
+
+/** Resolves with `p`, or rejects when it has not settled within `ms` (an end that never comes). */
+export async function within<T>(what: string, ms: number, p: Promise<T>): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const late = new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new Error(`${what} did not happen within ${ms / 1000} s`)), ms)));
+  try {
+    return await Promise.race([p, late]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+export async function until(what: string, pred: () => Promise<boolean>, timeoutMs = 120_000): Promise<void> {
+  const end = Date.now() + timeoutMs;
+  while (!(await pred())) {
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await sleep(250);
+  }
+}
+
+/** Incoming-migration records (destination shells) on a host, of one VM or of all. */
+export async function shells(cluster: LocalCluster, host: string, vmId?: string): Promise<string[]> {
+  const names = await fs.readdir(path.join(cluster.home(host), 'incoming')).catch(() => [] as string[]);
+  return names.filter((n) => n.endsWith('.json') && (vmId === undefined || n.startsWith(`migrate-${vmId}-`)));
+}
+
+/** The ownership record of a VM on a host, read from its file. */
+export async function ownershipOn(cluster: LocalCluster, host: string, vmId: string): Promise<{ state: string; epoch: number; migrationId: string | null } | null> {
+  const text = await fs.readFile(path.join(cluster.home(host), 'ownership', `${vmId}.json`), 'utf8').catch(() => null);
+  return text === null ? null : (JSON.parse(text) as { state: string; epoch: number; migrationId: string | null });
+}
+
+/** The id every host-side log line about this migration carries. */
+export async function migrationIdOf(handle: MigrationHandle): Promise<string> {
+  const d = await handle.workflow.describe();
+  return `${d.workflowId}-${d.runId}`;
+}
+
+/** The JSON lines of a host agent's log that are about one migration. */
+export async function agentLog(cluster: LocalCluster, host: string, migrationId: string): Promise<{ level: number; msg: string; [k: string]: unknown }[]> {
+  const text = await fs.readFile(path.join(cluster.home(host), 'agent.log'), 'utf8').catch(() => '');
+  const lines = [];
+  for (const line of text.split('\n')) {
+    if (!line.startsWith('{')) continue;
+    try {
+      const entry = JSON.parse(line) as { level: number; msg: string; migrationId?: string };
+      if (entry.migrationId === migrationId) lines.push(entry);
+    } catch {
+      // a line cut by a kill -9
+    }
+  }
+  return lines;
+}
+
+/** Open file descriptors of a process, and those of them that are sockets. */
+export async function descriptors(pid: number): Promise<{ fds: number; sockets: number }> {
+  const fds = await fs.readdir(`/proc/${pid}/fd`);
+  let sockets = 0;
+  for (const fd of fds) if ((await fs.readlink(`/proc/${pid}/fd/${fd}`).catch(() => '')).startsWith('socket:')) sockets++;
+  return { fds: fds.length, sockets };
+}
+
+/** The pid of a VM's process on a host. */
+export async function vmPid(cluster: LocalCluster, host: string, vmId: string): Promise<number> {
+  const p = (await cluster.vmProcesses(host)).find((v) => v.vmId === vmId);
+  if (!p) throw new Error(`no VM process for ${vmId} on ${host}`);
+  return p.pid;
+}
+
+/** Temp files of atomic writes anywhere under a host's home. */
+export async function tempFiles(cluster: LocalCluster, host: string): Promise<string[]> {
+  const out: string[] = [];
+  const walk = async (dir: string): Promise<void> => {
+    for (const e of await fs.readdir(dir, { withFileTypes: true }).catch(() => [])) {
+      if (e.isDirectory()) await walk(path.join(dir, e.name));
+      else if (/\.tmp$|\.tmp-\d+$/.test(e.name)) out.push(path.join(dir, e.name));
+    }
+  };
+  await walk(cluster.home(host));
+  return out;
+}
