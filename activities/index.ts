@@ -90,7 +90,7 @@ export function createActivities(deps: HostDeps) {
   }
 
   return {
-    async vmCreate(input: { vmId: string; diskBytes: number; memoryBytes: number; workload: Workload; seed?: number; opsPerSecond?: number; fill?: boolean; start?: boolean }): Promise<VmSummary> {
+    async vmCreate(input: { vmId: string; diskBytes: number; memoryBytes: number; workload: Workload; seed?: number; opsPerSecond?: number; fill?: boolean; start?: boolean; vcpus?: number; boot?: VmSpec['boot'] }): Promise<VmSummary> {
       const id = asVmId(input.vmId);
       if (await driver.exists(id)) throw ApplicationFailure.nonRetryable(`VM ${input.vmId} already exists on host ${deps.host}`, 'VmExists');
       const spec: VmSpec = {
@@ -101,6 +101,8 @@ export function createActivities(deps: HostDeps) {
         seed: input.seed ?? 1,
         opsPerSecond: input.opsPerSecond ?? DEFAULT_OPS_PER_SECOND[input.workload] ?? 0,
         fill: input.fill,
+        ...(input.vcpus !== undefined ? { vcpus: input.vcpus } : {}),
+        ...(input.boot ? { boot: input.boot } : {}),
       };
       await driver.create(spec);
       let claimed = false;

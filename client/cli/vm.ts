@@ -14,6 +14,10 @@ interface CreateFlags {
   seed?: number;
   opsPerSecond?: number;
   fill?: boolean;
+  vcpus?: number;
+  kernel?: string;
+  initrd?: string;
+  append?: string;
   json?: boolean;
 }
 
@@ -60,6 +64,10 @@ export function vmCommand(): Command {
         .option('--seed <n>', 'seed of the deterministic workload (default 1)', parseCount('--seed'))
         .option('--ops-per-second <n>', RATE_HELP, parseCount('--ops-per-second'))
         .option('--fill', 'write every block once before the workload starts')
+        .option('--vcpus <n>', 'virtual CPUs (QEMU; default 1)', parseCount('--vcpus'))
+        .option('--kernel <file>', "a kernel of your own on the host (QEMU; default: Ferry's guest kernel)")
+        .option('--initrd <file>', "an initramfs of your own on the host (QEMU; without Ferry's guest program the VM has no verify)")
+        .option('--append <cmdline>', "kernel command line (QEMU; added to Ferry's guest parameters when its kernel and initramfs are used)")
         .option('--json', 'print the VM as JSON'),
     ).action(
       ferryAction(async (ferry, vmId: string, f: CreateFlags) => {
@@ -71,6 +79,8 @@ export function vmCommand(): Command {
           seed: f.seed,
           opsPerSecond: f.opsPerSecond,
           fill: f.fill,
+          vcpus: f.vcpus,
+          boot: f.kernel || f.initrd || f.append ? { kernel: f.kernel, initrd: f.initrd, append: f.append } : undefined,
         });
         if (f.json) printJson(s);
         else process.stdout.write(`created ${describe(s)}\n`);

@@ -171,7 +171,7 @@ export class QemuDriver implements HypervisorDriver {
       const child = spawn(this.opts.qemuSystem, args, { detached: true, stdio: ['ignore', logFd, logFd], cwd: p.dir });
       child.on('exit', (code, signal) => {
         exited = signal ? `signal ${signal}` : `exit status ${code}`;
-        this.connections.delete(vm);
+        this.dropConnection(vm);
         this.crashes.exited(vm, code, signal);
       });
       child.on('error', (err) => (exited = err.message));
@@ -203,7 +203,7 @@ export class QemuDriver implements HypervisorDriver {
     if (conn) {
       const c = await conn.catch(() => null);
       if (!c || c.pid !== pid || c.qmp.closed) {
-        this.connections.delete(vm);
+        this.dropConnection(vm);
         conn = undefined;
       }
     }
@@ -222,11 +222,32 @@ export class QemuDriver implements HypervisorDriver {
     );
   }
 
+  /**
+   * Forgets a VM's connection and closes its QMP and probe: a probe left open would reconnect to the
+   * next QEMU on the same socket path and hold its only client slot (QEMU's socket chardev serves one
+   * client), so the next connection's probe would hear nothing.
+   */
+  private dropConnection(vm: VmId): void {
+    const conn = this.connections.get(vm);
+    if (!conn) return;
+    this.connections.delete(vm);
+    void conn.then(
+      (c) => {
+        c.probe?.close();
+        if (!c.qmp.closed) void c.qmp.close().catch(() => undefined);
+      },
+      () => undefined,
+    );
+  }
+
   private async connect(vm: VmId, pid: number, p: QemuVmPaths): Promise<QemuConnection> {
     const config = this.config(vm);
     const qmp = await QmpClient.connect(p.qmp, { timeoutMs: 15_000 });
     qmp.onClose(() => {
-      if (this.connections.get(vm)) this.connections.delete(vm);
+      void this.connections.get(vm)?.then(
+        (c) => c.qmp === qmp && this.dropConnection(vm),
+        () => undefined,
+      );
     });
     const ours = !config.spec.boot?.kernel && !config.spec.boot?.initrd;
     const probe = ours ? await GuestProbe.connect(p.probe, { connectTimeoutMs: 15_000 }).catch(() => null) : null;
@@ -248,7 +269,7 @@ export class QemuDriver implements HypervisorDriver {
     this.crashes.expectExit(vm);
     process.kill(pid, 'SIGKILL');
     if (!(await waitForExit(() => this.livePid(vm), 10_000))) throw new HypervisorError('Timeout', `QEMU of VM ${vm} (pid ${pid}) survived SIGKILL`);
-    this.connections.delete(vm);
+    this.dropConnection(vm);
   }
 
   async destroy(vm: VmId, opts: { keepDisk?: boolean } = {}): Promise<void> {

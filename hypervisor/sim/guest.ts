@@ -55,6 +55,8 @@ export function validateSpec(spec: VmSpec): void {
     throw new HypervisorError('InvalidArgument', msg);
   };
   if (!spec || typeof spec !== 'object') bad('spec must be an object');
+  if (spec.boot) bad('a kernel, initramfs or command line of your own needs the QEMU hypervisor (agent --hypervisor qemu): the simulator boots no kernel');
+  if (spec.vcpus !== undefined && spec.vcpus !== 1) bad(`vcpus ${spec.vcpus}: the simulated guest has one; use the QEMU hypervisor for more`);
   if (typeof spec.vmId !== 'string' || !/^[a-z0-9][a-z0-9._-]{0,62}$/.test(spec.vmId)) {
     bad(`vmId ${JSON.stringify(spec.vmId)}: use 1-63 characters of a-z, 0-9, '.', '_' or '-', starting with a letter or digit`);
   }
