@@ -49,6 +49,8 @@ export interface PeerRun {
   qemuDowntimeMs: number | null;
   /** The longest gap between guest heartbeats, source and destination probes merged, from the mirror's start to the destination's first heartbeat. */
   heartbeatDowntimeMs: number;
+  /** The source's last heartbeat to the destination's first: the switchover alone (the longest gap may fall elsewhere, e.g. in the mirror). */
+  switchoverGapMs: number | null;
   /** The disk image's size (what a full mirror must send at least). */
   diskBytes: number;
   /** Bytes the mirror job copied (its final offset: the image plus what the guest re-dirtied). */
@@ -202,6 +204,7 @@ export async function runPeer(o: PeerOptions): Promise<PeerRun> {
     const firstBeat = await dstProbe.nextHeartbeat(contAt, 30_000);
     if (firstBeat === null) throw new Error(`no heartbeat from the guest on the destination within 30 s of cont\n${await dst.said()}`);
     const gap = longestGap([srcProbe, dstProbe], t0, firstBeat);
+    const lastSourceBeat = srcProbe.latest()?.at ?? null;
     const verify = await dstProbe.verify();
     return {
       totalMs,
@@ -209,6 +212,7 @@ export async function runPeer(o: PeerOptions): Promise<PeerRun> {
       migrateMs,
       qemuDowntimeMs: migrated.downtime ?? null,
       heartbeatDowntimeMs: gap.longestMs,
+      switchoverGapMs: lastSourceBeat === null ? null : firstBeat - lastSourceBeat,
       diskBytes: o.diskBytes,
       mirrorJobBytes: job?.offset ?? o.diskBytes,
       memoryBytes: migrated.ram?.transferred ?? 0,

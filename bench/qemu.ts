@@ -311,7 +311,7 @@ class QemuBench {
             disk_bytes: p.diskBytes,
             memory_bytes: p.memoryBytes,
             violations,
-            detail: { mirror_ms: p.mirrorMs, migrate_ms: p.migrateMs, mirror_job_bytes: p.mirrorJobBytes, verify: p.verify },
+            detail: { switchover_gap_ms: p.switchoverGapMs, mirror_ms: p.mirrorMs, migrate_ms: p.migrateMs, mirror_job_bytes: p.mirrorJobBytes, verify: p.verify },
           });
         } catch (err) {
           r.error = (err as Error).message;
