@@ -36,7 +36,7 @@ export interface Baselines {
 }
 
 /** Writes `bytes` of random data (a 16 MiB pool, repeated) and makes it durable, so cp starts from a settled file. */
-async function writeFresh(file: string, bytes: number): Promise<void> {
+export async function writeFresh(file: string, bytes: number): Promise<void> {
   const pool = randomBytes(Math.min(bytes, 16 << 20));
   const h = await fs.open(file, 'w');
   try {
@@ -59,7 +59,8 @@ async function timeCp(from: string, to: string, durable = false): Promise<number
   return ms;
 }
 
-async function timeTcp(from: string, to: string): Promise<number> {
+/** Copies `from` to `to` over a loopback TCP connection to another process (tcp-sink); the wall time in ms. */
+export async function timeTcp(from: string, to: string): Promise<number> {
   const child = spawn(process.execPath, [...nodeEntryArgs(path.join(__dirname, 'tcp-sink')), to], { stdio: ['ignore', 'pipe', 'inherit'] });
   const lines: Record<string, number>[] = [];
   const waiters: (() => void)[] = [];

@@ -11,6 +11,7 @@ import type { MigrationMode } from '../common/migration';
 import { WORKLOADS, type Workload } from '../common/types';
 import { ensureTemporalCli, startDevServer, type DevServer } from '../scripts/temporal-cli';
 import { measureBaselines } from './baselines';
+import { startRun, stopOnSignals } from './run-context';
 import { writeCharts } from './charts';
 import { formatReport, summarize, type Results } from './report';
 import { Bench, type ScenarioConfig } from './scenarios';
@@ -94,9 +95,8 @@ function config(f: Flags): { cfg: ScenarioConfig; scenarios: ScenarioName[] } {
 
 async function main(f: Flags): Promise<number> {
   const { cfg, scenarios } = config(f);
-  const t0 = performance.now();
-  const loadBefore = os.loadavg();
-  const say = (line: string) => process.stderr.write(`[${((performance.now() - t0) / 1000).toFixed(0).padStart(4)} s] ${line}\n`);
+  const run = startRun();
+  const say = run.say;
   const root = await fs.mkdtemp(path.join(os.tmpdir(), 'ferry-bench-'));
   let server: DevServer | null = null;
   let cluster: LocalCluster | null = null;
@@ -105,14 +105,7 @@ async function main(f: Flags): Promise<number> {
     await server?.stop().catch(() => undefined);
     if (!f.keepDir) await fs.rm(root, { recursive: true, force: true }).catch(() => undefined);
   };
-  for (const signal of ['SIGINT', 'SIGTERM'] as const) {
-    process.once(signal, () => {
-      say(`${signal}: stopping every process the benchmark started`);
-      // Calls still waiting on Temporal fail once the connection closes; we are exiting anyway.
-      process.on('uncaughtException', () => undefined);
-      void cleanup().then(() => process.exit(signal === 'SIGINT' ? 130 : 143));
-    });
-  }
+  stopOnSignals(say, cleanup);
 
   const res: Results = { runs: [], baselines: null, tracking: [], im: null, heavy: [], bandwidth: null, concurrent: null, violations: {} };
   const has = (s: ScenarioName) => scenarios.includes(s);
@@ -183,22 +176,13 @@ async function main(f: Flags): Promise<number> {
     process.stdout.write(`${formatReport(res, summary)}\n`);
     if (network) process.stdout.write(`\n${formatNetwork(network)}\n`);
     if (admission) process.stdout.write(`\nadmission load: ${JSON.stringify(admission)}\n`);
-    const durationS = (performance.now() - t0) / 1000;
     if (f.json) {
-      const meta = {
-        started_at: new Date(Date.now() - durationS * 1000).toISOString(),
-        duration_s: Math.round(durationS),
-        command: process.argv.slice(2).join(' '),
-        // Other processes compete for the same cores: a load above the core count makes every time longer.
-        load_average: { before: loadBefore.map((x) => Number(x.toFixed(2))), after: os.loadavg().map((x) => Number(x.toFixed(2))) },
-        machine: { cpus: os.cpus().length, cpu_model: os.cpus()[0]?.model ?? null, memory_gib: Math.round(os.totalmem() / 2 ** 30), platform: `${os.type()} ${os.release()}`, node: process.version },
-        config: cfg,
-      };
+      const meta = { ...run.meta(), config: cfg };
       await fs.writeFile(f.json, `${JSON.stringify({ meta, summary, baselines: res.baselines, tracking: res.tracking, im: res.im, bandwidth: res.bandwidth, concurrent: res.concurrent, runs: res.runs, network, admission }, null, 2)}\n`);
       say(`wrote ${f.json}`);
     }
     if (f.charts) for (const file of await writeCharts(f.charts, res, summary, say)) say(`wrote ${file}`);
-    say(`done in ${durationS.toFixed(0)} s`);
+    say(`done in ${run.elapsedS().toFixed(0)} s`);
     return 0;
   } finally {
     await cleanup();

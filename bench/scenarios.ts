@@ -113,6 +113,22 @@ export interface BandwidthResult {
 
 type Say = (line: string) => void;
 
+/** The migration's report, or an error (and an abort of the migration) after `timeoutMs`. */
+export async function resultWithin(handle: MigrationHandle, timeoutMs: number): Promise<MigrationReport> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`no result after ${timeoutMs / 1000} s`)), timeoutMs);
+  });
+  try {
+    return await Promise.race([handle.result(), timeout]);
+  } catch (err) {
+    await handle.abort('benchmark timeout').catch(() => undefined);
+    throw err;
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
 export class Bench {
   readonly runs: RunRecord[] = [];
   /** Guest read-check violations seen at cleanup, per VM (must all be 0). */
@@ -144,19 +160,8 @@ export class Bench {
     for (const host of hosts) await this.ferry.hostCommand(host, 'baseDelete', { vmId }).catch(() => undefined);
   }
 
-  private async result(handle: MigrationHandle): Promise<MigrationReport> {
-    let timer: NodeJS.Timeout | undefined;
-    const timeout = new Promise<never>((_, reject) => {
-      timer = setTimeout(() => reject(new Error(`no result after ${this.cfg.migrationTimeoutMs / 1000} s`)), this.cfg.migrationTimeoutMs);
-    });
-    try {
-      return await Promise.race([handle.result(), timeout]);
-    } catch (err) {
-      await handle.abort('benchmark timeout').catch(() => undefined);
-      throw err;
-    } finally {
-      clearTimeout(timer);
-    }
+  private result(handle: MigrationHandle): Promise<MigrationReport> {
+    return resultWithin(handle, this.cfg.migrationTimeoutMs);
   }
 
   /** One migration, recorded, with the time breakdown read from its workflow history. */
