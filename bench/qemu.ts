@@ -25,14 +25,6 @@ const [A, B] = ['qa', 'qb'];
 const WORKLOADS = ['idle', 'randwrite'] as const;
 type BenchWorkload = (typeof WORKLOADS)[number];
 const SEED = 7;
-/**
- * Workaround, until the QEMU driver closes the guest probe of a connection it drops: the probe of a
- * killed source QEMU keeps reconnecting to its socket path for 60 s (GuestProbe's reconnectTimeoutMs)
- * and takes the one connection QEMU's chardev serves when a QEMU of the same VM starts there again,
- * as the destination of the next migration to that host. Its own probe then sees no heartbeat (no
- * downtime measured, vmVerify unanswered). Waiting out the window before each migration back avoids it.
- */
-const ORPHAN_PROBE_WINDOW_MS = 65_000;
 /** The guest reads its whole disk: seconds for 1 GiB under TCG, even on a loaded machine. */
 const VERIFY_TIMEOUT_MS = 5 * 60_000;
 
@@ -231,10 +223,6 @@ class QemuBench {
 
   private async ferryRun(ferry: FerryClient, vmId: string, workload: BenchWorkload, rep: number, from: string, to: string): Promise<Run> {
     const direction: Direction = from === A ? 'a→b' : 'b→a';
-    if (direction === 'b→a' || rep > 1) {
-      this.say(`  waiting ${ORPHAN_PROBE_WINDOW_MS / 1000} s: the probe of ${vmId}'s last QEMU on ${to} may still be reconnecting`);
-      await sleep(ORPHAN_PROBE_WINDOW_MS);
-    }
     const r = emptyRun('ferry', workload, direction, rep);
     try {
       const handle = await ferry.migrate({ vmId, sourceHost: from, destinationHosts: [to], mode: 'tpm', incremental: direction === 'a→b' ? 'off' : 'auto' });
