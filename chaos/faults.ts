@@ -4,7 +4,6 @@
 // namespaces (--net netns) links are cut in the kernel, and partitions join the list: a host cut off
 // from Temporal with its data plane up, and the data plane cut with both hosts on Temporal.
 import { promises as fs } from 'node:fs';
-import path from 'node:path';
 import type { ChaosEnv } from './env';
 import type { MigrationHandle } from '../client/ferry-client';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -86,7 +85,7 @@ export function fault(name: FaultName): Fault {
       return partitionDataPlane();
     case 'corrupt-frame': {
       const refusals = async (env: ChaosEnv, dest: string) =>
-        (await fs.readFile(path.join(env.cluster.home(dest), 'agent.log'), 'utf8').catch(() => '')).split('corrupt data-plane frame refused').length - 1;
+        (await fs.readFile(env.cluster.logFile(dest), 'utf8').catch(() => '')).split('corrupt data-plane frame refused').length - 1;
       let before = 0;
       return {
         async inject({ env, dest }) {

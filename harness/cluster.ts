@@ -100,6 +100,11 @@ export class LocalCluster {
     return path.join(this.root, host);
   }
 
+  /** An agent's log, beside its home rather than in it (a test may fill the home's filesystem). */
+  logFile(host: string): string {
+    return path.join(this.root, 'logs', `${host}.agent.log`);
+  }
+
   /**
    * Start (or restart) the agent of a host, on the same data port as before. `repo` runs it from
    * another checkout of Ferry (a changed build, for upgrade tests), which bundles its own workflows.
@@ -112,7 +117,9 @@ export class LocalCluster {
       port = this.opts.dataPort?.(host) ?? (await freePort());
       this.ports.set(host, port);
     }
-    const log = createWriteStream(path.join(home, 'agent.log'), { flags: 'a' });
+    await fs.mkdir(path.dirname(this.logFile(host)), { recursive: true });
+    const log = createWriteStream(this.logFile(host), { flags: 'a' });
+    log.on('error', (err) => process.stderr.write(`agent ${host}'s log ${this.logFile(host)}: ${err.message}\n`));
     const place = this.opts.placement?.(host) ?? { launcher: [], dataListenHost: '127.0.0.1', temporalAddress: this.opts.temporalAddress };
     const repo = opts.repo ?? REPO;
     const argv = [
@@ -149,7 +156,7 @@ export class LocalCluster {
       let buf = '';
       const timer = setTimeout(() => {
         child.kill('SIGKILL'); // not registered yet: nothing else would stop it
-        reject(new Error(`agent ${host} did not become ready in 60 s; see ${home}/agent.log`));
+        reject(new Error(`agent ${host} did not become ready in 60 s; see ${this.logFile(host)}`));
       }, 60_000);
       child.stdout!.on('data', (chunk: Buffer) => {
         log.write(chunk);
@@ -166,7 +173,7 @@ export class LocalCluster {
       });
       child.once('exit', (code, signal) => {
         clearTimeout(timer);
-        reject(new Error(`agent ${host} exited (${code ?? signal}) before it was ready; see ${home}/agent.log`));
+        reject(new Error(`agent ${host} exited (${code ?? signal}) before it was ready; see ${this.logFile(host)}`));
       });
     });
     const agent: AgentProcess = { host, home, dataPort: port, process: child, dataAddress: ready.dataAddress, metricsPort: ready.metricsPort };

@@ -1,7 +1,6 @@
 // Operators' view of real agents: Prometheus metrics scraped over HTTP after real migrations, and the
 // structured logs the agents wrote while doing them.
 import { promises as fs } from 'node:fs';
-import path from 'node:path';
 import { useCluster, testVm, uniqueHosts, waitForProgress } from '../support/cluster';
 import { connect } from '../../dataplane';
 
@@ -42,7 +41,7 @@ function value(samples: Sample[], name: string, labels: Record<string, string> =
 }
 
 async function logLines(host: string): Promise<{ raw: string; entry: Record<string, unknown> }[]> {
-  const text = await fs.readFile(path.join(t.cluster.home(host), 'agent.log'), 'utf8');
+  const text = await fs.readFile(t.cluster.logFile(host), 'utf8');
   return text
     .split('\n')
     .filter((l) => l.startsWith('{'))

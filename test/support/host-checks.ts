@@ -45,7 +45,7 @@ export async function migrationIdOf(handle: MigrationHandle): Promise<string> {
 
 /** The JSON lines of a host agent's log that are about one migration. */
 export async function agentLog(cluster: LocalCluster, host: string, migrationId: string): Promise<{ level: number; msg: string; [k: string]: unknown }[]> {
-  const text = await fs.readFile(path.join(cluster.home(host), 'agent.log'), 'utf8').catch(() => '');
+  const text = await fs.readFile(cluster.logFile(host), 'utf8').catch(() => '');
   const lines = [];
   for (const line of text.split('\n')) {
     if (!line.startsWith('{')) continue;
