@@ -4,7 +4,7 @@
 import { ensureTemporalCli, startDevServer, type DevServer } from '../../scripts/temporal-cli';
 import { runAdmissionLoad } from '../../bench/admission/load';
 
-jest.setTimeout(300_000);
+jest.setTimeout(480_000);
 
 let server: DevServer | null = null;
 
@@ -15,7 +15,7 @@ afterAll(async () => {
 it('grants every queued migration its slots, within the limit, continuing as new', async () => {
   const cli = await ensureTemporalCli();
   server = await startDevServer({ cliPath: cli.path, uiPort: null });
-  const result = await runAdmissionLoad({ address: server.address, migrations: 80, hosts: 10, clusterLimit: 8, historyLimit: 200, timeoutMs: 200_000 });
+  const result = await runAdmissionLoad({ address: server.address, migrations: 80, hosts: 10, clusterLimit: 8, historyLimit: 200, timeoutMs: 400_000 });
   process.stderr.write(`admission load: ${JSON.stringify(result)}\n`);
   expect(result.finished).toBe(80);
   expect(result.maxHoldersSeen).toBeGreaterThan(0);
