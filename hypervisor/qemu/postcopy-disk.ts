@@ -5,6 +5,7 @@
 // "The QEMU driver") and stops the server. The bitmaps stay on `disk0` throughout.
 import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
+import { logTail } from '../log-tail';
 import * as path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { BitmapSnapshot, StaleWaitStats } from '../driver';
@@ -101,7 +102,7 @@ export class PostcopyDisk {
     const deadline = Date.now() + START_TIMEOUT_MS;
     while (this.serverPid() === null) {
       if (exited !== null || Date.now() > deadline) {
-        throw new HypervisorError('GenericError', `the postcopy disk server of VM ${this.vmId} did not start (${exited ?? 'timeout'}): ${tail(this.paths.staleLog)}`);
+        throw new HypervisorError('GenericError', `the postcopy disk server of VM ${this.vmId} did not start (${exited ?? 'timeout'}): ${logTail(this.paths.staleLog)}`);
       }
       await sleep(20);
     }
@@ -179,14 +180,5 @@ export class PostcopyDisk {
     if (pid !== null) process.kill(pid, 'SIGKILL');
     this.client?.close();
     this.client = null;
-  }
-}
-
-function tail(file: string, bytes = 2000): string {
-  try {
-    const data = fs.readFileSync(file);
-    return data.subarray(Math.max(0, data.length - bytes)).toString('utf8');
-  } catch {
-    return '(no log)';
   }
 }

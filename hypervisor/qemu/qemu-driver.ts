@@ -3,6 +3,7 @@
 // QMP and the guest probe on Unix sockets, and Ferry's guest program in its initramfs.
 import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
+import { logTail } from '../log-tail';
 import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -181,8 +182,8 @@ export class QemuDriver implements HypervisorDriver {
     }
     const deadline = Date.now() + (this.opts.startTimeoutMs ?? 30_000);
     while (this.livePid(vm) === null) {
-      if (exited !== null) throw new HypervisorError('GenericError', `QEMU for VM ${vm} exited at start (${exited}); it said:\n${tail(p.log)}`);
-      if (Date.now() > deadline) throw new HypervisorError('Timeout', `QEMU for VM ${vm} did not start within ${this.opts.startTimeoutMs ?? 30_000} ms; ${p.log} says:\n${tail(p.log)}`);
+      if (exited !== null) throw new HypervisorError('GenericError', `QEMU for VM ${vm} exited at start (${exited}); it said:\n${logTail(p.log)}`);
+      if (Date.now() > deadline) throw new HypervisorError('Timeout', `QEMU for VM ${vm} did not start within ${this.opts.startTimeoutMs ?? 30_000} ms; ${p.log} says:\n${logTail(p.log)}`);
       await sleep(20);
     }
     if (!config.incoming && !config.booted) this.writeConfig(vm, { ...config, booted: true });
@@ -347,13 +348,4 @@ async function waitForExit(livePid: () => number | null, timeoutMs: number): Pro
     await sleep(20);
   }
   return true;
-}
-
-function tail(file: string, bytes = 2000): string {
-  try {
-    const data = fs.readFileSync(file);
-    return data.subarray(Math.max(0, data.length - bytes)).toString('utf8');
-  } catch {
-    return '(no log)';
-  }
 }

@@ -1,6 +1,7 @@
 // The simulated hypervisor: every VM is a detached OS process (vm-main) driven over its control socket.
 import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
+import { logTail } from '../log-tail';
 import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
 import type { Logger } from 'pino';
@@ -210,7 +211,7 @@ export class SimDriver implements HypervisorDriver {
     while (Date.now() < deadline) {
       if (exited !== null) {
         if (exited === 3 && this.livePid(vm) !== null) return this.attach(vm); // lost a race with another start
-        throw new HypervisorError('GenericError', `VM ${vm} process exited with code ${exited} while starting; ${p.log} says:\n${tail(p.log)}`);
+        throw new HypervisorError('GenericError', `VM ${vm} process exited with code ${exited} while starting; ${p.log} says:\n${logTail(p.log)}`);
       }
       if (fs.existsSync(socket)) {
         try {
@@ -225,7 +226,7 @@ export class SimDriver implements HypervisorDriver {
       await sleep(25);
     }
     if (child.pid) process.kill(child.pid, 'SIGKILL');
-    throw new HypervisorError('Timeout', `VM ${vm} did not answer on ${socket} within ${this.startTimeoutMs} ms; ${p.log} says:\n${tail(p.log)}`);
+    throw new HypervisorError('Timeout', `VM ${vm} did not answer on ${socket} within ${this.startTimeoutMs} ms; ${p.log} says:\n${logTail(p.log)}`);
   }
 
   async attach(vm: VmId): Promise<SimVmHandle> {
@@ -355,13 +356,4 @@ async function waitForExit(pid: number, dir: string, timeoutMs: number): Promise
     await sleep(20);
   }
   return true;
-}
-
-function tail(file: string, bytes = 2000): string {
-  try {
-    const data = fs.readFileSync(file);
-    return data.subarray(Math.max(0, data.length - bytes)).toString('utf8');
-  } catch {
-    return '(no log)';
-  }
 }
