@@ -1,7 +1,6 @@
 // The host side of admission: a migration asks its hosts' agents for slots, and each agent signals
 // (with signal-with-start) the semaphore workflow of the scope with the limit it is configured with.
 import { ApplicationFailure, Context, getClient } from '@temporalio/activity';
-import { MIGRATION_TASK_QUEUE } from '../common/types';
 import { CLUSTER_SCOPE, admissionWorkflowId, hostScope, requestSlotSignal, type AdmissionState } from '../workflows/definitions';
 
 export interface SlotLimits {
@@ -10,7 +9,7 @@ export interface SlotLimits {
 }
 
 /** The `requestSlot` activity of the agent of `host`. */
-export function requestSlotActivity(host: string, limits: SlotLimits) {
+export function requestSlotActivity(host: string, limits: SlotLimits, taskQueue: string) {
   return async function requestSlot(input: { scope: 'host' | 'cluster'; ticket: number }): Promise<void> {
     const run = Context.current().info.workflowExecution;
     if (!run) throw ApplicationFailure.nonRetryable('requestSlot is called by a migration workflow only', 'InvalidArgument');
@@ -18,8 +17,8 @@ export function requestSlotActivity(host: string, limits: SlotLimits) {
     const limit = input.scope === 'cluster' ? limits.cluster : limits.host;
     const initial: AdmissionState = { scope, limit, holders: [], waiting: [] };
     await getClient().workflow.signalWithStart('admission', {
-      workflowId: admissionWorkflowId(scope),
-      taskQueue: MIGRATION_TASK_QUEUE,
+      workflowId: admissionWorkflowId(scope, taskQueue),
+      taskQueue,
       args: [initial],
       signal: requestSlotSignal,
       signalArgs: [{ holder: { workflowId: run.workflowId, runId: run.runId }, limit, ticket: input.ticket }],

@@ -26,6 +26,8 @@ export interface HostDeps {
   metrics: AgentMetrics;
   /** How many migrations may run at once touching this host, and in the whole cluster. */
   limits: { host: number; cluster: number };
+  /** The deployment's workflow task queue: its admission workflows run there. */
+  taskQueue: string;
 }
 
 export interface VmSummary extends VmStatus {
@@ -197,7 +199,7 @@ export function createActivities(deps: HostDeps) {
     // ----- admission -----
 
     /** Ask for a slot of this host (or of the cluster, with this agent's cluster limit). */
-    requestSlot: requestSlotActivity(deps.host, deps.limits),
+    requestSlot: requestSlotActivity(deps.host, deps.limits, deps.taskQueue),
 
     // ----- source side -----
 

@@ -145,7 +145,7 @@ async function main(f: Flags): Promise<number> {
         env.FERRY_BENCH_CPU_PROF_DIR = path.resolve(f.cpuProf);
       }
       cluster = await LocalCluster.start({ temporalAddress: address, hosts: HOSTS, root: clusterRoot, env });
-      const bench = new Bench(new FerryClient(cluster.client), cluster, cfg, say);
+      const bench = new Bench(cluster.ferryClient(), cluster, cfg, say);
       res.runs = bench.runs;
       res.violations = bench.violations;
       if (has('matrix')) await bench.matrix();

@@ -398,7 +398,7 @@ async function main(f: Flags): Promise<number> {
       await fs.mkdir(clusterRoot); // LocalCluster.start writes the workflow bundle there before creating it
       say(`starting host agents ${A} and ${B} with FERRY_HYPERVISOR=qemu`);
       cluster = await LocalCluster.start({ temporalAddress: server.address, hosts: [A, B], root: clusterRoot, env: { FERRY_HYPERVISOR: 'qemu' } });
-      await bench.ferry(new FerryClient(cluster.client));
+      await bench.ferry(cluster.ferryClient());
       await cluster.stop();
       cluster = null;
       await server.stop();

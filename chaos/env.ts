@@ -82,7 +82,7 @@ export async function startChaosEnv(opts: { temporal?: TemporalControl; hosts?: 
     if (!opts.temporal) await temporal.stop();
     throw err;
   }
-  return { root, cluster, ferry: new FerryClient(cluster.client), temporal, proxies, net: null, faultDir, hosts };
+  return { root, cluster, ferry: cluster.ferryClient(), temporal, proxies, net: null, faultDir, hosts };
 }
 
 async function startNetnsEnv(root: string, faultDir: string, hosts: [string, string]): Promise<ChaosEnv> {

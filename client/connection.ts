@@ -4,6 +4,7 @@ import { readFileSync } from 'node:fs';
 import { Client, Connection, type TLSConfig } from '@temporalio/client';
 import { FerryClient } from './ferry-client';
 import { FerryRequestError } from './errors';
+import { DEFAULT_TASK_QUEUE } from '../common/types';
 
 export interface FerryTlsOptions {
   /** mTLS client certificate: a file path or its PEM contents. */
@@ -21,6 +22,8 @@ export interface ConnectFerryOptions {
   address?: string;
   /** env TEMPORAL_NAMESPACE; default 'default'. */
   namespace?: string;
+  /** The Ferry deployment's workflow task queue, as its agents' --task-queue (env FERRY_TASK_QUEUE; default ferry-migrations). */
+  taskQueue?: string;
   /** env TEMPORAL_API_KEY; an API key turns TLS on unless tls is false. */
   apiKey?: string;
   /**
@@ -36,6 +39,7 @@ export interface ConnectFerryOptions {
 export interface ResolvedConnection {
   address: string;
   namespace: string;
+  taskQueue: string;
   apiKey?: string;
   tls?: TLSConfig | boolean;
 }
@@ -72,6 +76,7 @@ export function resolveConnection(options: ConnectFerryOptions = {}): ResolvedCo
   return {
     address: options.address ?? blank(env.TEMPORAL_ADDRESS) ?? 'localhost:7233',
     namespace: options.namespace ?? blank(env.TEMPORAL_NAMESPACE) ?? 'default',
+    taskQueue: options.taskQueue ?? blank(env.FERRY_TASK_QUEUE) ?? DEFAULT_TASK_QUEUE,
     apiKey,
     tls,
   };
@@ -89,7 +94,7 @@ export async function connectFerry(options: ConnectFerryOptions = {}): Promise<F
       'TemporalUnavailable',
     );
   }
-  return new FerryClient(new Client({ connection, namespace: c.namespace }));
+  return new FerryClient(new Client({ connection, namespace: c.namespace }), { taskQueue: c.taskQueue });
 }
 
 /** A PEM given as contents (Buffer or a string holding "-----BEGIN") or as a file path. */

@@ -3,6 +3,7 @@
 // the request was turned down as given (fix the request and try again).
 import {
   ApplicationFailure,
+  ServiceError,
   WorkflowExecutionAlreadyStartedError,
   WorkflowFailedError,
   WorkflowNotFoundError,
@@ -146,6 +147,8 @@ export function toFerryError(err: unknown, ctx: { vmId?: string; running?: boole
   if (err instanceof FerryRequestError) return err;
   if (err instanceof WorkflowExecutionAlreadyStartedError && ctx.vmId) return new MigrationAlreadyRunning(ctx.vmId);
   if (err instanceof WorkflowNotFoundError && ctx.vmId) return new MigrationNotFound(ctx.vmId, ctx.running ?? false);
+  // The SDK's ServiceError says only what was asked ("Failed to query Workflow"); the server's reason is its cause.
+  if (err instanceof ServiceError && err.cause instanceof Error && err.cause.message) return new Error(`${err.message}: ${err.cause.message}`, { cause: err });
   if (!(err instanceof WorkflowFailedError || err instanceof WorkflowUpdateFailedError || err instanceof ApplicationFailure)) {
     return err instanceof Error ? err : new Error(String(err));
   }

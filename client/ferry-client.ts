@@ -1,12 +1,12 @@
 // FerryClient: the typed programmatic API over Temporal.
 import { randomUUID } from 'node:crypto';
 import os from 'node:os';
-import { Client, TimeoutFailure, WorkflowFailedError, type WorkflowExecutionStatusName, type WorkflowHandle } from '@temporalio/client';
+import { Client, ServiceError, TimeoutFailure, WorkflowFailedError, type WorkflowExecutionStatusName, type WorkflowHandle } from '@temporalio/client';
 import { defaultPayloadConverter, TimeoutType } from '@temporalio/common';
 import type { Activities } from '../activities';
 import type { MigrateVmInput, MigrationPhase, MigrationProgress, MigrationReport, RetryState, StepFailure } from '../common/migration';
 import { liveProgress, type PublishedProgress, type RunningTransfer, type StepProgress } from '../common/progress';
-import { MIGRATION_TASK_QUEUE, hostName, hostOfIdentity, hostTaskQueue, migrationWorkflowId } from '../common/types';
+import { DEFAULT_TASK_QUEUE, hostName, hostOfIdentity, hostTaskQueue, migrationWorkflowId } from '../common/types';
 import type { HostCommand } from '../workflows/host-command';
 import {
   CLUSTER_SCOPE,
@@ -123,10 +123,13 @@ export class MigrationHandle {
 
   /** The workflow's answer to the progress query, within QUERY_TIMEOUT_MS (else HostNotAnswering). */
   private async published(): Promise<PublishedProgress> {
+    const asked = Date.now();
     try {
       return await this.workflow.client.connection.withDeadline(Date.now() + QUERY_TIMEOUT_MS, () => this.workflow.query(progressQuery));
     } catch (err) {
-      if (!isDeadlineExceeded(err)) throw err;
+      // Past the deadline a loaded server may answer with an error of its own ("Failed to query Workflow")
+      // rather than DEADLINE_EXCEEDED: either way, nothing answered in time.
+      if (!isDeadlineExceeded(err) && !(err instanceof ServiceError && Date.now() - asked >= QUERY_TIMEOUT_MS - 250)) throw err;
       // The server answers the history at once unless it is the one that is gone.
       const worker = await this.workflowWorker().catch(() => {
         throw err;
@@ -265,8 +268,20 @@ export class MigrationHandle {
   }
 }
 
+export interface FerryClientOptions {
+  /** The task queue of the Ferry deployment's workflows, as its agents' --task-queue (default ferry-migrations). */
+  taskQueue?: string;
+}
+
 export class FerryClient {
-  constructor(readonly temporal: Client) {}
+  readonly taskQueue: string;
+
+  constructor(
+    readonly temporal: Client,
+    options: FerryClientOptions = {},
+  ) {
+    this.taskQueue = options.taskQueue ?? DEFAULT_TASK_QUEUE;
+  }
 
   /**
    * Start a migration. Refuses at once with MigrationAlreadyRunning or HostUnavailable; the
@@ -279,7 +294,7 @@ export class FerryClient {
     }
     try {
       const handle = await this.temporal.workflow.start('migrateVm', {
-        taskQueue: MIGRATION_TASK_QUEUE,
+        taskQueue: this.taskQueue,
         workflowId: migrationWorkflowId(input.vmId),
         args: [input],
         // Shown as the Summary in the Web UI (the workflow keeps the Current Details up to date).
@@ -353,7 +368,7 @@ export class FerryClient {
    * Null when no migration ever asked for a slot there.
    */
   async slots(host: string | null): Promise<AdmissionState | null> {
-    const handle = this.temporal.workflow.getHandle(admissionWorkflowId(host === null ? CLUSTER_SCOPE : hostScope(host)));
+    const handle = this.temporal.workflow.getHandle(admissionWorkflowId(host === null ? CLUSTER_SCOPE : hostScope(host), this.taskQueue));
     try {
       return await handle.query(admissionStateQuery);
     } catch (err) {
@@ -367,7 +382,7 @@ export class FerryClient {
     if (isHostName(host)) await this.checkHost(host);
     try {
       return (await this.temporal.workflow.execute('hostCommand', {
-        taskQueue: MIGRATION_TASK_QUEUE,
+        taskQueue: this.taskQueue,
         workflowId: `host-${host}-${command}-${randomUUID()}`,
         args: [{ host, command, args }],
       })) as Awaited<ReturnType<Activities[C]>>;

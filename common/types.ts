@@ -46,7 +46,8 @@ export const agentIdentity = (host: string, pid: number, machine: string): strin
 export function hostOfIdentity(identity: string): string | null {
   return /^ferry-agent (\S+) /.exec(identity)?.[1] ?? null;
 }
-export const MIGRATION_TASK_QUEUE = 'ferry-migrations';
+/** The task queue of Ferry's workflows, which the agents of one Ferry deployment share (--task-queue, FERRY_TASK_QUEUE). */
+export const DEFAULT_TASK_QUEUE = 'ferry-migrations';
 export const migrationWorkflowId = (vm: VmId | string): string => `migrate-${vm}`;
 
 export const SECTOR_BYTES = 512;

@@ -53,7 +53,7 @@ async function main(opts: DemoOptions): Promise<number> {
     const hypervisor = await chooseHypervisor(opts.hypervisor, say);
     say(`2/6 starting two host agents (alpha, beta) on the ${hypervisor === 'qemu' ? 'QEMU' : 'simulated'} hypervisor`);
     cluster = await LocalCluster.start({ temporalAddress: server.address, hosts: ['alpha', 'beta'], root, env: { FERRY_HYPERVISOR: hypervisor } });
-    const ferry = new FerryClient(cluster.client);
+    const ferry = cluster.ferryClient();
 
     const vm = {
       vmId: 'demo-vm',

@@ -8,6 +8,8 @@ import { randomBytes } from 'node:crypto';
 import { Client, Connection } from '@temporalio/client';
 import { bundleWorkflowCode } from '@temporalio/worker';
 import { nodeEntryArgs } from '../common/node-entry';
+import { DEFAULT_TASK_QUEUE } from '../common/types';
+import { FerryClient } from '../client/ferry-client';
 import { freePort } from '../scripts/temporal-cli';
 
 const REPO = path.resolve(__dirname, '..');
@@ -44,6 +46,8 @@ export interface ClusterOptions {
   hosts: string[];
   root?: string;
   namespace?: string;
+  /** The workflow task queue of this cluster's agents (default ferry-migrations): clusters on one server keep apart by it. */
+  taskQueue?: string;
   secret?: string;
   /** Extra environment for the agents. */
   env?: Record<string, string>;
@@ -96,6 +100,15 @@ export class LocalCluster {
     return cluster;
   }
 
+  get taskQueue(): string {
+    return this.opts.taskQueue ?? DEFAULT_TASK_QUEUE;
+  }
+
+  /** A FerryClient of this cluster's deployment. */
+  ferryClient(): FerryClient {
+    return new FerryClient(this.client, { taskQueue: this.taskQueue });
+  }
+
   home(host: string): string {
     return path.join(this.root, host);
   }
@@ -132,6 +145,7 @@ export class LocalCluster {
       '--data-listen', `${place.dataListenHost}:${port}`,
       '--temporal-address', place.temporalAddress,
       '--namespace', this.opts.namespace ?? 'default',
+      '--task-queue', this.taskQueue,
       ...(this.opts.metrics ? ['--metrics-listen', `${place.dataListenHost}:0`] : []),
     ];
     const child = spawn(

@@ -93,7 +93,7 @@ export class NetCluster {
         placement: (h) => ({ launcher: lab.command(h, []), dataListenHost: '127.0.0.1', temporalAddress: labTemporal.labAddress }),
         hostEnv: (h) => ({ FERRY_DATA_ADVERTISE: `${lab.host(h).address}:${DATA_PORT}` }),
       });
-      return new NetCluster(lab, root, temporal, toxiproxies, cluster, new FerryClient(cluster.client), postgres, forwards);
+      return new NetCluster(lab, root, temporal, toxiproxies, cluster, cluster.ferryClient(), postgres, forwards);
     } catch (err) {
       for (const p of toxiproxies.values()) await p.stop().catch(() => undefined);
       await temporal?.stop().catch(() => undefined);

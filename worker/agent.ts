@@ -8,7 +8,7 @@ import { createControlActivities } from '../activities/control';
 import { listen } from '../dataplane';
 import { createDriver } from '../hypervisor';
 import os from 'node:os';
-import { MIGRATION_TASK_QUEUE, agentIdentity, hostTaskQueue } from '../common/types';
+import { agentIdentity, hostTaskQueue } from '../common/types';
 import { createLogger, withLogContext, type Logger } from '../common/log';
 import { Destination } from '../migration/destination';
 import { OwnershipStore } from '../migration/ownership';
@@ -71,7 +71,7 @@ export async function startAgent(config: AgentConfig, opts: AgentOptions = {}): 
   });
   const dataAddress = config.dataAdvertise ?? `${config.dataListenHost}:${server.port}`;
 
-  const activities = createActivities({ host: config.host, home: config.home, dataAddress, driver, ownership, source, destination, log, metrics, limits: config.limits });
+  const activities = createActivities({ host: config.host, home: config.home, dataAddress, driver, ownership, source, destination, log, metrics, limits: config.limits, taskQueue: config.taskQueue });
   const identity = agentIdentity(config.host, process.pid, os.hostname());
   const hostWorker = await Worker.create({
     connection,
@@ -88,7 +88,7 @@ export async function startAgent(config: AgentConfig, opts: AgentOptions = {}): 
     connection,
     identity,
     namespace: config.temporal.namespace,
-    taskQueue: MIGRATION_TASK_QUEUE,
+    taskQueue: config.taskQueue,
     activities: createControlActivities(),
     ...(config.workflowBundlePath
       ? { workflowBundle: { codePath: config.workflowBundlePath } }
@@ -102,7 +102,7 @@ export async function startAgent(config: AgentConfig, opts: AgentOptions = {}): 
   const metricsPort = metricsServer?.port ?? null;
 
   const done = Promise.all([hostWorker.run(), workflowWorker.run()]).then(() => undefined);
-  log.info({ taskQueue: hostTaskQueue(config.host), dataAddress, metricsPort, home: config.home, pid: process.pid, hypervisor: await driver.describe() }, 'agent ready');
+  log.info({ taskQueue: hostTaskQueue(config.host), workflowTaskQueue: config.taskQueue, dataAddress, metricsPort, home: config.home, pid: process.pid, hypervisor: await driver.describe() }, 'agent ready');
 
   let stopping: Promise<void> | null = null;
   return {

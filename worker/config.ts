@@ -2,7 +2,7 @@
 import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { z } from 'zod';
-import { hostName } from '../common/types';
+import { DEFAULT_TASK_QUEUE, hostName } from '../common/types';
 import { DRIVER_KINDS, type DriverKind } from '../hypervisor';
 
 export interface TemporalConnectionConfig {
@@ -23,6 +23,8 @@ export interface AgentConfig {
   dataSecret: Buffer;
   dataTls?: { cert: Buffer; key: Buffer; ca?: Buffer };
   temporal: TemporalConnectionConfig;
+  /** The task queue of this deployment's workflows, shared by all its agents and clients. */
+  taskQueue: string;
   /** Where /metrics is served; null: metrics are off. */
   metricsListen: { host: string; port: number } | null;
   /** Migrations that may run at once touching this host (as source or destination), and cluster-wide. */
@@ -46,6 +48,7 @@ export interface AgentFlags {
   dataTlsCa?: string;
   temporalAddress?: string;
   namespace?: string;
+  taskQueue?: string;
   apiKey?: string;
   tls?: boolean;
   tlsCert?: string;
@@ -139,12 +142,19 @@ export function loadAgentConfig(flags: AgentFlags, env: NodeJS.ProcessEnv = proc
           }
         : undefined,
     },
+    taskQueue: taskQueueName(flags.taskQueue ?? env.FERRY_TASK_QUEUE),
     metricsListen,
     limits,
     reconcileSeconds: positiveInt(flags.reconcileSeconds ?? env.FERRY_RECONCILE_SECONDS, 60, '--reconcile-seconds', 'seconds'),
     workflowBundlePath: env.FERRY_WORKFLOW_BUNDLE ?? null,
     hypervisor: driverKind(flags.hypervisor ?? env.FERRY_HYPERVISOR ?? 'sim'),
   };
+}
+
+function taskQueueName(value: string | undefined): string {
+  if (value === undefined || value === '') return DEFAULT_TASK_QUEUE;
+  if (!/^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$/.test(value)) throw new ConfigError(`--task-queue ${value}: use letters, digits, '.', '_' and '-' (at most 200), starting with a letter or digit`);
+  return value;
 }
 
 function driverKind(value: string): DriverKind {

@@ -15,6 +15,7 @@ export function workerCommand(): Command {
     .option('--data-tls-ca <file>', 'CA that signed the other hosts\' data-plane certificates (env FERRY_DATA_TLS_CA)')
     .option('--temporal-address <host:port>', 'Temporal frontend (env TEMPORAL_ADDRESS; default localhost:7233)')
     .option('--namespace <ns>', 'Temporal namespace (env TEMPORAL_NAMESPACE; default default)')
+    .option('--task-queue <name>', 'task queue of this Ferry deployment\'s workflows, the same for all its agents and clients (env FERRY_TASK_QUEUE; default ferry-migrations)')
     .option('--api-key <key>', 'Temporal API key (env TEMPORAL_API_KEY)')
     .option('--tls', 'connect to Temporal with TLS (env TEMPORAL_TLS=true)')
     .option('--tls-cert <file>', 'Temporal mTLS client certificate (env TEMPORAL_TLS_CLIENT_CERT_PATH)')

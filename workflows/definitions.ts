@@ -1,6 +1,7 @@
 // Messages of the migrateVm workflow, shared by the workflow, the client and the CLI.
 import { defineQuery, defineSignal, defineUpdate } from '@temporalio/workflow';
 import { SearchAttributeType, defineSearchAttributeKey } from '@temporalio/common';
+import { DEFAULT_TASK_QUEUE } from '../common/types';
 import type { DestinationLostResolution, RetryState } from '../common/migration';
 import type { PublishedProgress } from '../common/progress';
 
@@ -63,6 +64,7 @@ export const CLUSTER_SCOPE = 'cluster';
 export function hostScope(host: string): string {
   return `host-${host}`;
 }
-export function admissionWorkflowId(scope: string): string {
-  return `ferry-admission-${scope}`;
+/** The admission workflow of a scope in the deployment of `taskQueue` (the default deployment's keep their first names). */
+export function admissionWorkflowId(scope: string, taskQueue: string): string {
+  return taskQueue === DEFAULT_TASK_QUEUE ? `ferry-admission-${scope}` : `ferry-admission-${taskQueue}-${scope}`;
 }

@@ -60,7 +60,7 @@ export class Slots {
     for (const scope of [...this.tickets.keys()].filter(which)) {
       this.granted.delete(scope);
       this.tickets.delete(scope);
-      await getExternalWorkflowHandle(admissionWorkflowId(scope))
+      await getExternalWorkflowHandle(admissionWorkflowId(scope, workflowInfo().taskQueue))
         .signal(releaseSlotSignal, this.self)
         .catch(() => undefined); // the admission run has ended: nothing is held there
     }

@@ -13,7 +13,7 @@ import { Client, Connection } from '@temporalio/client';
 import { NativeConnection, Worker } from '@temporalio/worker';
 import { requestSlotActivity } from '../../activities/admission';
 import { createControlActivities } from '../../activities/control';
-import { MIGRATION_TASK_QUEUE, hostTaskQueue } from '../../common/types';
+import { hostTaskQueue } from '../../common/types';
 import { CLUSTER_SCOPE, admissionStateQuery, admissionWorkflowId, type AdmissionState } from '../../workflows/definitions';
 import { ensureTemporalCli, startDevServer, type DevServer } from '../../scripts/temporal-cli';
 import type { ProbeResult } from './probe-workflow';
@@ -59,25 +59,27 @@ export async function runAdmissionLoad(o: AdmissionLoadOptions): Promise<Admissi
   const tag = randomBytes(3).toString('hex');
   const hosts = Array.from({ length: o.hosts }, (_, i) => `load-${tag}-h${i}`);
   const limits = { host: o.hostLimit ?? o.migrations, cluster: o.clusterLimit };
+  const taskQueue = `load-${tag}`;
+  const clusterScopeId = admissionWorkflowId(CLUSTER_SCOPE, taskQueue);
   const native = await NativeConnection.connect({ address: o.address });
   const connection = await Connection.connect({ address: o.address });
   const client = new Client({ connection });
   const workers = [
     await Worker.create({
       connection: native,
-      taskQueue: MIGRATION_TASK_QUEUE,
+      taskQueue,
       workflowsPath: require.resolve('./probe-workflow'),
       activities: createControlActivities(),
       maxCachedWorkflows: o.migrations + 50,
     }),
-    ...(await Promise.all(hosts.map((h) => Worker.create({ connection: native, taskQueue: hostTaskQueue(h), activities: { requestSlot: requestSlotActivity(h, limits) } })))),
+    ...(await Promise.all(hosts.map((h) => Worker.create({ connection: native, taskQueue: hostTaskQueue(h), activities: { requestSlot: requestSlotActivity(h, limits, taskQueue) } })))),
   ];
   const running = workers.map((w) => w.run());
   try {
-    const scope = client.workflow.getHandle(admissionWorkflowId(CLUSTER_SCOPE));
+    const scope = client.workflow.getHandle(clusterScopeId);
     if (o.historyLimit) {
       const initial: AdmissionState = { scope: CLUSTER_SCOPE, limit: o.clusterLimit, holders: [], waiting: [], historyLimit: o.historyLimit };
-      await client.workflow.start('admission', { workflowId: admissionWorkflowId(CLUSTER_SCOPE), taskQueue: MIGRATION_TASK_QUEUE, args: [initial] });
+      await client.workflow.start('admission', { workflowId: clusterScopeId, taskQueue, args: [initial] });
     }
     let maxHolders = 0;
     let sampling = true;
@@ -98,7 +100,7 @@ export async function runAdmissionLoad(o: AdmissionLoadOptions): Promise<Admissi
             const n = i + k;
             return client.workflow.start('admissionProbe', {
               workflowId: `load-${tag}-${n}`,
-              taskQueue: MIGRATION_TASK_QUEUE,
+              taskQueue,
               args: [{ source: hosts[n % hosts.length], destination: hosts[(n + 1) % hosts.length], holdMs: o.holdMs ?? 0 }],
             });
           }),
@@ -117,7 +119,7 @@ export async function runAdmissionLoad(o: AdmissionLoadOptions): Promise<Admissi
     if (results.length < o.migrations) {
       log(`${o.migrations - results.length} migrations still waiting after ${durationSeconds.toFixed(0)} s: terminating them`);
       await Promise.allSettled(handles.map((h) => h.terminate('admission load test over')));
-      await client.workflow.getHandle(admissionWorkflowId(CLUSTER_SCOPE)).terminate('admission load test over').catch(() => undefined);
+      await client.workflow.getHandle(clusterScopeId).terminate('admission load test over').catch(() => undefined);
     }
     // Every result call must have ended before the connection closes (a pending retry would hit a closed channel).
     await all.catch(() => undefined);
@@ -129,7 +131,7 @@ export async function runAdmissionLoad(o: AdmissionLoadOptions): Promise<Admissi
     const span = (grants.at(-1)! - grants[0]) / 1000;
     let clusterRuns = 0;
     let maxRunHistoryEvents = 0;
-    for await (const run of client.workflow.list({ query: `WorkflowId = '${admissionWorkflowId(CLUSTER_SCOPE)}'` })) {
+    for await (const run of client.workflow.list({ query: `WorkflowId = '${clusterScopeId}'` })) {
       clusterRuns++;
       const d = await client.workflow.getHandle(run.workflowId, run.runId).describe();
       maxRunHistoryEvents = Math.max(maxRunHistoryEvents, Number(d.raw.workflowExecutionInfo?.historyLength ?? 0));

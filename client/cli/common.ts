@@ -20,6 +20,7 @@ export const EXIT = {
 export interface ConnectionFlags {
   address?: string;
   namespace?: string;
+  taskQueue?: string;
   apiKey?: string;
   tls?: boolean;
   tlsCert?: string;
@@ -36,6 +37,7 @@ export function withConnectionFlags(cmd: Command): Command {
   return cmd
     .option('--address <host:port>', 'Temporal frontend (env TEMPORAL_ADDRESS; default localhost:7233)')
     .option('--namespace <ns>', 'Temporal namespace (env TEMPORAL_NAMESPACE; default default)')
+    .option('--task-queue <name>', 'task queue of the Ferry deployment\'s workflows, as its agents\' --task-queue (env FERRY_TASK_QUEUE; default ferry-migrations)')
     .option('--api-key <key>', 'Temporal API key; implies TLS (env TEMPORAL_API_KEY)')
     .option('--tls', 'connect with TLS (env TEMPORAL_TLS=true)')
     .option('--tls-cert <file>', 'mTLS client certificate (env TEMPORAL_TLS_CLIENT_CERT_PATH)')
@@ -63,6 +65,7 @@ export function connect(flags: ConnectionFlags): Promise<FerryClient> {
   return connectFerry({
     address: flags.address,
     namespace: flags.namespace,
+    taskQueue: flags.taskQueue,
     apiKey: flags.apiKey,
     tls: fileTls ? { cert: flags.tlsCert, key: flags.tlsKey, ca: flags.tlsCa, serverName: flags.tlsServerName } : flags.tls ? true : undefined,
   });

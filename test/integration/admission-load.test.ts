@@ -15,13 +15,13 @@ afterAll(async () => {
 it('grants every queued migration its slots, within the limit, continuing as new', async () => {
   const cli = await ensureTemporalCli();
   server = await startDevServer({ cliPath: cli.path, uiPort: null });
-  const result = await runAdmissionLoad({ address: server.address, migrations: 80, hosts: 10, clusterLimit: 8, historyLimit: 200, timeoutMs: 400_000 });
+  const result = await runAdmissionLoad({ address: server.address, migrations: 40, hosts: 10, clusterLimit: 8, historyLimit: 100, timeoutMs: 400_000 });
   process.stderr.write(`admission load: ${JSON.stringify(result)}\n`);
-  expect(result.finished).toBe(80);
+  expect(result.finished).toBe(40);
   expect(result.maxHoldersSeen).toBeGreaterThan(0);
   expect(result.maxHoldersSeen).toBeLessThanOrEqual(8);
   expect(result.clusterRuns).toBeGreaterThan(1);
   // A run may pass the limit by the events of the workflow task in which it decides to continue.
-  expect(result.maxRunHistoryEvents).toBeLessThan(200 + 200);
+  expect(result.maxRunHistoryEvents).toBeLessThan(100 + 200);
   expect(result.grantsPerSecond).toBeGreaterThan(0);
 });

@@ -44,8 +44,9 @@ describe('parsing, in process', () => {
   });
 
   it('takes connection settings from arguments, then TEMPORAL_* variables', () => {
-    expect(resolveConnection({ env: {} })).toEqual({ address: 'localhost:7233', namespace: 'default', apiKey: undefined, tls: undefined });
-    expect(resolveConnection({ env: { TEMPORAL_ADDRESS: 'h:1', TEMPORAL_NAMESPACE: 'ns', TEMPORAL_API_KEY: 'k' } })).toEqual({ address: 'h:1', namespace: 'ns', apiKey: 'k', tls: undefined });
+    expect(resolveConnection({ env: {} })).toEqual({ address: 'localhost:7233', namespace: 'default', taskQueue: 'ferry-migrations', apiKey: undefined, tls: undefined });
+    expect(resolveConnection({ env: { TEMPORAL_ADDRESS: 'h:1', TEMPORAL_NAMESPACE: 'ns', TEMPORAL_API_KEY: 'k', FERRY_TASK_QUEUE: 'staging' } })).toEqual({ address: 'h:1', namespace: 'ns', taskQueue: 'staging', apiKey: 'k', tls: undefined });
+    expect(resolveConnection({ taskQueue: 'canary', env: { FERRY_TASK_QUEUE: 'staging' } }).taskQueue).toBe('canary');
     expect(resolveConnection({ address: 'x:2', env: { TEMPORAL_ADDRESS: 'h:1', TEMPORAL_TLS: 'true', TEMPORAL_TLS_SERVER_NAME: 'srv' } })).toMatchObject({ address: 'x:2', tls: { serverNameOverride: 'srv' } });
     expect(resolveConnection({ tls: false, env: { TEMPORAL_TLS: 'true' } }).tls).toBe(false);
     expect(() => resolveConnection({ env: { TEMPORAL_TLS_CLIENT_CERT_PATH: '/c.pem' } })).toThrow(/needs both a client certificate and its key/);

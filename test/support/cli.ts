@@ -2,6 +2,7 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import path from 'node:path';
 import { testTemporalAddress } from './temporal';
+import { TEST_TASK_QUEUE } from './cluster';
 
 const REPO = path.resolve(__dirname, '..', '..');
 
@@ -13,7 +14,7 @@ export interface Run {
 
 /** The test server's connection settings over the inherited environment; `env` entries override (undefined removes). */
 function childEnv(env: Record<string, string | undefined>): NodeJS.ProcessEnv {
-  const out: NodeJS.ProcessEnv = { ...process.env, TEMPORAL_ADDRESS: testTemporalAddress(), TEMPORAL_NAMESPACE: 'default' };
+  const out: NodeJS.ProcessEnv = { ...process.env, TEMPORAL_ADDRESS: testTemporalAddress(), TEMPORAL_NAMESPACE: 'default', FERRY_TASK_QUEUE: TEST_TASK_QUEUE };
   for (const k of Object.keys(out)) if (k.startsWith('TEMPORAL_TLS') || k === 'TEMPORAL_API_KEY') delete out[k];
   for (const [k, v] of Object.entries(env)) {
     if (v === undefined) delete out[k];

@@ -14,8 +14,8 @@ import { testTemporalAddress } from './temporal';
 export type TestClusterOptions = Pick<ClusterOptions, 'metrics' | 'hostEnv' | 'root'>;
 
 export async function startCluster(hosts: string[], env?: Record<string, string>, opts: TestClusterOptions = {}): Promise<{ cluster: LocalCluster; ferry: FerryClient }> {
-  const cluster = await LocalCluster.start({ temporalAddress: testTemporalAddress(), hosts, env, ...opts });
-  return { cluster, ferry: new FerryClient(cluster.client) };
+  const cluster = await LocalCluster.start({ temporalAddress: testTemporalAddress(), hosts, env, taskQueue: TEST_TASK_QUEUE, ...opts });
+  return { cluster, ferry: cluster.ferryClient() };
 }
 
 /** The cluster of one test file: started before its tests, stopped after them. */
@@ -53,6 +53,13 @@ export interface TestVm {
 
 // Test files share one Temporal server, and a jest worker runs several files: names carry a run tag.
 const RUN_TAG = `${process.pid.toString(36)}${Math.random().toString(36).slice(2, 6)}`;
+
+/**
+ * The workflow task queue of this test file's clusters (and its `ferry` commands): the files running at
+ * the same time on the shared server would otherwise run each other's workflows, with their own builds
+ * and admission limits.
+ */
+export const TEST_TASK_QUEUE = `ferry-migrations-${RUN_TAG}`;
 
 /** Host names of this test file, distinct from every other file's (they share the task queues' namespace). */
 export function uniqueHosts(...names: string[]): string[] {

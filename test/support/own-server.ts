@@ -5,6 +5,7 @@ import path from 'node:path';
 import { promises as fs } from 'node:fs';
 import { ensureTemporalCli, startDevServer, freePort, type DevServer } from '../../scripts/temporal-cli';
 import { LocalCluster } from '../../harness/cluster';
+import { TEST_TASK_QUEUE } from './cluster';
 import { FerryClient } from '../../client/ferry-client';
 
 export class OwnServer {
@@ -21,7 +22,7 @@ export class OwnServer {
     const port = await freePort();
     const start = () => startDevServer({ cliPath, dbFile: path.join(dir, 'temporal.db'), port, uiPort: null });
     const server = await start();
-    const cluster = await LocalCluster.start({ temporalAddress: server.address, hosts, root: dir }).catch(async (err: unknown) => {
+    const cluster = await LocalCluster.start({ temporalAddress: server.address, hosts, root: dir, taskQueue: TEST_TASK_QUEUE }).catch(async (err: unknown) => {
       await server.stop();
       throw err;
     });
@@ -29,7 +30,7 @@ export class OwnServer {
   }
 
   get ferry(): FerryClient {
-    return new FerryClient(this.cluster.client);
+    return this.cluster.ferryClient();
   }
 
   /** kill -9 of the server; it is gone once this resolves. */

@@ -1,4 +1,4 @@
-// The agent's listen addresses: the data plane and --metrics-listen (with the older --metrics-port).
+// The agent's listen addresses (the data plane and --metrics-listen, with the older --metrics-port) and its deployment's task queue.
 import { ConfigError, loadAgentConfig } from '../../worker/config';
 
 const env = { FERRY_DATA_SECRET: 'secret' };
@@ -22,5 +22,12 @@ describe('agent configuration', () => {
     expect(() => loadAgentConfig({ host: 'a', metricsListen: '127.0.0.1:70000' }, env)).toThrow(/out of range/);
     expect(() => loadAgentConfig({ host: 'a', metricsListen: '127.0.0.1:1', metricsPort: '2' }, env)).toThrow(ConfigError);
     expect(() => loadAgentConfig({ host: 'a', metricsPort: 'x' }, env)).toThrow(/--metrics-port x is not a port number/);
+  });
+
+  it('serves the deployment task queue of --task-queue or FERRY_TASK_QUEUE, default ferry-migrations', () => {
+    expect(loadAgentConfig({ host: 'a' }, env).taskQueue).toBe('ferry-migrations');
+    expect(loadAgentConfig({ host: 'a' }, { ...env, FERRY_TASK_QUEUE: 'staging' }).taskQueue).toBe('staging');
+    expect(loadAgentConfig({ host: 'a', taskQueue: 'canary-2' }, { ...env, FERRY_TASK_QUEUE: 'staging' }).taskQueue).toBe('canary-2');
+    expect(() => loadAgentConfig({ host: 'a', taskQueue: 'has space' }, env)).toThrow(/--task-queue has space: use letters, digits/);
   });
 });
