@@ -5,7 +5,6 @@ import os from 'node:os';
 import path from 'node:path';
 import { promises as fs } from 'node:fs';
 import { Command } from 'commander';
-import { FerryClient } from '../client/ferry-client';
 import { LocalCluster } from '../harness/cluster';
 import type { MigrationMode } from '../common/migration';
 import { WORKLOADS, type Workload } from '../common/types';

@@ -440,16 +440,23 @@ export class Source {
         () => atReady.abort(),
       );
       let dirtyBlocks = 0;
-      while (!atReady.signal.aborted) {
-        if (await this.abortRequested(ref.migrationId)) await this.stopStream(ref.migrationId);
-        report('memory-precopy', dirtyBlocks);
-        const round = await this.diskRound(vm, session, ref, tracking, atReady.signal);
-        sent.diskBytes += round.bytes;
-        dirtyBlocks = round.items;
-        if (round.items <= 1) await Promise.race([carried.ready().catch(() => undefined), sleep(200)]);
+      try {
+        while (!atReady.signal.aborted) {
+          if (await this.abortRequested(ref.migrationId)) await this.stopStream(ref.migrationId);
+          report('memory-precopy', dirtyBlocks);
+          const round = await this.diskRound(vm, session, ref, tracking, atReady.signal);
+          sent.diskBytes += round.bytes;
+          dirtyBlocks = round.items;
+          if (round.items <= 1) await Promise.race([carried.ready().catch(() => undefined), sleep(200)]);
+        }
+      } catch (err) {
+        await this.throwIfGone(ref.vmId);
+        throw err;
       }
       if (carried.broken) {
         sent.memoryBytes += carried.takeUnreported();
+        // A VM that died broke its own stream: that is a crash to report, not an abort to retry.
+        await this.throwIfGone(ref.vmId);
         if (await this.abortRequested(ref.migrationId)) return aborted('aborted by operator');
         return aborted(`the machine-state stream stopped before the freeze: ${carried.broken.message}`);
       }
@@ -751,6 +758,7 @@ export class Source {
     this.deps.log.warn({ migrationId: ref.migrationId, err: cause.message, commitSent }, 'switchover failed; finding out what the destination did');
     if (!commitSent) {
       await this.stopStream(ref.migrationId);
+      await this.throwIfGone(ref.vmId);
       if ((await vm.status()).state === 'migrated') await vm.resume();
       return { outcome: 'aborted', reason: `switchover failed before the commit was asked for (${cause.message}); the VM runs on the source`, ...sent };
     }
@@ -766,6 +774,7 @@ export class Source {
     const fenced = await session.request({ type: Msg.Abort, meta: {}, data: Buffer.alloc(0) });
     if (fenced.meta.state === 'running') return this.committed(ref, { ...this.committedBefore(), ...sent });
     await this.stopStream(ref.migrationId);
+    await this.throwIfGone(ref.vmId);
     if ((await vm.status()).state === 'migrated') await vm.resume();
     return { outcome: 'aborted', reason: `switchover failed before the commit: ${cause.message}`, ...sent };
   }
@@ -838,6 +847,22 @@ export class Source {
     while (!(await Promise.race([drained, sleep(500).then(() => false)]))) reportAcked();
     reportAcked();
     return { items, bytes, zeroItems };
+  }
+
+  /**
+   * VmGone when the VM's process has ended: what just failed on it was its death. Its exit may be
+   * recorded a moment after its connections broke, so this looks for a second before it says no.
+   */
+  private async throwIfGone(vmId: string): Promise<void> {
+    let stopped = false;
+    for (let i = 0; i < 5; i++) {
+      const status = await this.deps.driver.inspect(asVmId(vmId)).catch(() => null);
+      if (status?.state === 'crashed') throw new VmGone(vmId, this.deps.host, status.exit ?? null);
+      if (status?.state === 'running' || status?.state === 'paused') return;
+      stopped = status?.state === 'stopped'; // or crashed, its exit not recorded yet
+      await sleep(200);
+    }
+    if (stopped) throw new VmGone(vmId, this.deps.host, null);
   }
 
   private async attach(vmId: string): Promise<VmHandle> {

@@ -10,7 +10,7 @@ import { useCluster, testVm, expectGuestCorrect, waitForProgress, uniqueHosts } 
 import { ferry as runFerry, type Run } from '../support/cli';
 import { agentLog, descriptors, migrationIdOf, ownershipOn, shells, tempFiles, until, vmPid, within } from '../support/host-checks';
 import { FerryRequestError, type MigrationState } from '../../client/ferry-client';
-import type { MigrationReport } from '../../common/migration';
+import type { MigrationProgress, MigrationReport } from '../../common/migration';
 
 const [a, b, stranger] = uniqueHosts('a', 'b', 'stranger');
 const MiB = 1024 * 1024;
@@ -79,11 +79,14 @@ describe('a destination whose data-plane secret differs', () => {
 });
 
 describe('the source VM process dies', () => {
-  it('kill -9 during the disk precopy: the migration fails at once with the signal, the destination is cleaned, the VM is left crashed', async () => {
-    const vm = testVm('randwrite', { opsPerSecond: 20, diskBytes: 64 * MiB });
+  it.each([
+    ['disk', { diskBytes: 64 * MiB }, (p: MigrationProgress) => p.phase === 'disk-precopy' && p.disk.sentBytes > 4 * MiB],
+    ['memory', { diskBytes: 4 * MiB, memoryBytes: 64 * MiB }, (p: MigrationProgress) => p.phase === 'memory-precopy' && p.memory.sentBytes > 4 * MiB],
+  ] as const)('kill -9 during the %s precopy: the migration fails at once with the signal, the destination is cleaned, the VM is left crashed', async (what, size, under) => {
+    const vm = testVm('randwrite', { opsPerSecond: 20, ...size });
     await t.ferry.hostCommand(a, 'vmCreate', vm);
     const handle = await t.ferry.migrate({ vmId: vm.vmId, sourceHost: a, destinationHosts: [b], bandwidthBytesPerSecond: 4 * MiB });
-    await waitForProgress(handle, 'the disk precopy under way', (p) => p.phase === 'disk-precopy' && p.disk.sentBytes > 4 * MiB);
+    await waitForProgress(handle, `the ${what} precopy under way`, under);
     process.kill(await vmPid(t.cluster, a, vm.vmId), 'SIGKILL');
 
     const err = await within('the migration to fail', 60_000, handle.result().then(() => null, (e: unknown) => e));
