@@ -2,6 +2,7 @@
 // process this agent started is reported with its status or signal; a process it only attached to
 // (after an agent restart) is polled, and its exit status is unknown.
 import * as fs from 'node:fs';
+import { setTimeout as sleep } from 'node:timers/promises';
 import type { VmId } from '../common/types';
 import type { VmExit } from './driver';
 
@@ -91,4 +92,14 @@ export class CrashWatch {
     }
     for (const cb of this.listeners) cb(vm, exit);
   }
+}
+
+/** Waits until `alive()` is false (true), or gives up after `timeoutMs` (false). */
+export async function waitForExit(alive: () => boolean, timeoutMs: number): Promise<boolean> {
+  const deadline = Date.now() + timeoutMs;
+  while (alive()) {
+    if (Date.now() > deadline) return false;
+    await sleep(20);
+  }
+  return true;
 }

@@ -134,3 +134,35 @@ export class StreamWriter {
     this.socket.destroy();
   }
 }
+
+/** The two moments of an outgoing stream, settled by a driver's events: a failure rejects both. */
+export interface StreamMilestones {
+  /** The switchover point: memory is copied, the hypervisor waits to pause the guest. */
+  ready: Promise<void>;
+  /** The stream's end. */
+  done: Promise<void>;
+  reachReady(): void;
+  finish(): void;
+  fail(err: Error): void;
+}
+
+export function streamMilestones(): StreamMilestones {
+  let reachReady!: () => void;
+  let failReady!: (err: Error) => void;
+  let finish!: () => void;
+  let failDone!: (err: Error) => void;
+  const ready = new Promise<void>((resolve, reject) => ((reachReady = resolve), (failReady = reject)));
+  const done = new Promise<void>((resolve, reject) => ((finish = resolve), (failDone = reject)));
+  ready.catch(() => undefined);
+  done.catch(() => undefined);
+  return {
+    ready,
+    done,
+    reachReady,
+    finish,
+    fail: (err) => {
+      failReady(err);
+      failDone(err);
+    },
+  };
+}

@@ -104,54 +104,21 @@ export function vmCommand(): Command {
     ),
   );
 
-  vm.addCommand(
-    withConnectionFlags(
-      new Command('inspect')
-        .description('show the state of one VM: process, ownership epoch, guest counters')
-        .argument('<vm>', 'VM id', vmIdArg)
-        .requiredOption('--host <host>', 'host the VM is on', hostArg)
-        .option('--json', 'print JSON'),
-    ).action(
-      ferryAction(async (ferry, vmId: string, f: { host: string; json?: boolean }) => {
-        const s = await ferry.hostCommand(f.host, 'vmInspect', { vmId });
-        if (f.json) printJson(s);
-        else process.stdout.write(`${describe(s)}\n`);
-      }),
-    ),
-  );
-
-  vm.addCommand(
-    withConnectionFlags(
-      new Command('start')
-        .description('start a VM whose process is not running (after a crash of the VM process, say)')
-        .argument('<vm>', 'VM id', vmIdArg)
-        .requiredOption('--host <host>', 'host the VM is on', hostArg)
-        .option('--json', 'print JSON'),
-    ).action(
-      ferryAction(async (ferry, vmId: string, f: { host: string; json?: boolean }) => {
-        const s = await ferry.hostCommand(f.host, 'vmStart', { vmId });
-        if (f.json) printJson(s);
-        else process.stdout.write(`started ${describe(s)}\n`);
-      }),
-    ),
-  );
-
-  for (const [name, command, done] of [
-    ['pause', 'vmPause', 'paused'],
-    ['resume', 'vmResume', 'resumed'],
+  // Commands on one VM that print its state afterwards.
+  for (const [name, command, description, prefix] of [
+    ['inspect', 'vmInspect', 'show the state of one VM: process, ownership epoch, guest counters', ''],
+    ['start', 'vmStart', 'start a VM whose process is not running (after a crash of the VM process, say)', 'started '],
+    ['pause', 'vmPause', 'pause the guest (a migration of a paused VM moves it paused: a cold migration)', 'paused '],
+    ['resume', 'vmResume', 'let a paused guest run again', 'resumed '],
   ] as const) {
     vm.addCommand(
       withConnectionFlags(
-        new Command(name)
-          .description(name === 'pause' ? 'pause the guest (a migration of a paused VM moves it paused: a cold migration)' : 'let a paused guest run again')
-          .argument('<vm>', 'VM id', vmIdArg)
-          .requiredOption('--host <host>', 'host the VM is on', hostArg)
-          .option('--json', 'print JSON'),
+        new Command(name).description(description).argument('<vm>', 'VM id', vmIdArg).requiredOption('--host <host>', 'host the VM is on', hostArg).option('--json', 'print JSON'),
       ).action(
         ferryAction(async (ferry, vmId: string, f: { host: string; json?: boolean }) => {
           const s = await ferry.hostCommand(f.host, command, { vmId });
           if (f.json) printJson(s);
-          else process.stdout.write(`${done} ${describe(s)}\n`);
+          else process.stdout.write(`${prefix}${describe(s)}\n`);
         }),
       ),
     );

@@ -3,7 +3,7 @@
 // destination QEMU (started with `-incoming defer -S`) loads from a socket the agent connects to.
 import type { IncomingStream, OutgoingStream, StreamLimits, StreamProgress, StreamStatus } from '../driver';
 import { HypervisorError } from '../errors';
-import { connectToStream, listenForStream, socketChunks, streamSocketPath } from '../stream-socket';
+import { connectToStream, listenForStream, socketChunks, streamMilestones, streamSocketPath } from '../stream-socket';
 import type { QmpClient as Qmp } from './qmp/client';
 
 const CONNECT_MS = 10_000;
@@ -66,23 +66,7 @@ function parameters(limits: Partial<StreamLimits>): Record<string, unknown> {
 
 /** MIGRATION events of the next stream: `ready` at pre-switchover, `completed` at its end. */
 function watch(qmp: Qmp): { ready: Promise<void>; done: Promise<void>; stop(): void } {
-  let onReady!: () => void;
-  let onDone!: () => void;
-  let onFail!: (err: Error) => void;
-  const ready = new Promise<void>((resolve, reject) => {
-    onReady = resolve;
-    onFail = reject;
-  });
-  const done = new Promise<void>((resolve, reject) => {
-    onDone = resolve;
-    const failReady = onFail;
-    onFail = (err) => {
-      failReady(err);
-      reject(err);
-    };
-  });
-  ready.catch(() => undefined);
-  done.catch(() => undefined);
+  const { ready, done, reachReady: onReady, finish: onDone, fail: onFail } = streamMilestones();
   const off = qmp.on('MIGRATION', (data) => {
     const status = String(data.status);
     if (status === 'pre-switchover') onReady();

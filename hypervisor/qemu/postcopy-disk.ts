@@ -14,7 +14,8 @@ import { ControlClient } from '../control/client';
 import { HypervisorError } from '../errors';
 import { DISK_FILE_NODE, DISK_NBD_NODE, DISK_NODE } from './command-line';
 import type { QmpClient as Qmp } from './qmp/client';
-import { isProcessOf, readPidFile, type QemuVmPaths } from './vm-files';
+import { isProcessOf, type QemuVmPaths } from './vm-files';
+import { readPidFile } from '../process-files';
 
 const SERVER_MAIN = path.join(__dirname, 'stale-disk-main');
 const START_TIMEOUT_MS = 20_000;

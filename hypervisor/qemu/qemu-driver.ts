@@ -9,7 +9,7 @@ import * as path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { vmId as checkVmId, SECTOR_BYTES, type VmId } from '../../common/types';
 import type { CreateOptions, DiskAccess, HypervisorDriver, VmExit, VmSpec, VmStatus } from '../driver';
-import { CrashWatch } from '../crash-watch';
+import { CrashWatch, waitForExit } from '../crash-watch';
 import { describeExit } from '../exit';
 import { HypervisorError } from '../errors';
 import { FileDiskAccess } from '../file-disk';
@@ -20,7 +20,8 @@ import { GuestProbe } from './guest-probe';
 import { PostcopyDisk } from './postcopy-disk';
 import { QmpClient } from './qmp/client';
 import { createConnection, QemuVmHandle, runState, type QemuConnection } from './vm-handle';
-import { QemuVmPaths, isProcessOf, readConfig, readPidFile, type QemuVmConfig } from './vm-files';
+import { QemuVmPaths, isProcessOf, readConfig, type QemuVmConfig } from './vm-files';
+import { readPidFile } from '../process-files';
 
 export interface QemuDriverOptions {
   home: string;
@@ -261,7 +262,7 @@ export class QemuDriver implements HypervisorDriver {
     this.crashes.expectExit(vm);
     const handle = await this.attach(vm);
     await handle.stopProcess().catch(() => process.kill(pid, 'SIGTERM'));
-    if (!(await waitForExit(() => this.livePid(vm), 30_000))) throw new HypervisorError('Timeout', `QEMU of VM ${vm} (pid ${pid}) did not stop within 30 s: destroy it`);
+    if (!(await waitForExit(() => this.livePid(vm) !== null, 30_000))) throw new HypervisorError('Timeout', `QEMU of VM ${vm} (pid ${pid}) did not stop within 30 s: destroy it`);
   }
 
   async kill(vm: VmId): Promise<void> {
@@ -269,7 +270,7 @@ export class QemuDriver implements HypervisorDriver {
     if (pid === null) return;
     this.crashes.expectExit(vm);
     process.kill(pid, 'SIGKILL');
-    if (!(await waitForExit(() => this.livePid(vm), 10_000))) throw new HypervisorError('Timeout', `QEMU of VM ${vm} (pid ${pid}) survived SIGKILL`);
+    if (!(await waitForExit(() => this.livePid(vm) !== null, 10_000))) throw new HypervisorError('Timeout', `QEMU of VM ${vm} (pid ${pid}) survived SIGKILL`);
     this.dropConnection(vm);
   }
 
@@ -341,11 +342,3 @@ function validate(spec: VmSpec): void {
 }
 
 
-async function waitForExit(livePid: () => number | null, timeoutMs: number): Promise<boolean> {
-  const deadline = Date.now() + timeoutMs;
-  while (livePid() !== null) {
-    if (Date.now() > deadline) return false;
-    await sleep(20);
-  }
-  return true;
-}

@@ -4,6 +4,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import type { VmSpec } from '../driver';
 import { socketPath } from '../socket-path';
+import { isProcessOf as isProcessAlive } from '../process-files';
 
 export interface QemuVmConfig {
   spec: VmSpec;
@@ -70,28 +71,7 @@ export function readConfig(p: QemuVmPaths): QemuVmConfig | null {
   }
 }
 
-export function readPidFile(file: string): number | null {
-  try {
-    const pid = Number(fs.readFileSync(file, 'utf8').trim());
-    return Number.isSafeInteger(pid) && pid > 0 ? pid : null;
-  } catch {
-    return null;
-  }
-}
-
 /** Whether `pid` is alive and its command line names `marker` (so a recycled pid is not taken for it). */
 export function isProcessOf(pid: number, marker: string): boolean {
-  try {
-    process.kill(pid, 0);
-  } catch (e) {
-    if ((e as NodeJS.ErrnoException).code !== 'EPERM') return false;
-  }
-  try {
-    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-    const state = stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
-    if (state === 'Z' || state === 'X') return false;
-    return fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes(marker);
-  } catch (e) {
-    return !((e as NodeJS.ErrnoException).code === 'ENOENT' && fs.existsSync('/proc/self/stat'));
-  }
+  return isProcessAlive(pid, (arg) => arg.includes(marker));
 }

@@ -15,7 +15,7 @@ import { fillDisk, parseCpuState, validateSpec } from './guest';
 import { verifyAgainstReference } from './verify';
 import { SimVmHandle, toVmStatus } from './vm-handle';
 import { VmPaths, controlSocketPath, isVmProcessAlive, readJson, readPid, writeFileAtomic, type SavedRun, type VmConfig } from './vm-files';
-import { CrashWatch } from '../crash-watch';
+import { CrashWatch, waitForExit } from '../crash-watch';
 import { describeExit } from '../exit';
 import { setTimeout as sleep } from 'node:timers/promises';
 
@@ -106,7 +106,7 @@ export class SimDriver implements HypervisorDriver {
     } catch {
       // already gone
     }
-    if (!(await waitForExit(pid, p.dir, 10_000))) throw new HypervisorError('Timeout', `VM ${vm} (pid ${pid}) survived SIGKILL`);
+    if (!(await waitForExit(() => isVmProcessAlive(pid, p.dir), 10_000))) throw new HypervisorError('Timeout', `VM ${vm} (pid ${pid}) survived SIGKILL`);
     fs.rmSync(p.pid, { force: true });
   }
 
@@ -271,7 +271,7 @@ export class SimDriver implements HypervisorDriver {
       this.log?.warn({ vmId: vm, err: String(e) }, 'quit over the control socket failed; sending SIGTERM (also a clean stop)');
       process.kill(pid, 'SIGTERM');
     }
-    if (!(await waitForExit(pid, p.dir, this.stopTimeoutMs))) {
+    if (!(await waitForExit(() => isVmProcessAlive(pid, p.dir), this.stopTimeoutMs))) {
       throw new HypervisorError('Timeout', `VM ${vm} (pid ${pid}) did not stop within ${this.stopTimeoutMs} ms: see ${p.log}, or destroy it`);
     }
     this.log?.info({ vmId: vm, pid }, 'VM stopped cleanly');
@@ -288,7 +288,7 @@ export class SimDriver implements HypervisorDriver {
       } catch {
         // already gone
       }
-      if (!(await waitForExit(pid, p.dir, 10_000))) throw new HypervisorError('Timeout', `VM ${vm} (pid ${pid}) survived SIGKILL`);
+      if (!(await waitForExit(() => isVmProcessAlive(pid, p.dir), 10_000))) throw new HypervisorError('Timeout', `VM ${vm} (pid ${pid}) survived SIGKILL`);
     }
     const socket = controlSocketPath(p);
     if (socket !== p.socket) fs.rmSync(path.dirname(socket), { force: true });
@@ -349,11 +349,3 @@ export class SimDriver implements HypervisorDriver {
   }
 }
 
-async function waitForExit(pid: number, dir: string, timeoutMs: number): Promise<boolean> {
-  const deadline = Date.now() + timeoutMs;
-  while (isVmProcessAlive(pid, dir)) {
-    if (Date.now() > deadline) return false;
-    await sleep(20);
-  }
-  return true;
-}

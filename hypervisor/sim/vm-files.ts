@@ -5,6 +5,7 @@ import * as path from 'node:path';
 import type { VmSpec } from '../driver';
 import { socketPath } from '../socket-path';
 import { tempFileFor } from '../../common/durable-file';
+import { isProcessOf, readPidFile } from '../process-files';
 
 export interface VmConfig {
   spec: VmSpec;
@@ -89,36 +90,12 @@ export function readJson<T>(file: string): T | null {
 }
 
 export function readPid(paths: VmPaths): number | null {
-  try {
-    const pid = Number(fs.readFileSync(paths.pid, 'utf8').trim());
-    return Number.isSafeInteger(pid) && pid > 0 ? pid : null;
-  } catch {
-    return null;
-  }
+  return readPidFile(paths.pid);
 }
 
-/**
- * Whether `pid` is a live VM process of this directory. A zombie (killed, not yet reaped: the VM's
- * parent may be gone and init may not reap) counts as dead; on Linux the command line must name the
- * directory, so a recycled pid is not mistaken for the VM.
- */
+/** Whether `pid` is a live VM process of this directory (its command line names the directory). */
 export function isVmProcessAlive(pid: number, dir: string): boolean {
-  try {
-    process.kill(pid, 0);
-  } catch (e) {
-    if ((e as NodeJS.ErrnoException).code !== 'EPERM') return false;
-  }
-  try {
-    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-    const state = stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
-    if (state === 'Z' || state === 'X') return false;
-    const cmdline = fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
-    return cmdline.includes(dir);
-  } catch (e) {
-    const code = (e as NodeJS.ErrnoException).code;
-    if (code === 'ENOENT' && fs.existsSync('/proc/self/stat')) return false; // exited meanwhile
-    return true; // no procfs: trust kill(0)
-  }
+  return isProcessOf(pid, (arg) => arg === dir);
 }
 
 /** The VM's control socket (through a short symlink when its directory is deep: see socket-path.ts). */

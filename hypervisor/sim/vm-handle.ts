@@ -14,7 +14,7 @@ import type {
   VmHandle,
   VmStatus,
 } from '../driver';
-import { connectToStream, listenForStream, socketChunks, streamSocketPath } from '../stream-socket';
+import { connectToStream, listenForStream, socketChunks, streamMilestones, streamSocketPath } from '../stream-socket';
 import type { ControlClient } from '../control/client';
 import { FileDiskAccess } from '../file-disk';
 import { HypervisorError } from '../errors';
@@ -297,23 +297,7 @@ export class SimVmHandle implements VmHandle {
 /** MIGRATION events of one stream: `ready` at the switchover point, `completed` at its end. */
 function streamEvents(client: ControlClient): { ready: Promise<void>; completed: Promise<void>; last: JsonObject } {
   const state = { last: {} as JsonObject };
-  let onReady!: () => void;
-  let onDone!: () => void;
-  let onFail!: (err: Error) => void;
-  const ready = new Promise<void>((resolve, reject) => {
-    onReady = resolve;
-    onFail = reject;
-  });
-  const completed = new Promise<void>((resolve, reject) => {
-    onDone = resolve;
-    const prev = onFail;
-    onFail = (err) => {
-      prev(err);
-      reject(err);
-    };
-  });
-  ready.catch(() => undefined);
-  completed.catch(() => undefined);
+  const { ready, done: completed, reachReady: onReady, finish: onDone, fail: onFail } = streamMilestones();
   const off = client.onEvent((e) => {
     if (e.event !== 'MIGRATION') return;
     const status = e.data.status as string;
