@@ -116,7 +116,7 @@ export interface StepFailure {
 export const DESTINATION_STEPS: readonly string[] = ['prepareDestination', 'abortDestination', 'finishDestination', 'revokeDestination'];
 /** Host steps that run on the source (requestSlot runs on either). */
 export const SOURCE_STEPS: readonly string[] = [
-  'inspectSource', 'copyDiskFirstPass', 'copyDiskDirty', 'copyMachineState', 'setThrottle', 'switchover', 'postcopy', 'rollbackSource', 'resumeSourceAfterLoss', 'finalizeSource',
+  'inspectSource', 'copyDiskFirstPass', 'copyDiskDirty', 'setThrottle', 'switchover', 'postcopy', 'rollbackSource', 'resumeSourceAfterLoss', 'finalizeSource',
 ];
 
 /** An operator's decision that a destination is lost for good (`ferry resolve VM --destination-lost`). */

@@ -56,15 +56,7 @@ export class BlockSet {
   ) {
     this.blocks = blockCount(sizeBytes, blockBytes);
     this.bits = new Uint8Array(bitmapBytes(this.blocks));
-    if (bits) {
-      if (bits.length !== this.bits.length) {
-        throw new RangeError(`bitmap has ${bits.length} bytes, expected ${this.bits.length} for ${this.blocks} blocks`);
-      }
-      this.bits.set(bits);
-      const tail = this.blocks & 7;
-      if (tail) this.bits[this.bits.length - 1] &= (1 << tail) - 1; // bits past the last block mean nothing
-      this.count = popcount(this.bits);
-    }
+    if (bits) this.unionWith(bits);
   }
 
   get size(): number {
@@ -114,7 +106,12 @@ export class BlockSet {
   }
 
   unionWith(other: Uint8Array): void {
+    if (other.length !== this.bits.length) {
+      throw new RangeError(`bitmap has ${other.length} bytes, expected ${this.bits.length} for ${this.blocks} blocks`);
+    }
     for (let i = 0; i < this.bits.length; i++) this.bits[i] |= other[i];
+    const tail = this.blocks & 7;
+    if (tail) this.bits[this.bits.length - 1] &= (1 << tail) - 1; // bits past the last block mean nothing
     this.count = popcount(this.bits);
   }
 

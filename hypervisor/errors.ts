@@ -1,5 +1,5 @@
-// Errors of the simulated hypervisor. `code` is the control protocol's error class, so an error raised
-// inside the VM process arrives at the driver's caller with the same code and description.
+// Errors of the hypervisor drivers. `code` is the control protocol's (and QMP's) error class, so an error
+// raised inside the VM process arrives at the driver's caller with the same code and description.
 export type HypervisorErrorCode =
   | 'VmNotFound'
   | 'VmNotRunning'

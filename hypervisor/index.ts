@@ -1,4 +1,4 @@
-// The hypervisor drivers behind one interface (driver.ts). Today: the simulated hypervisor.
+// The hypervisor drivers behind one interface (driver.ts): the simulator (sim/) and QEMU (qemu/).
 import type { HypervisorDriver } from './driver';
 import { SimDriver, type SimLogger } from './sim/sim-driver';
 import { HypervisorError } from './errors';

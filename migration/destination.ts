@@ -7,6 +7,7 @@ import type { Message, ServerSession, SessionHandler, SessionIdentity } from '..
 import { DataPlaneError } from '../dataplane/api';
 import { readJsonIfExists, writeFileDurable } from '../common/durable-file';
 import { vmId as asVmId } from '../common/types';
+import { BlockSet } from '../hypervisor/bitmap';
 import { OwnershipStore } from './ownership';
 import { BaseStore, IM_BITMAP, ImStore } from './bases';
 import { MIGRATION_PROTOCOL, Msg, indicesToBitmap, type QueryReply } from './messages';
@@ -425,9 +426,14 @@ export class Destination {
     if (msg.meta.blockBytes !== record.blockBytes || msg.data.length !== Math.ceil(blocks / 8)) {
       throw new Error(`the stale bitmap must be ${Math.ceil(blocks / 8)} bytes at ${record.blockBytes}-byte blocks, got ${msg.data.length} at ${String(msg.meta.blockBytes)}`);
     }
+    // The bitmap is the truth: a count that disagrees with it means a corrupt or foreign message.
+    const stale = new BlockSet(record.spec.diskBytes, record.blockBytes, msg.data);
+    if (Number(msg.meta.staleCount) !== stale.size) {
+      throw new Error(`the Final message counts ${String(msg.meta.staleCount)} stale blocks but its bitmap names ${stale.size}: the source must send the switchover again`);
+    }
     inc.final = {
-      bits: Buffer.from(msg.data),
-      count: Number(msg.meta.staleCount),
+      bits: Buffer.from(stale.bits),
+      count: stale.size,
       lastHeartbeatMs: typeof msg.meta.lastHeartbeatMs === 'number' ? msg.meta.lastHeartbeatMs : null,
       guestRunning: msg.meta.guestRunning !== false,
     };

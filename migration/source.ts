@@ -209,6 +209,8 @@ export class Source {
       work.catch(() => undefined); // after an abort it fails on its own, released resources and all
       return await Promise.race([work, abortedWith(ac.signal)]);
     } catch (err) {
+      // What failed on a VM that died was its death (the crash watch may not have said so yet).
+      if (!(err instanceof VmGone) && !signal.aborted) await this.throwIfGone(vmId);
       // A session that lost its connection for good: the destination is as unreachable as one that never answered.
       if (err instanceof DataPlaneError && CONNECTION_ERRORS.has(err.code)) throw new DestinationUnreachable(`lost the data plane to the destination: ${err.message}`, err.code === 'disconnected');
       throw err;

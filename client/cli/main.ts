@@ -24,7 +24,8 @@ Exit codes:
 Client commands connect with --address, --namespace, --api-key, --tls, --tls-cert,
 --tls-key, --tls-ca, --tls-server-name, or the TEMPORAL_ADDRESS, TEMPORAL_NAMESPACE,
 TEMPORAL_API_KEY, TEMPORAL_TLS, TEMPORAL_TLS_CLIENT_CERT_PATH, TEMPORAL_TLS_CLIENT_KEY_PATH,
-TEMPORAL_TLS_SERVER_CA_CERT_PATH and TEMPORAL_TLS_SERVER_NAME environment variables.
+TEMPORAL_TLS_SERVER_CA_CERT_PATH and TEMPORAL_TLS_SERVER_NAME environment variables; and with
+--task-queue or FERRY_TASK_QUEUE when the deployment's agents run with one.
 
 Example:
   ferry server &                       # Temporal with the Web UI on :8233

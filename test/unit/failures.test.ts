@@ -105,9 +105,9 @@ describe('the activity boundary', () => {
   });
 
   it('keeps "since" across the attempts of one step', async () => {
-    const first = await attempt(errno('ECONNRESET', 'read'), 1, [], 'copyMachineState');
+    const first = await attempt(errno('ECONNRESET', 'read'), 1, [], 'switchover');
     await new Promise((r) => setTimeout(r, 20));
-    const second = await attempt(errno('ECONNRESET', 'read'), 2, [], 'copyMachineState');
+    const second = await attempt(errno('ECONNRESET', 'read'), 2, [], 'switchover');
     expect((second.details?.[0] as StepFailure).retry!.sinceMs).toBe((first.details?.[0] as StepFailure).retry!.sinceMs);
   });
 

@@ -75,6 +75,10 @@ describe('DirtyBitmap', () => {
     expect(popcount(set.bits)).toBe(10);
     expect(set.blockLength(9)).toBe(4 * KiB);
     expect(() => new BlockSet(10 * 4 * KiB, 4 * KiB, new Uint8Array(3))).toThrow(/expected 2/);
+    const merged = new BlockSet(10 * 4 * KiB, 4 * KiB, Uint8Array.from([0x01, 0x00]));
+    merged.unionWith(Uint8Array.from([0x00, 0xff])); // a second stale bitmap (set-stale again): still only 10 blocks
+    expect(merged.size).toBe(3);
+    expect(merged.list()).toEqual([0, 8, 9]);
     const odd = new BlockSet(10 * 4 * KiB + 512, 4 * KiB);
     expect(odd.blocks).toBe(11);
     expect(odd.blockLength(10)).toBe(512);
