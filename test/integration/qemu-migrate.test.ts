@@ -4,36 +4,18 @@
 import path from 'node:path';
 import { promises as fs } from 'node:fs';
 import { useCluster, uniqueHosts } from '../support/cluster';
-import { describeQemu } from '../support/qemu';
+import { describeQemu, testQemuVm as qemuVm } from '../support/qemu';
+import { guestWorking } from '../support/host-checks';
 import type { MigrationMode } from '../../common/migration';
 
 const [a, b] = uniqueHosts('qa', 'qb');
 jest.setTimeout(600_000);
 
-let counter = 0;
-const qemuVm = (over: Record<string, unknown> = {}) => ({
-  vmId: `qvm-${process.pid.toString(36)}-${++counter}`,
-  diskBytes: 64 * 1024 * 1024,
-  memoryBytes: 128 * 1024 * 1024,
-  workload: 'randwrite' as const,
-  seed: 40 + counter,
-  opsPerSecond: 200,
-  fill: true,
-  ...over,
-});
 
 describeQemu('QEMU guests', () => {
   const t = useCluster([a, b], { FERRY_HYPERVISOR: 'qemu' });
 
-  async function guestReady(host: string, vmId: string): Promise<void> {
-    const until = Date.now() + 120_000;
-    for (;;) {
-      const s = await t.ferry.hostCommand(host, 'vmInspect', { vmId });
-      if (s.guest && s.guest.ops > 20) return;
-      if (Date.now() > until) throw new Error(`the guest of ${vmId} did not start working on ${host}`);
-      await new Promise((r) => setTimeout(r, 500));
-    }
-  }
+  const guestReady = (host: string, vmId: string): Promise<void> => guestWorking(t.ferry, host, vmId);
 
   it.each<[MigrationMode]>([['tpm'], ['precopy']])('%s mode under randwrite: completes, one QEMU, the guest verifies clean', async (mode) => {
     const vm = qemuVm();

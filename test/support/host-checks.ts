@@ -3,7 +3,7 @@
 import path from 'node:path';
 import { promises as fs } from 'node:fs';
 import type { LocalCluster } from '../../harness/cluster';
-import type { MigrationHandle } from '../../client/ferry-client';
+import type { FerryClient, MigrationHandle } from '../../client/ferry-client';
 import { setTimeout as sleep } from 'node:timers/promises';
 
 /** Resolves with `p`, or rejects when it has not settled within `ms` (an end that never comes). */
@@ -65,6 +65,18 @@ export async function descriptors(pid: number): Promise<{ fds: number; sockets: 
   let sockets = 0;
   for (const fd of fds) if ((await fs.readlink(`/proc/${pid}/fd/${fd}`).catch(() => '')).startsWith('socket:')) sockets++;
   return { fds: fds.length, sockets };
+}
+
+/** No shell, no VM process and no VM files of `vmId` on a host. */
+export async function expectNothingLeftOn(cluster: LocalCluster, host: string, vmId: string): Promise<void> {
+  expect(await shells(cluster, host, vmId)).toEqual([]);
+  expect((await cluster.vmProcesses(host)).map((p) => p.vmId)).not.toContain(vmId);
+  expect(await fs.access(path.join(cluster.home(host), 'vms', vmId)).then(() => 'files left', () => 'none')).toBe('none');
+}
+
+/** Until a VM's guest has done `ops` operations where it runs (a QEMU guest boots first). */
+export async function guestWorking(ferry: FerryClient, host: string, vmId: string, ops = 20, timeoutMs = 120_000): Promise<void> {
+  await until(`the guest of ${vmId} to work on ${host}`, async () => ((await ferry.hostCommand(host, 'vmInspect', { vmId })).guest?.ops ?? 0) > ops, timeoutMs);
 }
 
 /** The pid of a VM's process on a host. */

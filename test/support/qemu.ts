@@ -24,6 +24,23 @@ function findAssetsSync(): QemuAssets | { missing: string } {
   }
 }
 
+let vmCounter = 0;
+const vmTag = `${process.pid.toString(36)}${Math.random().toString(36).slice(2, 6)}`;
+/** A QEMU VM of a test (the guest boots Linux and runs Ferry's guest program), 64 MiB disk, 128 MiB memory. */
+export function testQemuVm(over: Partial<{ diskBytes: number; memoryBytes: number; opsPerSecond: number; workload: 'randwrite' | 'idle' | 'mixed' }> = {}) {
+  vmCounter++;
+  return {
+    vmId: `qvm-${vmTag}-${vmCounter}`,
+    diskBytes: 64 * 1024 * 1024,
+    memoryBytes: 128 * 1024 * 1024,
+    workload: 'randwrite' as 'randwrite' | 'idle' | 'mixed',
+    seed: 40 + vmCounter,
+    opsPerSecond: 200,
+    fill: true,
+    ...over,
+  };
+}
+
 /** A describe() that runs when QEMU and the guest are there, and otherwise skips with the reason (fails under CI). */
 export function describeQemu(name: string, body: (assets: () => QemuAssets) => void): void {
   const found = findAssetsSync();
