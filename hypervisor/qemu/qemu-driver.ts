@@ -22,6 +22,7 @@ import { QmpClient } from './qmp/client';
 import { createConnection, QemuVmHandle, runState, type QemuConnection } from './vm-handle';
 import { QemuVmPaths, isProcessOf, readConfig, type QemuVmConfig } from './vm-files';
 import { readPidFile } from '../process-files';
+import { removeVmDir } from '../vm-dir';
 
 export interface QemuDriverOptions {
   home: string;
@@ -279,11 +280,7 @@ export class QemuDriver implements HypervisorDriver {
     await this.kill(vm);
     new PostcopyDisk(p, vm).kill();
     if (!fs.existsSync(p.dir)) return;
-    if (opts.keepDisk) {
-      for (const f of await fsp.readdir(p.dir)) if (f !== 'disk.img') await fsp.rm(path.join(p.dir, f), { recursive: true, force: true });
-    } else {
-      await fsp.rm(p.dir, { recursive: true, force: true });
-    }
+    await removeVmDir(p.dir, opts);
     this.opts.log?.info({ vmId: vm, keepDisk: !!opts.keepDisk }, 'VM destroyed');
   }
 

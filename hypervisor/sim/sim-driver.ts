@@ -18,6 +18,7 @@ import { VmPaths, controlSocketPath, isVmProcessAlive, readJson, readPid, writeF
 import { CrashWatch, waitForExit } from '../crash-watch';
 import { describeExit } from '../exit';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { removeVmDir } from '../vm-dir';
 
 export type SimLogger = Pick<Logger, 'info' | 'warn' | 'debug'>;
 
@@ -293,11 +294,7 @@ export class SimDriver implements HypervisorDriver {
     const socket = controlSocketPath(p);
     if (socket !== p.socket) fs.rmSync(path.dirname(socket), { force: true });
     if (!fs.existsSync(p.dir)) return;
-    if (opts.keepDisk) {
-      for (const f of await fsp.readdir(p.dir)) if (f !== 'disk.img') await fsp.rm(path.join(p.dir, f), { recursive: true, force: true });
-    } else {
-      await fsp.rm(p.dir, { recursive: true, force: true });
-    }
+    await removeVmDir(p.dir, opts);
     this.log?.info({ vmId: vm, pid, keepDisk: !!opts.keepDisk }, 'VM destroyed');
   }
 

@@ -53,7 +53,7 @@ describe('a destination whose data-plane secret differs', () => {
     await expectGuestCorrect(t.ferry, b, vm);
   });
 
-  it('10 failed attempts leave the source agent with the descriptors and VM connections it had', async () => {
+  it('20 failed attempts leave the source agent with the descriptors and VM connections it had', async () => {
     const vm = testVm('idle', { diskBytes: 8 * MiB, memoryBytes: 2 * MiB });
     await t.ferry.hostCommand(a, 'vmCreate', vm);
     const attempt = async (): Promise<void> => {
@@ -65,7 +65,7 @@ describe('a destination whose data-plane secret differs', () => {
     const agentPid = t.cluster.agents.get(a)!.process.pid!;
     const pid = await vmPid(t.cluster, a, vm.vmId);
     const before = { agent: await descriptors(agentPid), vm: await descriptors(pid) };
-    for (let i = 0; i < 10; i++) await attempt();
+    for (let i = 0; i < 20; i++) await attempt();
     const now = async () => ({ agent: await descriptors(agentPid), vm: await descriptors(pid) });
     // Closing is asynchronous: wait until they are back (a leak never comes back), then compare.
     await until('the descriptors to be back to where they were', async () => JSON.stringify(await now()) === JSON.stringify(before), 30_000).catch(() => undefined);

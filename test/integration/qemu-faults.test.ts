@@ -1,7 +1,7 @@
 // Faults during migrations of real QEMU guests: an abort and a kill -9 of the source's QEMU during the
-// memory precopy (QEMU's own stream), and the source's agent killed and restarted during the disk and the
-// memory precopy. Each ends as the simulator's cells do: rolled back with the guest running clean on the
-// source, failed as VmCrashed, or completed with the guest clean on the destination.
+// memory precopy (QEMU's own stream), and the source's agent killed and restarted during the disk and
+// the memory precopy. Each ends as the simulator's cells do: rolled back with the guest running clean on
+// the source, failed as VmCrashed, or completed with the guest clean on the destination.
 import { useCluster, uniqueHosts, waitForProgress } from '../support/cluster';
 import { describeQemu, testQemuVm } from '../support/qemu';
 import { expectNothingLeftOn, guestWorking, ownershipOn, vmPid, within } from '../support/host-checks';
@@ -78,4 +78,5 @@ describeQemu('QEMU guests under faults', () => {
     await verifiedOn(b, vm.vmId);
     await t.ferry.hostCommand(b, 'vmDestroy', { vmId: vm.vmId });
   });
+
 });

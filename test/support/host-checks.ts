@@ -71,7 +71,8 @@ export async function descriptors(pid: number): Promise<{ fds: number; sockets: 
 export async function expectNothingLeftOn(cluster: LocalCluster, host: string, vmId: string): Promise<void> {
   expect(await shells(cluster, host, vmId)).toEqual([]);
   expect((await cluster.vmProcesses(host)).map((p) => p.vmId)).not.toContain(vmId);
-  expect(await fs.access(path.join(cluster.home(host), 'vms', vmId)).then(() => 'files left', () => 'none')).toBe('none');
+  const dir = path.join(cluster.home(host), 'vms', vmId);
+  expect(await fs.readdir(dir).then((names) => `files left in ${dir}: ${names.join(', ')}`, () => 'none')).toBe('none');
 }
 
 /** Until a VM's guest has done `ops` operations where it runs (a QEMU guest boots first). */
