@@ -78,5 +78,4 @@ describeQemu('QEMU guests under faults', () => {
     await verifiedOn(b, vm.vmId);
     await t.ferry.hostCommand(b, 'vmDestroy', { vmId: vm.vmId });
   });
-
 });
