@@ -19,9 +19,9 @@ export const Msg = {
   StaleList: 6,
   /** Push from the destination (postcopy): meta { blocks: number[] } the guest is waiting for. */
   Fetch: 7,
-  /** Request: flush the destination disk to stable storage. */
+  /** Message (not a request): flush the destination disk to stable storage; the source waits for its acknowledgement. */
   Sync: 8,
-  /** Request, right before the freeze: record prepared(e) if still incoming(e). meta { protocol }. Reply as Query. */
+  /** Request, at the start of the switchover step (before the stream): record prepared(e) if still incoming(e). meta { protocol, guestRunning }. Reply as Query. */
   Prepare: 9,
   /** Request: a new machine-state stream `meta.stream` begins (a fresh incoming VM takes it). meta { stream, protocol }. */
   StreamStart: 10,

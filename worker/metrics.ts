@@ -62,7 +62,7 @@ export function createAgentMetrics(host: string): AgentMetrics {
   });
   const downtime = new Histogram({
     name: 'ferry_migration_downtime_seconds',
-    help: 'Guest-observed downtime of completed migrations (longest gap between guest operations across the switchover)',
+    help: 'Guest-observed downtime of completed migrations (the guest\'s first heartbeat on the destination minus its last on the source)',
     buckets: [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
     registers,
   });
