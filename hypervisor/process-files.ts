@@ -15,7 +15,7 @@ export function readPidFile(file: string): number | null {
  * Whether `pid` is alive and its command line has the argument `arg` (a recycled pid is not taken
  * for it). A zombie (killed, not yet reaped: its parent may be gone and init may not reap) is dead.
  */
-export function isProcessOf(pid: number, arg: (a: string) => boolean): boolean {
+export function isLiveProcess(pid: number, arg: (a: string) => boolean): boolean {
   try {
     process.kill(pid, 0);
   } catch (e) {

@@ -4,7 +4,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import type { VmSpec } from '../driver';
 import { socketPath } from '../socket-path';
-import { isProcessOf as isProcessAlive } from '../process-files';
+import { isLiveProcess } from '../process-files';
 
 export interface QemuVmConfig {
   spec: VmSpec;
@@ -73,5 +73,5 @@ export function readConfig(p: QemuVmPaths): QemuVmConfig | null {
 
 /** Whether `pid` is alive and its command line names `marker` (so a recycled pid is not taken for it). */
 export function isProcessOf(pid: number, marker: string): boolean {
-  return isProcessAlive(pid, (arg) => arg.includes(marker));
+  return isLiveProcess(pid, (arg) => arg.includes(marker));
 }

@@ -5,7 +5,7 @@ import * as path from 'node:path';
 import type { VmSpec } from '../driver';
 import { socketPath } from '../socket-path';
 import { tempFileFor } from '../../common/durable-file';
-import { isProcessOf, readPidFile } from '../process-files';
+import { isLiveProcess, readPidFile } from '../process-files';
 
 export interface VmConfig {
   spec: VmSpec;
@@ -95,7 +95,7 @@ export function readPid(paths: VmPaths): number | null {
 
 /** Whether `pid` is a live VM process of this directory (its command line names the directory). */
 export function isVmProcessAlive(pid: number, dir: string): boolean {
-  return isProcessOf(pid, (arg) => arg === dir);
+  return isLiveProcess(pid, (arg) => arg === dir);
 }
 
 /** The VM's control socket (through a short symlink when its directory is deep: see socket-path.ts). */

@@ -5,7 +5,7 @@
 import { useCluster, uniqueHosts, waitForProgress } from '../support/cluster';
 import { describeQemu, testQemuVm } from '../support/qemu';
 import { expectNothingLeftOn, guestWorking, ownershipOn, vmPid, within } from '../support/host-checks';
-import { FerryRequestError } from '../../client/ferry-client';
+import { FerryRequestError, type MigrationHandle } from '../../client/ferry-client';
 import type { MigrationProgress } from '../../common/migration';
 
 const [a, b] = uniqueHosts('qfa', 'qfb');
@@ -20,19 +20,27 @@ describeQemu('QEMU guests under faults', () => {
     expect({ violations: verified.violations }).toEqual({ violations: 0 });
   }
 
-  // The memory cases reach the memory precopy at once: a small disk, and a guest that writes little of it.
-  const sized = (what: 'disk' | 'memory') => (what === 'disk' ? { diskBytes: 64 * MiB } : { diskBytes: 8 * MiB, opsPerSecond: 20 });
-  const diskPrecopy = (p: MigrationProgress) => p.phase === 'disk-precopy' && p.disk.sentBytes > 4 * MiB;
-  const memoryPrecopy = (p: MigrationProgress) => p.phase === 'memory-precopy' && p.memory.sentBytes > 4 * MiB;
+  // Each case's VM and the progress that means the migration is well into that phase. The memory cases
+  // reach the memory precopy at once: a small disk, and a guest that writes little of it.
+  const PHASES = {
+    disk: { size: { diskBytes: 64 * MiB }, under: (p: MigrationProgress) => p.phase === 'disk-precopy' && p.disk.sentBytes > 4 * MiB },
+    memory: { size: { diskBytes: 8 * MiB, opsPerSecond: 20 }, under: (p: MigrationProgress) => p.phase === 'memory-precopy' && p.memory.sentBytes > 4 * MiB },
+  } as const;
 
-  // The disk phases of an abort and a QEMU crash run Ferry's own code (the simulator's cells cover them);
-  // the memory precopy is QEMU's stream.
-  it.each([['memory', memoryPrecopy]] as const)('an abort during the %s precopy rolls back: the guest runs on the source and verifies clean, nothing is left on the destination', async (what, under) => {
-    const vm = testQemuVm(sized(what));
+  /** A VM whose guest works on a, migrating to b at 4 MiB/s, well into the `what` precopy. */
+  async function migratingIn(what: keyof typeof PHASES): Promise<{ vm: ReturnType<typeof testQemuVm>; handle: MigrationHandle }> {
+    const vm = testQemuVm(PHASES[what].size);
     await t.ferry.hostCommand(a, 'vmCreate', vm);
     await guestWorking(t.ferry, a, vm.vmId);
     const handle = await t.ferry.migrate({ vmId: vm.vmId, sourceHost: a, destinationHosts: [b], bandwidthBytesPerSecond: 4 * MiB });
-    await waitForProgress(handle, `the ${what} precopy`, under);
+    await waitForProgress(handle, `the ${what} precopy`, PHASES[what].under);
+    return { vm, handle };
+  }
+
+  // The disk phases of an abort and a QEMU crash run Ferry's own code (the simulator's cells cover them);
+  // the memory precopy is QEMU's stream.
+  it('an abort during the memory precopy rolls back: the guest runs on the source and verifies clean, nothing is left on the destination', async () => {
+    const { vm, handle } = await migratingIn('memory');
     await handle.abort('test: abort');
     expect(await within('the rollback', 120_000, handle.result())).toMatchObject({ outcome: 'rolled-back' });
     expect((await t.ferry.hostCommand(a, 'vmInspect', { vmId: vm.vmId })).state).toBe('running');
@@ -42,12 +50,8 @@ describeQemu('QEMU guests under faults', () => {
     await t.ferry.hostCommand(a, 'vmDestroy', { vmId: vm.vmId });
   });
 
-  it.each([['memory', memoryPrecopy]] as const)('kill -9 of QEMU during the %s precopy: VmCrashed with the signal, the destination is cleaned, the VM is left crashed', async (what, under) => {
-    const vm = testQemuVm(sized(what));
-    await t.ferry.hostCommand(a, 'vmCreate', vm);
-    await guestWorking(t.ferry, a, vm.vmId);
-    const handle = await t.ferry.migrate({ vmId: vm.vmId, sourceHost: a, destinationHosts: [b], bandwidthBytesPerSecond: 4 * MiB });
-    await waitForProgress(handle, `the ${what} precopy`, under);
+  it('kill -9 of QEMU during the memory precopy: VmCrashed with the signal, the destination is cleaned, the VM is left crashed', async () => {
+    const { vm, handle } = await migratingIn('memory');
     process.kill(await vmPid(t.cluster, a, vm.vmId), 'SIGKILL');
     const err = await within('the migration to fail', 120_000, handle.result().then(() => null, (e: unknown) => e));
     expect(err).toBeInstanceOf(FerryRequestError);
@@ -58,15 +62,8 @@ describeQemu('QEMU guests under faults', () => {
     await t.ferry.hostCommand(a, 'vmDestroy', { vmId: vm.vmId });
   });
 
-  it.each([
-    ['disk', diskPrecopy],
-    ['memory', memoryPrecopy],
-  ] as const)('kill -9 of the source agent during the %s precopy: the restarted agent carries on, the migration completes and the guest verifies clean', async (what, under) => {
-    const vm = testQemuVm(sized(what));
-    await t.ferry.hostCommand(a, 'vmCreate', vm);
-    await guestWorking(t.ferry, a, vm.vmId);
-    const handle = await t.ferry.migrate({ vmId: vm.vmId, sourceHost: a, destinationHosts: [b], bandwidthBytesPerSecond: 4 * MiB });
-    await waitForProgress(handle, `the ${what} precopy`, under);
+  it.each(['disk', 'memory'] as const)('kill -9 of the source agent during the %s precopy: the restarted agent carries on, the migration completes and the guest verifies clean', async (what) => {
+    const { vm, handle } = await migratingIn(what);
     await t.cluster.killAgent(a, 'SIGKILL');
     await t.cluster.startAgent(a);
     await handle.setBandwidth(null);
