@@ -3,6 +3,7 @@
 import { useCluster, testVm, expectGuestCorrect as guestCorrect, waitForProgress, type TestVm, uniqueHosts } from '../support/cluster';
 import { FerryRequestError, MigrationAlreadyRunning, type FerryClient, type MigrationHandle } from '../../client/ferry-client';
 import type { MigrationPhase } from '../../common/migration';
+import { migrateIntoSlowPostcopy } from '../support/host-checks';
 
 const [a, b] = uniqueHosts('a', 'b');
 jest.setTimeout(300_000);
@@ -84,16 +85,7 @@ describe('postcopy', () => {
   /** A migration whose link drops to `bandwidth` before the memory precopy: its postcopy push crawls. */
   async function slowPostcopy(vm: TestVm, bandwidth: number) {
     await t.ferry.hostCommand(a, 'vmCreate', vm);
-    const handle = await t.ferry.migrate({
-      vmId: vm.vmId,
-      sourceHost: a,
-      destinationHosts: [b],
-      convergence: { maxRounds: 1, dirtyBlockThreshold: 1_000_000 },
-      downtimeTargetMs: 10_000, // one memory round is enough: the slow part is the postcopy
-    });
-    await waitForPhase(handle, ['memory-precopy']);
-    await handle.setBandwidth(bandwidth); // live: the guest must fetch what it reads
-    const report = await handle.result();
+    const report = await (await migrateIntoSlowPostcopy(t.ferry, vm.vmId, a, b, bandwidth)).result();
     expect(report).toMatchObject({ outcome: 'completed' });
     return { report, dest: await t.ferry.hostCommand(b, 'vmInspect', { vmId: vm.vmId }) };
   }

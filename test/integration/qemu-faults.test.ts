@@ -1,10 +1,11 @@
 // Faults during migrations of real QEMU guests: an abort and a kill -9 of the source's QEMU during the
-// memory precopy (QEMU's own stream), and the source's agent killed and restarted during the disk and
-// the memory precopy. Each ends as the simulator's cells do: rolled back with the guest running clean on
-// the source, failed as VmCrashed, or completed with the guest clean on the destination.
+// memory precopy (QEMU's own stream), the source's agent killed and restarted during the disk and the
+// memory precopy, and the destination's agent during the postcopy. Each ends as the simulator's cells
+// do: rolled back with the guest running clean on the source, failed as VmCrashed, or completed with
+// the guest clean on the destination.
 import { useCluster, uniqueHosts, waitForProgress } from '../support/cluster';
 import { describeQemu, testQemuVm } from '../support/qemu';
-import { expectNothingLeftOn, guestWorking, ownershipOn, vmPid, within } from '../support/host-checks';
+import { expectNothingLeftOn, guestWorking, migrateIntoSlowPostcopy, ownershipOn, vmPid, within } from '../support/host-checks';
 import { FerryRequestError, type MigrationHandle } from '../../client/ferry-client';
 import type { MigrationProgress } from '../../common/migration';
 
@@ -72,6 +73,27 @@ describeQemu('QEMU guests under faults', () => {
     if (what === 'disk') expect(report.diskPrecopyResumedFromBlock).toBeGreaterThan(0);
     expect((await t.cluster.vmProcesses(a)).map((p) => p.vmId)).not.toContain(vm.vmId);
     await guestWorking(t.ferry, b, vm.vmId);
+    await verifiedOn(b, vm.vmId);
+    await t.ferry.hostCommand(b, 'vmDestroy', { vmId: vm.vmId });
+  });
+
+  it('kill -9 of the destination agent during the postcopy: the restarted agent takes the stale blocks over, the migration completes and the guest verifies clean', async () => {
+    const vm = testQemuVm({ workload: 'mixed', diskBytes: 16 * MiB });
+    await t.ferry.hostCommand(a, 'vmCreate', vm);
+    await guestWorking(t.ferry, a, vm.vmId);
+    const handle = await migrateIntoSlowPostcopy(t.ferry, vm.vmId, a, b, MiB);
+    await waitForProgress(handle, 'the postcopy', (p) => p.phase === 'postcopy', 300_000);
+    await handle.setBandwidth(64 * 1024); // holds the push in the postcopy while the agent is down
+    const killedAt = Date.now();
+    await t.cluster.killAgent(b, 'SIGKILL');
+    await t.cluster.startAgent(b);
+    const downMs = Date.now() - killedAt;
+    await handle.setBandwidth(null);
+    const report = await within('the migration to complete', 300_000, handle.result());
+    expect(report).toMatchObject({ outcome: 'completed', destinationHost: b });
+    expect(report.postcopyMs).toBeGreaterThan(downMs); // measured by the destination across its restart
+    expect((await t.cluster.vmProcesses(a)).map((p) => p.vmId)).not.toContain(vm.vmId);
+    await guestWorking(t.ferry, b, vm.vmId, (await t.ferry.hostCommand(b, 'vmInspect', { vmId: vm.vmId })).guest!.ops + 20);
     await verifiedOn(b, vm.vmId);
     await t.ferry.hostCommand(b, 'vmDestroy', { vmId: vm.vmId });
   });

@@ -5,12 +5,12 @@ import path from 'node:path';
 import { promises as fs } from 'node:fs';
 import { useCluster, uniqueHosts } from '../support/cluster';
 import { describeQemu, testQemuVm as qemuVm } from '../support/qemu';
-import { guestWorking } from '../support/host-checks';
+import { guestWorking, migrateIntoSlowPostcopy } from '../support/host-checks';
 import type { MigrationMode } from '../../common/migration';
 
 const [a, b] = uniqueHosts('qa', 'qb');
+const MiB = 1024 * 1024;
 jest.setTimeout(600_000);
-
 
 describeQemu('QEMU guests', () => {
   const t = useCluster([a, b], { FERRY_HYPERVISOR: 'qemu' });
@@ -31,6 +31,22 @@ describeQemu('QEMU guests', () => {
     expect(after.state).toBe('running');
     const verified = await t.ferry.hostCommand(b, 'vmVerify', { vmId: vm.vmId });
     expect({ violations: verified.violations, details: verified.details }).toEqual({ violations: 0, details: expect.any(String) as string });
+  });
+
+  it('postcopy at 1 MiB/s: the guest reads stale blocks, each is fetched on demand, and the guest verifies clean', async () => {
+    const vm = qemuVm({ workload: 'mixed', diskBytes: 16 * MiB });
+    await t.ferry.hostCommand(a, 'vmCreate', vm);
+    await guestReady(a, vm.vmId);
+    const report = await (await migrateIntoSlowPostcopy(t.ferry, vm.vmId, a, b, MiB)).result();
+    expect(report).toMatchObject({ outcome: 'completed', destinationHost: b, mode: 'tpm' });
+    expect(report.postcopyMs).toBeGreaterThan(0);
+    expect(report.onDemandFetches).toBeGreaterThan(0);
+    expect(report.staleWaits.waits).toBeGreaterThan(0);
+    expect(report.staleWaits.longestWaitMs).toBeGreaterThan(0);
+    await guestReady(b, vm.vmId);
+    const verified = await t.ferry.hostCommand(b, 'vmVerify', { vmId: vm.vmId });
+    expect({ violations: verified.violations }).toEqual({ violations: 0 });
+    await t.ferry.hostCommand(b, 'vmDestroy', { vmId: vm.vmId });
   });
 
   /** Tracking blocks whose contents differ between two images. */

@@ -5,6 +5,7 @@ import { promises as fs } from 'node:fs';
 import type { LocalCluster } from '../../harness/cluster';
 import type { FerryClient, MigrationHandle } from '../../client/ferry-client';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { waitForProgress } from './cluster';
 
 /** Resolves with `p`, or rejects when it has not settled within `ms` (an end that never comes). */
 export async function within<T>(what: string, ms: number, p: Promise<T>): Promise<T> {
@@ -78,6 +79,24 @@ export async function expectNothingLeftOn(cluster: LocalCluster, host: string, v
 /** Until a VM's guest has done `ops` operations where it runs (a QEMU guest boots first). */
 export async function guestWorking(ferry: FerryClient, host: string, vmId: string, ops = 20, timeoutMs = 120_000): Promise<void> {
   await until(`the guest of ${vmId} to work on ${host}`, async () => ((await ferry.hostCommand(host, 'vmInspect', { vmId })).guest?.ops ?? 0) > ops, timeoutMs);
+}
+
+/**
+ * A migration whose stale blocks are left to a slow postcopy: one disk round, a freeze as soon as the
+ * memory allows (10 s downtime target), and the link down to `bandwidth` from the memory precopy on,
+ * so the blocks the guest writes meanwhile are stale at the commit and cross slowly while it reads them.
+ */
+export async function migrateIntoSlowPostcopy(ferry: FerryClient, vmId: string, from: string, to: string, bandwidth: number): Promise<MigrationHandle> {
+  const handle = await ferry.migrate({
+    vmId,
+    sourceHost: from,
+    destinationHosts: [to],
+    convergence: { maxRounds: 1, dirtyBlockThreshold: 1_000_000 },
+    downtimeTargetMs: 10_000,
+  });
+  await waitForProgress(handle, 'the memory precopy', (p) => p.phase === 'memory-precopy');
+  await handle.setBandwidth(bandwidth);
+  return handle;
 }
 
 /** The pid of a VM's process on a host. */
