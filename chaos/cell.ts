@@ -5,9 +5,10 @@ import type { MigrationHandle } from '../client/ferry-client';
 import type { MigrationReport } from '../common/migration';
 import type { VmSpec } from '../hypervisor/driver';
 import { vmId as asVmId } from '../common/types';
-import type { ChaosEnv } from './env';
+import { CHAOS_VM, type ChaosEnv } from './env';
 import { fault, unsupported, type FaultName } from './faults';
 import { AFTER_COMMIT, PointMissed, clearFaultPoints, point, type PointName } from './points';
+import { guestWorking } from '../harness/guest-working';
 import { checkGuest, leftovers, violationsOnly, vmCopies, type GuestCheck } from './checks';
 
 export type Outcome = 'completed' | 'rolled-back' | 'waiting' | 'hung' | 'failed' | 'missed' | 'n/a';
@@ -71,8 +72,7 @@ export async function runCell(env: ChaosEnv, f: FaultName, p: PointName, seed: n
 
   const spec: VmSpec = {
     vmId: asVmId(`chaos-${opts.tag ?? 'x'}-${f}-${p}-${seed}`),
-    diskBytes: 16 * 1024 * 1024,
-    memoryBytes: 8 * 1024 * 1024,
+    ...CHAOS_VM[env.hypervisor],
     workload: 'mixed',
     seed,
     opsPerSecond: 400,
@@ -89,6 +89,7 @@ export async function runCell(env: ChaosEnv, f: FaultName, p: PointName, seed: n
   const stop = new AbortController();
   const timer = setTimeout(() => stop.abort(), 180_000);
   try {
+    await guestWorking(env.ferry, source, spec.vmId);
     await pt.arm({ faultDir: env.faultDir });
     handle = await env.ferry.migrate({
       vmId: spec.vmId,

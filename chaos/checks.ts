@@ -74,7 +74,8 @@ export async function leftovers(env: ChaosEnv, vm: { vmId: string; host: string 
   return problems;
 }
 
-async function processesUnder(root: string): Promise<{ pid: number; cmd: string }[]> {
+/** Processes whose command line names a path under `root`. */
+export async function processesUnder(root: string): Promise<{ pid: number; cmd: string }[]> {
   const out: { pid: number; cmd: string }[] = [];
   for (const name of await fs.readdir('/proc')) {
     if (!/^\d+$/.test(name)) continue;

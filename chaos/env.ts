@@ -11,6 +11,8 @@ import { LocalCluster } from '../harness/cluster';
 import { FerryClient } from '../client/ferry-client';
 import { DataPlaneProxy } from './proxy';
 import { NetCluster } from '../harness/net-cluster';
+import type { DriverKind } from '../hypervisor';
+import type { VmSpec } from '../hypervisor/driver';
 
 export type NetMode = 'loopback' | 'netns';
 
@@ -34,7 +36,15 @@ export interface ChaosEnv {
   net: NetCluster | null;
   faultDir: string;
   hosts: [string, string];
+  /** The hypervisor of every agent (FERRY_HYPERVISOR). */
+  hypervisor: DriverKind;
 }
+
+/** The size of a cell's (and the soak's) VM on each hypervisor: a QEMU guest boots a Linux kernel, so it needs memory for it. */
+export const CHAOS_VM: Record<DriverKind, Pick<VmSpec, 'diskBytes' | 'memoryBytes'>> = {
+  sim: { diskBytes: 16 * 1024 * 1024, memoryBytes: 8 * 1024 * 1024 },
+  qemu: { diskBytes: 16 * 1024 * 1024, memoryBytes: 128 * 1024 * 1024 },
+};
 
 /** A dev server of our own, persisted in `dir`/temporal.db, that the harness can kill and restart. */
 export async function ownTemporal(dir: string): Promise<TemporalControl> {
@@ -59,11 +69,15 @@ export function sharedTemporal(address: string): TemporalControl {
   return { address, pid: () => null, restart: null, stop: async () => undefined };
 }
 
-export async function startChaosEnv(opts: { temporal?: TemporalControl; hosts?: [string, string]; root?: string; net?: NetMode } = {}): Promise<ChaosEnv> {
+export async function startChaosEnv(
+  opts: { temporal?: TemporalControl; hosts?: [string, string]; root?: string; net?: NetMode; hypervisor?: DriverKind } = {},
+): Promise<ChaosEnv> {
   const root = opts.root ?? (await fs.mkdtemp(path.join(os.tmpdir(), 'ferry-chaos-')));
   const faultDir = path.join(root, 'fault-points');
   await fs.mkdir(faultDir, { recursive: true });
-  if (opts.net === 'netns') return startNetnsEnv(root, faultDir, opts.hosts ?? ['a', 'b']);
+  const hypervisor = opts.hypervisor ?? 'sim';
+  const agentEnv = { FERRY_FAULT_POINTS_DIR: faultDir, FERRY_HYPERVISOR: hypervisor };
+  if (opts.net === 'netns') return startNetnsEnv(root, faultDir, opts.hosts ?? ['a', 'b'], agentEnv, hypervisor);
   const temporal = opts.temporal ?? (await ownTemporal(root));
   const hosts = opts.hosts ?? ['a', 'b'];
   const proxies = new Map<string, DataPlaneProxy>();
@@ -74,7 +88,7 @@ export async function startChaosEnv(opts: { temporal?: TemporalControl; hosts?: 
       temporalAddress: temporal.address,
       hosts,
       root,
-      env: { FERRY_FAULT_POINTS_DIR: faultDir },
+      env: agentEnv,
       hostEnv: (h) => ({ FERRY_DATA_ADVERTISE: proxies.get(h)!.address }),
     });
   } catch (err) {
@@ -82,18 +96,18 @@ export async function startChaosEnv(opts: { temporal?: TemporalControl; hosts?: 
     if (!opts.temporal) await temporal.stop();
     throw err;
   }
-  return { root, cluster, ferry: cluster.ferryClient(), temporal, proxies, net: null, faultDir, hosts };
+  return { root, cluster, ferry: cluster.ferryClient(), temporal, proxies, net: null, faultDir, hosts, hypervisor };
 }
 
-async function startNetnsEnv(root: string, faultDir: string, hosts: [string, string]): Promise<ChaosEnv> {
-  const net = await NetCluster.start({ hosts, root: path.join(root, 'net'), env: { FERRY_FAULT_POINTS_DIR: faultDir } });
+async function startNetnsEnv(root: string, faultDir: string, hosts: [string, string], env: Record<string, string>, hypervisor: DriverKind): Promise<ChaosEnv> {
+  const net = await NetCluster.start({ hosts, root: path.join(root, 'net'), env });
   const temporal: TemporalControl = {
     address: net.temporal.address,
     pid: () => net.temporal.pid(),
     restart: (downMs) => net.temporal.restart(downMs),
     stop: async () => undefined, // stopped with the lab
   };
-  return { root, cluster: net.cluster, ferry: net.ferry, temporal, proxies: new Map(), net, faultDir, hosts };
+  return { root, cluster: net.cluster, ferry: net.ferry, temporal, proxies: new Map(), net, faultDir, hosts, hypervisor };
 }
 
 /** Stops everything; in netns mode, returns what the lab left behind (namespaces, processes): a failure when not empty. */

@@ -3,7 +3,9 @@
 // frame corrupted by the proxy, and a destination host lost for good. With hosts in network
 // namespaces (--net netns) links are cut in the kernel, and partitions join the list: a host cut off
 // from Temporal with its data plane up, and the data plane cut with both hosts on Temporal.
+import path from 'node:path';
 import { promises as fs } from 'node:fs';
+import { processesUnder } from './checks';
 import type { ChaosEnv } from './env';
 import type { MigrationHandle } from '../client/ferry-client';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -110,10 +112,17 @@ export function fault(name: FaultName): Fault {
       return {
         async inject({ env, dest }) {
           await env.cluster.killAgent(dest, 'SIGKILL');
-          const vms = await env.cluster.vmProcesses(dest);
-          for (const { pid } of vms) process.kill(pid, 'SIGKILL');
+          // Everything the host ran dies with it: VM processes, and helpers such as QEMU's postcopy disk server.
+          const procs = await processesUnder(`${env.cluster.home(dest)}${path.sep}`);
+          for (const { pid } of procs) {
+            try {
+              process.kill(pid, 'SIGKILL');
+            } catch {
+              // gone already
+            }
+          }
           await fs.rm(env.cluster.home(dest), { recursive: true, force: true });
-          return `host ${dest} lost: agent and ${vms.length} VM process(es) killed, its directory removed`;
+          return `host ${dest} lost: agent and ${procs.length} other process(es) killed, its directory removed`;
         },
         settle: async () => ({}),
       };

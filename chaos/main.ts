@@ -8,6 +8,8 @@ import { runMatrix } from './matrix';
 import type { CellResult } from './cell';
 import { formatDetails, formatTable } from './table';
 import { runSoak } from './soak';
+import { DRIVER_KINDS, type DriverKind } from '../hypervisor';
+import { ensureQemuAssets } from '../scripts/qemu-assets';
 
 function listOf<T extends string>(all: readonly T[], what: string) {
   return (value: string): T[] => {
@@ -36,12 +38,20 @@ const program = new Command('chaos')
     if (v !== 'loopback' && v !== 'netns') throw new InvalidArgumentError('use loopback or netns');
     return v as NetMode;
   }, 'loopback')
+  .option('--hypervisor <kind>', `the agents' hypervisor (${DRIVER_KINDS.join(', ')}); qemu is provisioned first (npm run setup:qemu)`, (v: string) => {
+    if (!(DRIVER_KINDS as readonly string[]).includes(v)) throw new InvalidArgumentError(`use ${DRIVER_KINDS.join(' or ')}`);
+    return v as DriverKind;
+  }, 'sim')
   .parse();
 
-const opts = program.opts<{ faults?: FaultName[]; points?: PointName[]; seeds: number; quick?: boolean; json?: string; soak?: string | true; keep?: boolean; net: NetMode }>();
+const opts = program.opts<{ faults?: FaultName[]; points?: PointName[]; seeds: number; quick?: boolean; json?: string; soak?: string | true; keep?: boolean; net: NetMode; hypervisor: DriverKind }>();
 
 async function main(): Promise<number> {
-  const env = await startChaosEnv({ net: opts.net });
+  if (opts.hypervisor === 'qemu') {
+    const assets = await ensureQemuAssets({ log: (l) => console.log(`setup:qemu ${l}`) });
+    if ('missing' in assets) throw new Error(`--hypervisor qemu: ${assets.missing}`);
+  }
+  const env = await startChaosEnv({ net: opts.net, hypervisor: opts.hypervisor });
   let stopping = false;
   let leftovers: string[] = [];
   const stop = async () => {
@@ -52,7 +62,7 @@ async function main(): Promise<number> {
   };
   for (const sig of ['SIGINT', 'SIGTERM'] as const) process.once(sig, () => void stop().finally(() => process.exit(130)));
   try {
-    console.log(`chaos run in ${env.root} (Temporal ${env.temporal.address}, SQLite; network ${opts.net})`);
+    console.log(`chaos run in ${env.root} (Temporal ${env.temporal.address}, SQLite; network ${opts.net}; hypervisor ${env.hypervisor})`);
     if (opts.soak !== undefined) {
       const n = opts.soak === true ? 100 : positiveInt(opts.soak);
       const summary = await runSoak(env, n, (line) => console.log(line));

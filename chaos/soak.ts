@@ -3,8 +3,9 @@
 import { promises as fs } from 'node:fs';
 import type { VmSpec } from '../hypervisor/driver';
 import { vmId as asVmId } from '../common/types';
-import type { ChaosEnv } from './env';
+import { CHAOS_VM, type ChaosEnv } from './env';
 import { checkGuest } from './checks';
+import { guestWorking } from '../harness/guest-working';
 
 export interface SoakSummary {
   migrations: number;
@@ -22,14 +23,14 @@ export async function runSoak(env: ChaosEnv, n: number, log: (line: string) => v
   const [a, b] = env.hosts;
   const spec: VmSpec = {
     vmId: asVmId(`soak-${Date.now().toString(36)}`),
-    diskBytes: 16 * 1024 * 1024,
-    memoryBytes: 8 * 1024 * 1024,
+    ...CHAOS_VM[env.hypervisor],
     workload: 'randwrite',
     seed: 11,
     opsPerSecond: 300,
     fill: true,
   };
   await env.ferry.hostCommand(a, 'vmCreate', spec);
+  await guestWorking(env.ferry, a, spec.vmId);
   const rssStart = await agentRss(env);
   const started = Date.now();
   let failures = 0;

@@ -7,6 +7,7 @@ import { promises as fs } from 'node:fs';
 import { Command, Option } from 'commander';
 import { ensureTemporalCli, startDevServer, type DevServer } from '../scripts/temporal-cli';
 import { LocalCluster } from '../harness/cluster';
+import { guestWorking } from '../harness/guest-working';
 import { ensureQemuAssets } from '../scripts/qemu-assets';
 import type { DriverKind } from '../hypervisor';
 import { FerryClient } from '../client/ferry-client';
@@ -136,17 +137,6 @@ async function chooseHypervisor(choice: DemoOptions['hypervisor'], say: (line: s
   return 'sim';
 }
 
-/** Waits until the guest on `host` is working (a QEMU guest boots first: seconds under TCG). */
-async function guestWorking(ferry: FerryClient, host: string, vmId: string): Promise<void> {
-  const until = Date.now() + 180_000;
-  const start = (await ferry.hostCommand(host, 'vmInspect', { vmId })).guest?.ops ?? 0;
-  for (;;) {
-    const s = await ferry.hostCommand(host, 'vmInspect', { vmId });
-    if (s.guest && s.guest.ops >= start + 20) return;
-    if (Date.now() > until) throw new Error(`the guest of ${vmId} on ${host} did not start working within 180 s (state ${s.state}); see its console log under the host's vms/${vmId}/`);
-    await new Promise((r) => setTimeout(r, 500));
-  }
-}
 
 async function follow(ferry: FerryClient, input: { vmId: string; sourceHost: string; destinationHosts: string[] }, quiet: boolean): Promise<MigrationReport> {
   const handle = await ferry.migrate(input);

@@ -427,8 +427,22 @@ export class Source {
         return await this.resolveAfterFailure(ref, vm, session, new Error('an earlier switchover attempt was interrupted after its stream completed'), true, sent);
       }
       if (await this.abortRequested(ref.migrationId)) return aborted('aborted by operator');
+      // Before the freeze no Final has left, so nothing can commit: a destination lost past the
+      // reconnect window is a rollback now, not a wait for an answer it does not owe.
+      const lostBeforeFreeze = async (err: unknown): Promise<SwitchoverResult> => {
+        await this.throwIfGone(ref.vmId);
+        if (err instanceof DestinationUnreachable || (err instanceof DataPlaneError && CONNECTION_ERRORS.has(err.code))) {
+          return this.resolveAfterFailure(ref, vm, session, err, false, sent);
+        }
+        throw err;
+      };
       await faultPoint('switchover-before-pause');
-      const carried = await this.ensureStream(ref, opts);
+      let carried: CarriedStream;
+      try {
+        carried = await this.ensureStream(ref, opts);
+      } catch (err) {
+        return await lostBeforeFreeze(err);
+      }
       const tracking = trackingName(ref.migrationId);
       const report = (stage: SwitchoverProgress['stage'], dirtyBlocks: number): void => {
         const memoryBytes = sent.memoryBytes + carried.carriedBytes - carried.reportedBytes;
@@ -452,8 +466,7 @@ export class Source {
           if (round.items <= 1) await Promise.race([carried.ready().catch(() => undefined), sleep(200)]);
         }
       } catch (err) {
-        await this.throwIfGone(ref.vmId);
-        throw err;
+        return await lostBeforeFreeze(err);
       }
       if (carried.broken) {
         sent.memoryBytes += carried.takeUnreported();

@@ -76,10 +76,8 @@ export async function expectNothingLeftOn(cluster: LocalCluster, host: string, v
   expect(await fs.readdir(dir).then((names) => `files left in ${dir}: ${names.join(', ')}`, () => 'none')).toBe('none');
 }
 
-/** Until a VM's guest has done `ops` operations where it runs (a QEMU guest boots first). */
-export async function guestWorking(ferry: FerryClient, host: string, vmId: string, ops = 20, timeoutMs = 120_000): Promise<void> {
-  await until(`the guest of ${vmId} to work on ${host}`, async () => ((await ferry.hostCommand(host, 'vmInspect', { vmId })).guest?.ops ?? 0) > ops, timeoutMs);
-}
+export { guestWorking } from '../../harness/guest-working';
+
 
 /**
  * A migration whose stale blocks are left to a slow postcopy: one disk round, a freeze as soon as the
