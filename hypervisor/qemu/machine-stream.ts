@@ -128,6 +128,27 @@ export async function migrateOut(qmp: Qmp, vmId: string, limits: StreamLimits): 
   }
 }
 
+/** How long a cancelled outgoing stream may take to end. */
+const CANCEL_MS = 10_000;
+
+/**
+ * An outgoing stream nothing reads any more (its agent died, or lost its QMP connection) holds QEMU in
+ * its migration: at pre-switchover the guest stays paused, `cont` is refused ("Migration is not
+ * finalized yet") and so is a new `migrate`. Cancelling it ends the migration and QEMU runs the guest
+ * again if it ran before; Ferry's next switchover starts a stream of its own.
+ */
+export async function cancelOrphanStream(qmp: Qmp, vmId: string): Promise<void> {
+  const done = (st: string | undefined) => st === undefined || ['none', 'completed', 'failed', 'cancelled'].includes(st);
+  const query = async () => (await qmp.execute<QueryMigrate>('query-migrate')).status;
+  if (done(await query())) return;
+  await qmp.execute('migrate_cancel');
+  const until = Date.now() + CANCEL_MS;
+  for (let st = await query(); !done(st); st = await query()) {
+    if (Date.now() > until) throw new HypervisorError('Timeout', `VM ${vmId}'s outgoing migration stream is still ${st} ${CANCEL_MS / 1000} s after migrate_cancel`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
 export async function migrateIn(qmp: Qmp, vmId: string): Promise<IncomingStream> {
   await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }] });
   const path = await streamSocketPath(`${vmId}-in`);

@@ -18,6 +18,7 @@ import { fillImage, MAX_GUEST_SEED } from './guest-content';
 import { guestKernelCmdline, GUEST_WORKLOADS, type GuestWorkload } from './guest-params';
 import { GuestProbe } from './guest-probe';
 import { PostcopyDisk } from './postcopy-disk';
+import { cancelOrphanStream } from './machine-stream';
 import { QmpClient } from './qmp/client';
 import { createConnection, QemuVmHandle, runState, type QemuConnection } from './vm-handle';
 import { QemuVmPaths, isProcessOf, readConfig, type QemuVmConfig } from './vm-files';
@@ -246,6 +247,8 @@ export class QemuDriver implements HypervisorDriver {
   private async connect(vm: VmId, pid: number, p: QemuVmPaths): Promise<QemuConnection> {
     const config = this.config(vm);
     const qmp = await QmpClient.connect(p.qmp, { timeoutMs: 15_000 });
+    // This process starts its streams on its own connections: one found on a new connection is an orphan.
+    if (!config.incoming) await cancelOrphanStream(qmp, vm);
     qmp.onClose(() => {
       void this.connections.get(vm)?.then(
         (c) => c.qmp === qmp && this.dropConnection(vm),

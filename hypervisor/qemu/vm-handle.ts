@@ -22,7 +22,7 @@ import { DISK_DEVICE } from './command-line';
 import { DirtyBitmaps } from './dirty-bitmaps';
 import { DiskExports } from './disk-exports';
 import type { GuestProbe } from './guest-probe';
-import { migrateIn, migrateOut } from './machine-stream';
+import { cancelOrphanStream, migrateIn, migrateOut } from './machine-stream';
 import type { QmpClient } from './qmp/client';
 import type { PostcopyDisk } from './postcopy-disk';
 import type { QemuVmConfig, QemuVmPaths } from './vm-files';
@@ -60,9 +60,6 @@ export function runState(qemu: string, incoming: boolean): VmRunState {
       return 'paused'; // paused, finish-migrate (the switchover), io-error, suspended, ...
   }
 }
-
-/** How long a cancelled outgoing stream may take to end. */
-const CANCEL_MS = 10_000;
 
 export class QemuVmHandle implements VmHandle {
   constructor(
@@ -117,27 +114,9 @@ export class QemuVmHandle implements VmHandle {
   }
 
   async resume(): Promise<void> {
-    await this.cancelOrphanStream();
+    await cancelOrphanStream(this.qmp, this.vmId);
     await this.qmp.execute('cont');
     if (this.config().incoming) this.setConfig({ incoming: false });
-  }
-
-  /**
-   * An outgoing stream whose agent died (a restart, a kill -9) holds QEMU in its migration: at
-   * pre-switchover `cont` is refused ("Migration is not finalized yet") and a new `migrate` too
-   * ("There's a migration process in progress"). Nothing reads that stream any more, so it can only
-   * be cancelled; the guest runs on here until Ferry's own switchover pauses it.
-   */
-  private async cancelOrphanStream(): Promise<void> {
-    const done = (st: string | undefined) => st === undefined || ['none', 'completed', 'failed', 'cancelled'].includes(st);
-    const query = async () => (await this.qmp.execute<{ status?: string }>('query-migrate')).status;
-    if (done(await query())) return;
-    await this.qmp.execute('migrate_cancel');
-    const until = Date.now() + CANCEL_MS;
-    for (let st = await query(); !done(st); st = await query()) {
-      if (Date.now() > until) throw new HypervisorError('Timeout', `resume: VM ${this.vmId}'s outgoing migration stream is still ${st} ${CANCEL_MS / 1000} s after migrate_cancel`);
-      await sleep(50);
-    }
   }
 
   /**
@@ -193,9 +172,7 @@ export class QemuVmHandle implements VmHandle {
    * stream is read fast comes out of the migration with its memory corrupted (its kernel oopses in a
    * timer interrupt, or it hangs); the same migration without auto-converge is clean.
    */
-  async migrateOut(limits: StreamLimits): Promise<OutgoingStream> {
-    // A new stream is asked for only when no live one of this agent exists: any other is an orphan.
-    await this.cancelOrphanStream();
+  migrateOut(limits: StreamLimits): Promise<OutgoingStream> {
     return migrateOut(this.qmp, this.vmId, { ...limits, autoConverge: limits.autoConverge && this.accel === 'kvm' });
   }
 

@@ -22,10 +22,17 @@ const CELLS: [FaultName, PointName][] = [
   ['cut-link', 'postcopy'],
 ];
 
-/** On QEMU: the machine stream cut while it flows, and a stale-block server restarted under a running guest. */
+/**
+ * On QEMU: the machine stream cut while it flows; the postcopy disk server's agent restarted under a
+ * running guest; a source agent killed with QEMU held at pre-switchover (its orphan stream must be
+ * cancelled, and the guest still migrate running); a destination lost before the freeze (a rollback,
+ * not a wait).
+ */
 const QEMU_CELLS: [FaultName, PointName][] = [
   ['cut-link', 'memory-precopy'],
   ['kill-dest', 'postcopy'],
+  ['kill-source', 'after-pause'],
+  ['lose-dest', 'before-pause'],
 ];
 
 let env: ChaosEnv | null = null;
@@ -52,6 +59,6 @@ describeQemu('the chaos matrix on QEMU guests', () => {
   it('QEMU cells: one running QEMU, the guest verifies clean, a clear end, nothing left over', async () => {
     env = await startChaosEnv({ hypervisor: 'qemu' });
     const cells = await runMatrix(env, { cells: QEMU_CELLS, seeds: 1, destinationDeadlineSeconds: 5, tag: 'ciq' });
-    expectAllPassed(cells, ['completed', 'completed']);
+    expectAllPassed(cells, ['completed', 'completed', 'completed', 'rolled-back']);
   });
 });
