@@ -7,7 +7,6 @@ import { formatDetails, formatTable } from '../../chaos/table';
 import type { FaultName } from '../../chaos/faults';
 import type { PointName } from '../../chaos/points';
 import type { CellResult } from '../../chaos/cell';
-import { describeQemu } from '../support/qemu';
 
 jest.setTimeout(600_000);
 
@@ -22,18 +21,6 @@ const CELLS: [FaultName, PointName][] = [
   ['cut-link', 'postcopy'],
 ];
 
-/**
- * On QEMU: the machine stream cut while it flows; the postcopy disk server's agent restarted under a
- * running guest; a source agent killed with QEMU held at pre-switchover (its orphan stream must be
- * cancelled, and the guest still migrate running); a destination lost before the freeze (a rollback,
- * not a wait).
- */
-const QEMU_CELLS: [FaultName, PointName][] = [
-  ['cut-link', 'memory-precopy'],
-  ['kill-dest', 'postcopy'],
-  ['kill-source', 'after-pause'],
-  ['lose-dest', 'before-pause'],
-];
 
 let env: ChaosEnv | null = null;
 
@@ -55,10 +42,3 @@ it('every fault kind at every point: one running copy, no stale read, reference 
   expectAllPassed(cells, ['completed', 'rolled-back', 'completed', 'completed', 'completed', 'completed', 'completed', 'completed']);
 });
 
-describeQemu('the chaos matrix on QEMU guests', () => {
-  it('QEMU cells: one running QEMU, the guest verifies clean, a clear end, nothing left over', async () => {
-    env = await startChaosEnv({ hypervisor: 'qemu' });
-    const cells = await runMatrix(env, { cells: QEMU_CELLS, seeds: 1, destinationDeadlineSeconds: 5, tag: 'ciq' });
-    expectAllPassed(cells, ['completed', 'completed', 'completed', 'rolled-back']);
-  });
-});
