@@ -137,7 +137,6 @@ async function chooseHypervisor(choice: DemoOptions['hypervisor'], say: (line: s
   return 'sim';
 }
 
-
 async function follow(ferry: FerryClient, input: { vmId: string; sourceHost: string; destinationHosts: string[] }, quiet: boolean): Promise<MigrationReport> {
   const handle = await ferry.migrate(input);
   return quiet ? handle.result() : followMigration(handle);

@@ -78,7 +78,6 @@ export async function expectNothingLeftOn(cluster: LocalCluster, host: string, v
 
 export { guestWorking } from '../../harness/guest-working';
 
-
 /**
  * A migration whose stale blocks are left to a slow postcopy: one disk round, a freeze as soon as the
  * memory allows (10 s downtime target), and the link down to `bandwidth` from the memory precopy on,
