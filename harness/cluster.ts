@@ -4,28 +4,45 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { createWriteStream, promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { Client, Connection } from '@temporalio/client';
 import { bundleWorkflowCode } from '@temporalio/worker';
 import { nodeEntryArgs } from '../common/node-entry';
 import { DEFAULT_TASK_QUEUE } from '../common/types';
 import { FerryClient } from '../client/ferry-client';
-import { freePort } from '../scripts/temporal-cli';
+import { ferryCacheRoot, freePort } from '../scripts/temporal-cli';
+import { writeFileDurable } from '../common/durable-file';
 
 const REPO = path.resolve(__dirname, '..');
 
 let bundlePromise: Promise<string> | null = null;
 
-/** Bundle the workflow code once per process, so every agent starts fast. */
-export function workflowBundle(dir: string = os.tmpdir()): Promise<string> {
+/**
+ * Bundle the workflow code once per process, so every agent starts fast. The file is named by its
+ * content in the cache: processes running the same code share it, and none has to remove it.
+ */
+export function workflowBundle(): Promise<string> {
   if (process.env.FERRY_WORKFLOW_BUNDLE) return Promise.resolve(process.env.FERRY_WORKFLOW_BUNDLE);
   bundlePromise ??= (async () => {
     const { code } = await bundleWorkflowCode({ workflowsPath: path.join(REPO, 'workflows'), logger: quietLogger });
-    const file = path.join(dir, `ferry-workflows-${process.pid}-${Date.now()}.js`);
-    await fs.writeFile(file, code);
+    const dir = path.join(ferryCacheRoot(), 'workflow-bundles');
+    await fs.mkdir(dir, { recursive: true });
+    const file = path.join(dir, `${createHash('sha256').update(code).digest('hex').slice(0, 16)}.js`);
+    await writeFileDurable(file, code);
+    await pruneBundles(dir, file);
     return file;
   })();
   return bundlePromise;
+}
+
+/** Bundles of code changed since: a day without use is long past any process that started from them. */
+async function pruneBundles(dir: string, keep: string): Promise<void> {
+  for (const name of await fs.readdir(dir)) {
+    const file = path.join(dir, name);
+    if (file === keep) continue;
+    const st = await fs.stat(file).catch(() => null);
+    if (st && Date.now() - st.mtimeMs > 24 * 3600_000) await fs.rm(file, { force: true });
+  }
 }
 
 const noop = () => undefined;
@@ -44,6 +61,10 @@ export interface AgentProcess {
 export interface ClusterOptions {
   temporalAddress: string;
   hosts: string[];
+  /**
+   * The hosts' homes and logs. Without it the cluster makes a temporary directory and removes it at
+   * `stop()` (kept when FERRY_KEEP_TMP=1, to read the agents' logs after a failure).
+   */
   root?: string;
   namespace?: string;
   /** The workflow task queue of this cluster's agents (default ferry-migrations): clusters on one server keep apart by it. */
@@ -59,6 +80,11 @@ export interface ClusterOptions {
   dataPort?: (host: string) => number;
   /** Where each host's agent runs: by default on this machine's loopback, like every other host. */
   placement?: (host: string) => AgentPlacement;
+  /**
+   * Run the agents from the compiled dist/ (`npm run build`), as a deployment does: they then start
+   * their VM processes from compiled JavaScript too. Default: from the sources, through tsx.
+   */
+  compiled?: boolean;
 }
 
 /** An agent somewhere else than this process's loopback: inside a network namespace, say. */
@@ -87,7 +113,7 @@ export class LocalCluster {
   static async start(opts: ClusterOptions): Promise<LocalCluster> {
     const root = opts.root ?? (await fs.mkdtemp(path.join(os.tmpdir(), 'ferry-cluster-')));
     await fs.mkdir(root, { recursive: true });
-    const bundle = await workflowBundle(root);
+    const bundle = await workflowBundle();
     const connection = await Connection.connect({ address: opts.temporalAddress });
     const client = new Client({ connection, namespace: opts.namespace ?? 'default' });
     const cluster = new LocalCluster(root, opts, opts.secret ?? randomBytes(24).toString('hex'), client, connection, bundle);
@@ -138,7 +164,7 @@ export class LocalCluster {
     const argv = [
       ...place.launcher,
       process.execPath,
-      ...nodeEntryArgs(path.join(repo, 'client', 'cli', 'main')),
+      ...(this.opts.compiled ? [await compiledEntry(repo, path.join('client', 'cli', 'main.js'))] : nodeEntryArgs(path.join(repo, 'client', 'cli', 'main'))),
       'worker',
       '--host', host,
       '--home', home,
@@ -166,14 +192,17 @@ export class LocalCluster {
       },
     );
     child.stderr!.pipe(log);
+    const startup = new OutputTail();
     const ready = await new Promise<{ dataAddress: string; metricsPort: number | null }>((resolve, reject) => {
       let buf = '';
       const timer = setTimeout(() => {
         child.kill('SIGKILL'); // not registered yet: nothing else would stop it
-        reject(new Error(`agent ${host} did not become ready in 60 s; see ${this.logFile(host)}`));
+        reject(new Error(`agent ${host} did not become ready in 60 s; see ${this.logFile(host)}${startup.text()}`));
       }, 60_000);
+      child.stderr!.on('data', (chunk: Buffer) => startup.add(chunk));
       child.stdout!.on('data', (chunk: Buffer) => {
         log.write(chunk);
+        startup.add(chunk);
         buf += chunk.toString();
         let nl: number;
         while ((nl = buf.indexOf('\n')) >= 0) {
@@ -185,9 +214,10 @@ export class LocalCluster {
           }
         }
       });
-      child.once('exit', (code, signal) => {
+      // 'close', not 'exit': the output is all read by then, so the error can carry its last lines.
+      child.once('close', (code, signal) => {
         clearTimeout(timer);
-        reject(new Error(`agent ${host} exited (${code ?? signal}) before it was ready; see ${this.logFile(host)}`));
+        reject(new Error(`agent ${host} exited (${code ?? signal}) before it was ready; see ${this.logFile(host)}${startup.text()}`));
       });
     });
     const agent: AgentProcess = { host, home, dataPort: port, process: child, dataAddress: ready.dataAddress, metricsPort: ready.metricsPort };
@@ -237,6 +267,27 @@ export class LocalCluster {
       }
     }
     await this.connection.close();
+    if (!this.opts.root && process.env.FERRY_KEEP_TMP !== '1') await fs.rm(this.root, { recursive: true, force: true, maxRetries: 3 });
+  }
+}
+
+async function compiledEntry(repo: string, file: string): Promise<string> {
+  const js = path.join(repo, 'dist', file);
+  if (!(await fs.stat(js).catch(() => null))) throw new Error(`${js} not found: run npm run build in ${repo} first`);
+  return js;
+}
+
+/** The last lines an agent printed while starting: an agent that exits before it is ready says why here. */
+class OutputTail {
+  private buffered = '';
+
+  add(chunk: Buffer): void {
+    this.buffered = (this.buffered + chunk.toString()).slice(-4000);
+  }
+
+  text(): string {
+    const lines = this.buffered.trimEnd().split('\n').slice(-12);
+    return lines[0] ? `; its last output:\n${lines.join('\n')}` : '';
   }
 }
 

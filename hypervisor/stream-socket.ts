@@ -99,6 +99,8 @@ export async function connectToStream(file: string, timeoutMs: number): Promise<
     try {
       const socket = net.connect(file);
       await once(socket, 'connect');
+      // The hypervisor takes one connection: its socket's name has served (it would stay behind otherwise).
+      await fs.rm(file, { force: true });
       return new StreamWriter(socket);
     } catch (err) {
       if (Date.now() > deadline) throw new Error(`cannot connect to the incoming stream socket ${file}: ${(err as Error).message}`);
