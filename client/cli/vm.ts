@@ -1,4 +1,4 @@
-// `ferry vm create|list|inspect|start|pause|resume|verify|destroy`: VMs of the simulated hypervisor, through a host's agent.
+// `ferry vm create|list|inspect|start|pause|resume|verify|destroy`: the VMs of a host (simulated or QEMU), through its agent.
 import { Command, Option } from 'commander';
 import type { VmSummary } from '../../activities';
 import { DEFAULT_OPS_PER_SECOND, PAGE_BYTES, SECTOR_BYTES, WORKLOADS, type Workload } from '../../common/types';
@@ -50,7 +50,7 @@ function describe(s: VmSummary): string {
 }
 
 export function vmCommand(): Command {
-  const vm = new Command('vm').description('create, list, inspect and destroy VMs on a host (simulated hypervisor), through its agent');
+  const vm = new Command('vm').description('create, list, inspect and destroy VMs on a host (simulated or QEMU), through its agent');
 
   vm.addCommand(
     withConnectionFlags(

@@ -28,8 +28,13 @@ function childEnv(env: Record<string, string | undefined>): NodeJS.ProcessEnv {
  * against the test server; `env` entries override (undefined removes) the inherited environment.
  */
 export function runScript(script: string, args: string[], env: Record<string, string | undefined> = {}, timeoutMs = 100_000): Promise<Run> {
+  return runCommand(process.execPath, ['--import', 'tsx', script, ...args], env, timeoutMs);
+}
+
+/** Runs any command in the repository against the test server (see runScript). */
+export function runCommand(command: string, args: string[], env: Record<string, string | undefined> = {}, timeoutMs = 100_000): Promise<Run> {
   return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, ['--import', 'tsx', script, ...args], { cwd: REPO, env: childEnv(env), stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawn(command, args, { cwd: REPO, env: childEnv(env), stdio: ['ignore', 'pipe', 'pipe'] });
     let stdout = '';
     let stderr = '';
     child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
@@ -55,7 +60,12 @@ export interface LiveRun {
 
 /** Starts `ferry ...args` as `ferry` does; kill it in a finally. */
 export function startFerry(args: string[], env: Record<string, string | undefined> = {}): LiveRun {
-  const child = spawn(process.execPath, ['--import', 'tsx', 'client/cli/main.ts', ...args], { cwd: REPO, env: childEnv(env), stdio: ['ignore', 'pipe', 'pipe'] });
+  return startCommand(process.execPath, ['--import', 'tsx', 'client/cli/main.ts', ...args], env);
+}
+
+/** Starts any command in the repository against the test server (see startFerry). */
+export function startCommand(command: string, args: string[], env: Record<string, string | undefined> = {}): LiveRun {
+  const child = spawn(command, args, { cwd: REPO, env: childEnv(env), stdio: ['ignore', 'pipe', 'pipe'] });
   const out = { stdout: '', stderr: '' };
   const listeners: (() => void)[] = [];
   for (const stream of ['stdout', 'stderr'] as const) {
@@ -78,7 +88,7 @@ export function startFerry(args: string[], env: Record<string, string | undefine
         };
         listeners.push(check);
         check();
-        void exited.then((code) => reject(new Error(`ferry exited (${code}) before ${stream} matched ${pattern}:\n${out.stdout}\n${out.stderr}`)));
+        void exited.then((code) => reject(new Error(`"${path.basename(command)} ${args.join(' ')}" exited (${code}) before ${stream} matched ${pattern}:\n${out.stdout}\n${out.stderr}`)));
       }),
   };
 }
