@@ -5,7 +5,7 @@ import type { WorkflowHandle } from '@temporalio/client';
 import { defaultPayloadConverter } from '@temporalio/common';
 
 export interface HistoryBreakdown {
-  /** Sum of the durations the source measured inside the transfer activities (first pass, dirty rounds, memory, freeze, postcopy). */
+  /** Sum of the durations the source measured inside the transfer activities (first pass, dirty rounds, the switchover's memory precopy and freeze, postcopy). */
   transferMs: number;
   /** Blocks sent by each disk dirty round, in order (the last one is the round just before the freeze). */
   dirtyBlocksPerRound: number[];
@@ -59,7 +59,6 @@ export async function historyBreakdown(workflow: WorkflowHandle): Promise<Histor
       out.steps.push({ type: sched.type, startedAtMs: Math.round(start), ms: Math.round(at - start), bytes: r.bytes ?? null, items: r.items ?? null, durationMs: r.durationMs ?? r.freezeMs ?? null });
       switch (sched.type) {
         case 'copyDiskFirstPass':
-        case 'copyMemory':
         case 'postcopy':
           out.transferMs += r.durationMs ?? 0;
           break;
@@ -68,7 +67,8 @@ export async function historyBreakdown(workflow: WorkflowHandle): Promise<Histor
           out.dirtyBlocksPerRound.push(r.items ?? 0);
           break;
         case 'switchover':
-          out.transferMs += r.freezeMs ?? 0;
+          // durationMs: the memory precopy and the freeze (histories recorded before it carry only freezeMs).
+          out.transferMs += r.durationMs ?? r.freezeMs ?? 0;
           out.freezeMs = r.freezeMs ?? null;
           out.staleBlocksAtFreeze = r.staleBlocks ?? null;
           break;

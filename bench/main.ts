@@ -10,6 +10,7 @@ import type { MigrationMode } from '../common/migration';
 import { WORKLOADS, type Workload } from '../common/types';
 import { ensureTemporalCli, startDevServer, type DevServer } from '../scripts/temporal-cli';
 import { measureBaselines } from './baselines';
+import { buildDist } from './compiled';
 import { startRun, stopOnSignals } from './run-context';
 import { writeCharts } from './charts';
 import { formatReport, summarize, type Results } from './report';
@@ -43,6 +44,7 @@ interface Flags {
   only?: string;
   temporalAddress?: string;
   keepDir: boolean;
+  fromSources: boolean;
   cpuProf?: string;
 }
 
@@ -131,7 +133,6 @@ async function main(f: Flags): Promise<number> {
       }
       say(`starting ${HOSTS.length} host agents on Temporal ${address}`);
       const clusterRoot = path.join(root, 'cluster');
-      await fs.mkdir(clusterRoot); // LocalCluster.start writes the workflow bundle there before creating it
       // Agents (and the VM processes they start) write V8 CPU profiles there when they exit.
       const env: Record<string, string> = {
         FERRY_MAX_MIGRATIONS: String(cfg.concurrent.hostLimit),
@@ -143,7 +144,8 @@ async function main(f: Flags): Promise<number> {
         env.NODE_OPTIONS = `${process.env.NODE_OPTIONS ?? ''} --require ${hook}`.trim();
         env.FERRY_BENCH_CPU_PROF_DIR = path.resolve(f.cpuProf);
       }
-      cluster = await LocalCluster.start({ temporalAddress: address, hosts: HOSTS, root: clusterRoot, env });
+      if (!f.fromSources) await buildDist(say);
+      cluster = await LocalCluster.start({ temporalAddress: address, hosts: HOSTS, root: clusterRoot, env, compiled: !f.fromSources });
       const bench = new Bench(cluster.ferryClient(), cluster, cfg, say);
       res.runs = bench.runs;
       res.violations = bench.violations;
@@ -207,6 +209,7 @@ const program = new Command('ferry-bench')
   .option('--only <list>', `run only these, comma-separated: ${SCENARIOS.join(',')}`)
   .option('--temporal-address <host:port>', 'use this Temporal server instead of starting a dev server')
   .option('--keep-dir', 'keep the working directory (agent logs, images) for inspection', false)
+  .option('--from-sources', 'run the agents through tsx from the sources instead of the compiled dist/ (no build step)', false)
   .option('--cpu-prof <dir>', 'write V8 CPU profiles of the host agents and VM processes into this directory')
   .action(async (f: Flags) => {
     process.exitCode = await main(f);

@@ -16,6 +16,7 @@ import { findQemuAssets } from '../scripts/qemu-assets';
 import { ensureTemporalCli, startDevServer, type DevServer } from '../scripts/temporal-cli';
 import { timeTcp, writeFresh } from './baselines';
 import { resultWithin } from './scenarios';
+import { buildDist } from './compiled';
 import { startRun, stopOnSignals } from './run-context';
 import { PEER_MIGRATION_PARAMETERS, runPeer, type PeerAssets } from './qemu-peer';
 import { spread, type Spread } from './stats';
@@ -41,6 +42,7 @@ interface Flags {
   workloads?: string;
   systems?: string;
   keepDir: boolean;
+  fromSources: boolean;
 }
 
 interface Config {
@@ -395,9 +397,9 @@ async function main(f: Flags): Promise<number> {
       const cli = await ensureTemporalCli({ log: (l) => say(`  ${l}`) });
       server = await startDevServer({ cliPath: cli.path, uiPort: null });
       const clusterRoot = path.join(root, 'cluster');
-      await fs.mkdir(clusterRoot); // LocalCluster.start writes the workflow bundle there before creating it
       say(`starting host agents ${A} and ${B} with FERRY_HYPERVISOR=qemu`);
-      cluster = await LocalCluster.start({ temporalAddress: server.address, hosts: [A, B], root: clusterRoot, env: { FERRY_HYPERVISOR: 'qemu' } });
+      if (!f.fromSources) await buildDist(say);
+      cluster = await LocalCluster.start({ temporalAddress: server.address, hosts: [A, B], root: clusterRoot, env: { FERRY_HYPERVISOR: 'qemu' }, compiled: !f.fromSources });
       await bench.ferry(cluster.ferryClient());
       await cluster.stop();
       cluster = null;
@@ -436,6 +438,7 @@ const program = new Command('ferry-bench-qemu')
   .option('--ops <n>', 'randwrite guest operations per second (default 200)')
   .option('--workloads <list>', `comma-separated, from ${WORKLOADS.join(',')}`)
   .option('--systems <list>', 'comma-separated, from tcp,ferry,qemu (default all)')
+  .option('--from-sources', 'run the agents through tsx from the sources instead of the compiled dist/ (no build step)', false)
   .option('--keep-dir', 'keep the working directory (agent homes, logs) for inspection', false)
   .action(async (f: Flags) => {
     process.exitCode = await main(f);

@@ -55,6 +55,8 @@ export type SwitchoverResult =
       memoryBytes: number;
       diskBytes: number;
       freezeMs: number;
+      /** The data transfer inside the switchover: the memory precopy (with its disk rounds) and the freeze (ms). */
+      durationMs: number;
       hypervisorDowntimeMs: number | null;
       memoryIterations: number;
       throttled: boolean;
@@ -437,6 +439,7 @@ export class Source {
         throw err;
       };
       await faultPoint('switchover-before-pause');
+      const transferStartedAt = Date.now();
       let carried: CarriedStream;
       try {
         carried = await this.ensureStream(ref, opts);
@@ -525,6 +528,7 @@ export class Source {
           staleBlocks: stale.count,
           ...sent,
           freezeMs: Date.now() - frozenAt,
+          durationMs: Date.now() - transferStartedAt,
           hypervisorDowntimeMs,
           memoryIterations: progress?.iterations ?? 0,
           throttled: (progress?.throttle ?? 0) > 0,
@@ -748,7 +752,7 @@ export class Source {
 
   /** A retry after the commit: the earlier attempt carried the bytes (its result was lost with it). */
   private committedBefore(): Extract<SwitchoverResult, { outcome: 'committed' }> {
-    return { outcome: 'committed', staleBlocks: 0, memoryBytes: 0, diskBytes: 0, freezeMs: 0, hypervisorDowntimeMs: null, memoryIterations: 0, throttled: false };
+    return { outcome: 'committed', staleBlocks: 0, memoryBytes: 0, diskBytes: 0, freezeMs: 0, durationMs: 0, hypervisorDowntimeMs: null, memoryIterations: 0, throttled: false };
   }
 
   private async committed(ref: MigrationRef, result: Extract<SwitchoverResult, { outcome: 'committed' }>, freeze: object = {}): Promise<SwitchoverResult> {

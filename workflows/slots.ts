@@ -1,5 +1,5 @@
 // The migration's side of admission: ask for slots, wait for the grants, give them back.
-import { condition, getExternalWorkflowHandle, setHandler, workflowInfo } from '@temporalio/workflow';
+import { condition, getExternalWorkflowHandle, patched, setHandler, workflowInfo } from '@temporalio/workflow';
 import { CLUSTER_SCOPE, admissionWorkflowId, releaseSlotSignal, slotGrantedSignal, type SlotHolder } from './definitions';
 
 export interface SlotWanted {
@@ -7,6 +7,9 @@ export interface SlotWanted {
   /** Ask through this: an activity on the host whose agent knows the limit. */
   request(ticket: number): Promise<void>;
 }
+
+/** The patch that gives slots back in one workflow task. */
+const RELEASE_AT_ONCE = 'slots-release-at-once';
 
 /** How long the fast path waits for every grant before it falls back to taking slots in order. */
 const FAST_GRANT = '2 seconds';
@@ -57,13 +60,17 @@ export class Slots {
 
   /** Give back the slots (all, or those `which` selects); a waiting request is withdrawn too. */
   async release(which: (scope: string) => boolean = () => true): Promise<void> {
-    for (const scope of [...this.tickets.keys()].filter(which)) {
+    const scopes = [...this.tickets.keys()].filter(which);
+    const giveBack = async (scope: string): Promise<void> => {
       this.granted.delete(scope);
       this.tickets.delete(scope);
       await getExternalWorkflowHandle(admissionWorkflowId(scope, workflowInfo().taskQueue))
         .signal(releaseSlotSignal, this.self)
         .catch(() => undefined); // the admission run has ended: nothing is held there
-    }
+    };
+    // All at once: one workflow task for every slot, not one each (histories from before, one by one).
+    if (patched(RELEASE_AT_ONCE)) await Promise.all(scopes.map(giveBack));
+    else for (const scope of scopes) await giveBack(scope);
   }
 }
 

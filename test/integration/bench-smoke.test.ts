@@ -1,5 +1,6 @@
 // Smoke test of `npm run bench -- --quick` (two workloads, one mode, 4 concurrent VMs, to keep it short): it
 // runs to the end on the jest run's Temporal server and writes a JSON summary with every field the issue names. Timings are not asserted (shared CI machines).
+// From the sources: its build step would race the package test's `npm run build` of the same dist/.
 import { spawn, type ChildProcess } from 'node:child_process';
 import os from 'node:os';
 import path from 'node:path';
@@ -31,7 +32,7 @@ it('bench --quick writes a summary with every field, as numbers', async () => {
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'ferry-bench-smoke-'));
   try {
     const file = path.join(dir, 'bench.json');
-    const { code, stderr } = await runBench(['--quick', '--workloads', 'idle,randwrite', '--modes', 'tpm', '--concurrent', '4', '--json', file, '--temporal-address', testTemporalAddress()]);
+    const { code, stderr } = await runBench(['--quick', '--workloads', 'idle,randwrite', '--modes', 'tpm', '--concurrent', '4', '--json', file, '--temporal-address', testTemporalAddress(), '--from-sources']);
     if (code !== 0) throw new Error(`bench exited with ${code}:\n${stderr}`);
     const out = JSON.parse(await fs.readFile(file, 'utf8')) as { summary: Record<string, unknown>; runs: unknown[] };
     const s = out.summary;
