@@ -1,6 +1,6 @@
 // The README's way to run Ferry as a package: `npm run build`, then `npx ferry ...` from the compiled
-// dist/ (what the systemd unit of examples/deploy runs), with no tsx anywhere: a compiled agent that
-// starts VM processes from compiled JavaScript and serves a VM.
+// dist/, and the agent as the systemd unit of examples/deploy runs it (`node dist/client/cli/main.js
+// worker`), with no tsx anywhere: it starts its VM processes from compiled JavaScript and serves a VM.
 import os from 'node:os';
 import path from 'node:path';
 import { promises as fs } from 'node:fs';
@@ -24,7 +24,7 @@ afterAll(async () => {
   if (home) await fs.rm(home, { recursive: true, force: true });
 });
 
-it('npm run build, then npx ferry runs the compiled CLI and a compiled agent serves a VM', async () => {
+it('npm run build, then npx ferry runs the compiled CLI, and the compiled agent serves a VM', async () => {
   const build = await runCommand('npm', ['run', 'build'], {}, 300_000);
   expect({ code: build.code, stderr: build.stderr }).toEqual({ code: 0, stderr: '' });
 
@@ -34,7 +34,8 @@ it('npm run build, then npx ferry runs the compiled CLI and a compiled agent ser
 
   home = await fs.mkdtemp(path.join(os.tmpdir(), 'ferry-pkg-'));
   const env = { FERRY_DATA_SECRET: randomBytes(24).toString('hex'), FERRY_LOG_PRETTY: '0' };
-  worker = startCommand('npx', ['--no-install', 'ferry', 'worker', '--host', HOST, '--home', home, '--data-listen', '127.0.0.1:0'], env);
+  // The agent as the systemd unit starts it (npx would not pass a SIGTERM on to it).
+  worker = startCommand(process.execPath, [path.join('dist', 'client', 'cli', 'main.js'), 'worker', '--host', HOST, '--home', home, '--data-listen', '127.0.0.1:0'], env);
   const ready = await worker.waitFor('stdout', /^.*"msg":"agent ready".*$/m);
   expect(JSON.parse(ready[0])).toMatchObject({ host: HOST, home });
 
