@@ -82,16 +82,16 @@ describe('abort', () => {
 });
 
 describe('postcopy', () => {
-  /** A migration whose link drops to `bandwidth` before the memory precopy: its postcopy push crawls. */
+  /** A migration over a link of `bandwidth`: its postcopy push crawls. */
   async function slowPostcopy(vm: TestVm, bandwidth: number) {
     await t.ferry.hostCommand(a, 'vmCreate', vm);
-    const report = await (await migrateIntoSlowPostcopy(t.ferry, vm.vmId, a, b, bandwidth)).result();
+    const report = await (await migrateIntoSlowPostcopy(t.ferry, vm.vmId, a, b, bandwidth, 'start')).result();
     expect(report).toMatchObject({ outcome: 'completed' });
     return { report, dest: await t.ferry.hostCommand(b, 'vmInspect', { vmId: vm.vmId }) };
   }
 
   it('serves guest reads of stale blocks by on-demand fetch, with correct data', async () => {
-    const vm = testVm('mixed', { opsPerSecond: 4000, memoryBytes: 2 * 1024 * 1024 });
+    const vm = testVm('mixed', { opsPerSecond: 4000, diskBytes: 8 * 1024 * 1024, memoryBytes: 2 * 1024 * 1024 });
     const { report } = await slowPostcopy(vm, 2 * 1024 * 1024);
     expect(report.onDemandFetches).toBeGreaterThan(0);
     expect(report.staleWaits.waits).toBeGreaterThan(0);
@@ -101,7 +101,7 @@ describe('postcopy', () => {
   });
 
   it('at 1 MiB/s serves every stale read of the guest long before the push would reach its block', async () => {
-    const vm = testVm('mixed', { opsPerSecond: 2000, memoryBytes: 2 * 1024 * 1024 });
+    const vm = testVm('mixed', { opsPerSecond: 2000, diskBytes: 8 * 1024 * 1024, memoryBytes: 2 * 1024 * 1024 });
     const { report, dest } = await slowPostcopy(vm, 1024 * 1024);
     // The push of the stale blocks took seconds at 1 MiB/s, and the guest read stale blocks meanwhile.
     expect(report.postcopyMs).toBeGreaterThan(3000);

@@ -33,9 +33,9 @@ it('kill -9 of the source agent during the disk precopy: the VM lives on, the pa
 
 it('kill -9 of the destination agent during the postcopy: the VM keeps running there, reads wait, the push resumes, the report shows the wait', async () => {
   // small memory, so the slow link makes the postcopy (not the memory rounds) last seconds
-  const vm = testVm('mixed', { opsPerSecond: 3000, memoryBytes: 2 * 1024 * 1024 });
+  const vm = testVm('mixed', { opsPerSecond: 3000, diskBytes: 8 * 1024 * 1024, memoryBytes: 2 * 1024 * 1024 });
   await t.ferry.hostCommand(a, 'vmCreate', vm);
-  const handle = await migrateIntoSlowPostcopy(t.ferry, vm.vmId, a, b, 1024 * 1024);
+  const handle = await migrateIntoSlowPostcopy(t.ferry, vm.vmId, a, b, 1024 * 1024, 'start');
   await waitFor(handle, 'postcopy', (p) => p.phase === 'postcopy');
   const pid = await vmPid(b, vm.vmId);
   const killedAt = Date.now();

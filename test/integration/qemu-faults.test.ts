@@ -81,7 +81,7 @@ describeQemu('QEMU guests under faults', () => {
     const vm = testQemuVm({ workload: 'mixed', diskBytes: 16 * MiB });
     await t.ferry.hostCommand(a, 'vmCreate', vm);
     await guestWorking(t.ferry, a, vm.vmId);
-    const handle = await migrateIntoSlowPostcopy(t.ferry, vm.vmId, a, b, MiB);
+    const handle = await migrateIntoSlowPostcopy(t.ferry, vm.vmId, a, b, MiB, 'memory-precopy');
     await waitForProgress(handle, 'the postcopy', (p) => p.phase === 'postcopy', 300_000);
     await handle.setBandwidth(64 * 1024); // holds the push in the postcopy while the agent is down
     const killedAt = Date.now();

@@ -37,7 +37,7 @@ describeQemu('QEMU guests', () => {
     const vm = qemuVm({ workload: 'mixed', diskBytes: 16 * MiB });
     await t.ferry.hostCommand(a, 'vmCreate', vm);
     await guestReady(a, vm.vmId);
-    const report = await (await migrateIntoSlowPostcopy(t.ferry, vm.vmId, a, b, MiB)).result();
+    const report = await (await migrateIntoSlowPostcopy(t.ferry, vm.vmId, a, b, MiB, 'memory-precopy')).result();
     expect(report).toMatchObject({ outcome: 'completed', destinationHost: b, mode: 'tpm' });
     expect(report.postcopyMs).toBeGreaterThan(0);
     expect(report.onDemandFetches).toBeGreaterThan(0);
