@@ -10,6 +10,7 @@ import { vmId } from '../../common/types';
 import type { VmSpec } from '../../hypervisor/driver';
 import { SimDriver, type SimVmHandle, blockContent, hotBlocks, isHypervisorError } from '../../hypervisor';
 import { FrameParser, encodeFrame } from '../../hypervisor/control/protocol';
+import { within } from '../support/host-checks';
 import { isVmProcessAlive } from '../../hypervisor/sim/vm-files';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { carryMachineState } from '../support/carry-stream';
@@ -279,18 +280,19 @@ describe('simulated VM process', () => {
   });
 
   it('a guest halted by runUntil stays halted after its state moves to another VM process; a second resume runs it on', async () => {
+    // Each step bounded on its own: it once hung under CI load, and jest's timeout does not say where.
     const s = spec('halt-src', { opsPerSecond: 0 });
-    const src = await startVm(s, true);
-    await src.runUntil(500);
+    const src = await within('the source VM to start', 30_000, startVm(s, true));
+    await within('runUntil(500)', 30_000, src.runUntil(500));
     const d = spec('halt-src', { opsPerSecond: 0 });
     const otherHost = new SimDriver({ home: fs.mkdtempSync(path.join(home, 'other-host-')) });
     await otherHost.create(d, { incoming: true });
-    const dst = await otherHost.start(d.vmId);
+    const dst = await within('the incoming VM to start', 30_000, otherHost.start(d.vmId));
     handles.push(dst);
     cleanups.push(() => otherHost.destroy(d.vmId)); // even when an expectation fails: a guest left running burns a core
-    await carryMachineState(src, dst);
+    await within('the machine state to move', 60_000, carryMachineState(src, dst));
     expect((await src.status()).state).toBe('migrated');
-    await dst.resume();
+    await within('the first resume', 10_000, dst.resume());
     await sleep(300);
     expect(await dst.status()).toMatchObject({ state: 'halted', guest: { ops: 500 } });
     await dst.resume();
