@@ -12,6 +12,7 @@ import { DEFAULT_TASK_QUEUE } from '../common/types';
 import { FerryClient } from '../client/ferry-client';
 import { ferryCacheRoot, freePort } from '../scripts/temporal-cli';
 import { writeFileDurable } from '../common/durable-file';
+import { collectLines } from '../scripts/provisioning';
 
 const REPO = path.resolve(__dirname, '..');
 
@@ -192,17 +193,16 @@ export class LocalCluster {
       },
     );
     child.stderr!.pipe(log);
-    const startup = new OutputTail();
+    // The last lines it printed: an agent that exits before it is ready says why there.
+    const startup = collectLines(child, undefined, 12);
     const ready = await new Promise<{ dataAddress: string; metricsPort: number | null }>((resolve, reject) => {
       let buf = '';
       const timer = setTimeout(() => {
         child.kill('SIGKILL'); // not registered yet: nothing else would stop it
-        reject(new Error(`agent ${host} did not become ready in 60 s; see ${this.logFile(host)}${startup.text()}`));
+        reject(new Error(`agent ${host} did not become ready in 60 s; see ${this.logFile(host)}${lastOutput(startup)}`));
       }, 60_000);
-      child.stderr!.on('data', (chunk: Buffer) => startup.add(chunk));
       child.stdout!.on('data', (chunk: Buffer) => {
         log.write(chunk);
-        startup.add(chunk);
         buf += chunk.toString();
         let nl: number;
         while ((nl = buf.indexOf('\n')) >= 0) {
@@ -217,7 +217,7 @@ export class LocalCluster {
       // 'close', not 'exit': the output is all read by then, so the error can carry its last lines.
       child.once('close', (code, signal) => {
         clearTimeout(timer);
-        reject(new Error(`agent ${host} exited (${code ?? signal}) before it was ready; see ${this.logFile(host)}${startup.text()}`));
+        reject(new Error(`agent ${host} exited (${code ?? signal}) before it was ready; see ${this.logFile(host)}${lastOutput(startup)}`));
       });
     });
     const agent: AgentProcess = { host, home, dataPort: port, process: child, dataAddress: ready.dataAddress, metricsPort: ready.metricsPort };
@@ -277,18 +277,8 @@ async function compiledEntry(repo: string, file: string): Promise<string> {
   return js;
 }
 
-/** The last lines an agent printed while starting: an agent that exits before it is ready says why here. */
-class OutputTail {
-  private buffered = '';
-
-  add(chunk: Buffer): void {
-    this.buffered = (this.buffered + chunk.toString()).slice(-4000);
-  }
-
-  text(): string {
-    const lines = this.buffered.trimEnd().split('\n').slice(-12);
-    return lines[0] ? `; its last output:\n${lines.join('\n')}` : '';
-  }
+function lastOutput(lines: string[]): string {
+  return lines.length > 0 ? `; its last output:\n${lines.join('\n')}` : '';
 }
 
 export function isAlive(pid: number): boolean {
