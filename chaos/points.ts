@@ -1,6 +1,7 @@
 // Injection points: where in a migration a fault strikes. Phase points are found from the workflow's
 // progress (with a slow link so the phase lasts); switchover points are named pause points inside the
-// agents (common/fault-points.ts): the harness arms one, waits for `.reached`, injects, then releases.
+// agents (common/fault-points.ts), as is the postcopy point: the harness arms one, waits for
+// `.reached`, injects, then releases.
 import path from 'node:path';
 import { promises as fs } from 'node:fs';
 import type { MigrationHandle } from '../client/ferry-client';
@@ -24,7 +25,6 @@ export type PointName = (typeof POINTS)[number];
 export const AFTER_COMMIT: readonly PointName[] = ['after-commit', 'postcopy'];
 
 const SLOW_LINK = 3 * 1024 * 1024;
-const POSTCOPY_LINK = 256 * 1024;
 const FIRST_PASS_LINK = 1024 * 1024;
 
 export interface PointContext {
@@ -90,34 +90,39 @@ function hookPoint(name: FaultPointName): Point {
 }
 
 /**
- * Postcopy with many stale blocks: hold the source just before its pause while the guest writes,
- * then let the switchover go on with a slow link, so the push lasts seconds.
+ * Inside the postcopy: the source's push holds with stale blocks still to send (a pause point, so the
+ * fault strikes there however short the push would be), once the workflow is in its postcopy phase.
+ * The guest's on-demand fetches go on meanwhile; the push goes on at the release.
  */
 function postcopyPoint(): Point {
-  // Held in the freeze (the memory precopy runs inside the switchover, before the pause): only the
-  // last of the machine state and the postcopy cross the slow link.
-  const hold = hookPoint('switchover-after-pause');
+  const name: FaultPointName = 'postcopy-push';
+  const hold = hookPoint(name);
   return {
     bandwidth: null,
     arm: hold.arm,
     reach: async (ctx) => {
-      await hold.reach(ctx);
-      await sleep(1500);
-      await ctx.handle.setBandwidth(POSTCOPY_LINK);
-      await hold.release(ctx);
+      const reached = path.join(ctx.faultDir, `${name}.reached`);
+      while (!(await fs.access(reached).then(() => true, () => false))) {
+        const p = await ctx.handle.progress().catch(() => null);
+        // Nothing stale at the freeze: the push never holds, and the cell says so instead of waiting.
+        if (p && TERMINAL.includes(p.phase)) throw new PointMissed(`the migration ${p.phase} without a postcopy push to hold`);
+        if (ctx.signal.aborted) throw new PointMissed(`fault point ${name} was not reached`);
+        await sleep(100);
+      }
       await waitProgress(ctx, (p) => p.phase === 'postcopy');
-      await sleep(500);
     },
-    release: (ctx) => ctx.handle.setBandwidth(null).catch(() => undefined),
+    release: hold.release,
   };
 }
+
+const TERMINAL: readonly string[] = ['completed', 'rolled-back', 'failed'];
 
 async function waitProgress(ctx: PointContext, pred: (p: MigrationProgress) => boolean): Promise<void> {
   let last: MigrationProgress | null = null;
   while (!ctx.signal.aborted) {
     last = await ctx.handle.progress().catch(() => last);
     if (last && pred(last)) return;
-    if (last && ['completed', 'rolled-back', 'failed'].includes(last.phase)) break;
+    if (last && TERMINAL.includes(last.phase)) break;
     await sleep(100);
   }
   throw new PointMissed(`the migration never reached the point (last phase ${last?.phase ?? 'unknown'})`);

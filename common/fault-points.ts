@@ -5,7 +5,13 @@
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 
-export type FaultPointName = 'switchover-before-pause' | 'switchover-after-pause' | 'switchover-after-prepared' | 'switchover-after-commit';
+export type FaultPointName =
+  | 'switchover-before-pause'
+  | 'switchover-after-pause'
+  | 'switchover-after-prepared'
+  | 'switchover-after-commit'
+  /** The source's postcopy push, with stale blocks still to send (reached only when there are some). */
+  | 'postcopy-push';
 
 const POLL_MS = 50;
 

@@ -638,6 +638,7 @@ export class Source {
         if (Number(list.meta.count) === 0) break;
         pending = new Set(bitmapIndices(list.data, blocks));
         fetch(list.meta.needed as number[]);
+        await faultPoint('postcopy-push');
         for (const b of [...pending]) {
           if (fetchFailed) throw fetchFailed;
           if (!pending.delete(b)) continue; // fetched meanwhile
