@@ -35,22 +35,24 @@ export const ADMISSION_HISTORY_EVENTS = 2_000;
 const same = (a: SlotHolder, b: SlotHolder) => a.workflowId === b.workflowId && a.runId === b.runId;
 
 export async function admission(state: AdmissionState): Promise<void> {
-  const regrant: SlotRequest[] = [];
+  // Part of the state, so re-grants still owed when the run continues as new are made by the next one.
+  const regrant = (state.regrant ??= []);
   setHandler(admissionStateQuery, () => state);
   setHandler(requestSlotSignal, (req) => {
     state.limit = req.limit;
     const held = state.holders.find((h) => same(h.holder, req.holder));
     if (held) {
-      held.ticket = req.ticket; // a retried request: grant again, the first grant may have been lost
+      held.ticket = req.ticket;
       regrant.push(held);
     } else {
       state.waiting = state.waiting.filter((w) => !same(w.holder, req.holder));
       state.waiting.push(req);
     }
   });
-  setHandler(releaseSlotSignal, (holder) => {
-    state.holders = state.holders.filter((h) => !same(h.holder, holder));
-    state.waiting = state.waiting.filter((w) => !same(w.holder, holder));
+  setHandler(releaseSlotSignal, (release) => {
+    const released = (r: SlotRequest) => same(r.holder, release) && (release.ticket === undefined || r.ticket <= release.ticket);
+    state.holders = state.holders.filter((h) => !released(h));
+    state.waiting = state.waiting.filter((w) => !released(w));
   });
 
   while (!historyFull()) {

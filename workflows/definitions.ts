@@ -52,9 +52,17 @@ export interface AdmissionState {
   waiting: SlotRequest[];
   /** Continue as new past this many history events (default ADMISSION_HISTORY_EVENTS; load tests set it lower). */
   historyLimit?: number;
+  /** Holders that asked again (a retried request): grant them again, the first grant may have been lost. */
+  regrant?: SlotRequest[];
 }
 export const requestSlotSignal = defineSignal<[SlotRequest]>('requestSlot');
-export const releaseSlotSignal = defineSignal<[SlotHolder]>('releaseSlot');
+/**
+ * `ticket`: the latest ticket the holder asked with in this scope. The release withdraws that request
+ * and older ones, never a newer one: signals buffered before a run's first workflow task reach their
+ * handlers grouped by signal name, so a re-request can be handled before the release it followed.
+ * (Releases from before the field withdraw every request of the holder.)
+ */
+export const releaseSlotSignal = defineSignal<[SlotHolder & { ticket?: number }]>('releaseSlot');
 /** Sent by the admission workflow to a migration when its slot in `scope` is granted. */
 export const slotGrantedSignal = defineSignal<[{ scope: string; ticket: number }]>('slotGranted');
 export const admissionStateQuery = defineQuery<AdmissionState>('admissionState');

@@ -62,10 +62,11 @@ export class Slots {
   async release(which: (scope: string) => boolean = () => true): Promise<void> {
     const scopes = [...this.tickets.keys()].filter(which);
     const giveBack = async (scope: string): Promise<void> => {
+      const ticket = this.tickets.get(scope);
       this.granted.delete(scope);
       this.tickets.delete(scope);
       await getExternalWorkflowHandle(admissionWorkflowId(scope, workflowInfo().taskQueue))
-        .signal(releaseSlotSignal, this.self)
+        .signal(releaseSlotSignal, { ...this.self, ticket })
         .catch(() => undefined); // the admission run has ended: nothing is held there
     };
     // All at once: one workflow task for every slot, not one each (histories from before, one by one).
