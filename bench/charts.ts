@@ -46,7 +46,35 @@ function specs(res: Results, summary: Summary): Record<string, object> {
     const series = r.scenario === 'heavy-writer' ? `heavy writer (${r.mode})` : `${r.workload} (${r.mode})`;
     r.dirty_blocks_per_round.forEach((blocks, i) => rounds.push({ series, round: i + 1, blocks }));
   }
+  // Ferry beside QEMU native on the real guest: each run, the way there (a→b) and Ferry's incremental way back.
+  const side: Row[] = (res.qemu?.runs ?? [])
+    .filter((r) => r.ok && r.system !== 'tcp')
+    .map((r) => ({
+      workload: r.workload,
+      system: r.system === 'qemu' ? 'QEMU mirror + migrate' : r.direction === 'b→a' ? 'Ferry, incremental back' : 'Ferry tpm',
+      downtime_ms: r.downtime_ms,
+      total_s: r.total_ms / 1000,
+    }));
+  const sideBySide = (field: 'downtime_ms' | 'total_s', title: string) => ({
+    ...base,
+    title,
+    data: { values: side.filter((r) => r[field] != null) },
+    mark: 'bar',
+    encoding: {
+      x: { field: 'workload', type: 'nominal' },
+      xOffset: { field: 'system' },
+      color: { field: 'system' },
+      y: { aggregate: 'median', field, title: field === 'total_s' ? 'total (s)' : 'downtime (ms)' },
+    },
+  });
+  const qemuCharts: Record<string, object> = side.length
+    ? {
+        'qemu-downtime.svg': sideBySide('downtime_ms', 'QEMU guest: downtime seen from outside (median)'),
+        'qemu-total.svg': sideBySide('total_s', 'QEMU guest: total migration time (median)'),
+      }
+    : {};
   return {
+    ...qemuCharts,
     'downtime.svg': {
       ...base,
       title: 'Guest-observed downtime (median)',

@@ -11,7 +11,9 @@ import { WORKLOADS, type Workload } from '../common/types';
 import { ensureTemporalCli, startDevServer, type DevServer } from '../scripts/temporal-cli';
 import { measureBaselines } from './baselines';
 import { buildDist } from './compiled';
-import { startRun, stopOnSignals } from './run-context';
+import { Running, startRun, stopOnSignals } from './run-context';
+import { qemuBenchConfig, runQemuBench } from './qemu';
+import { findQemuAssets } from '../scripts/qemu-assets';
 import { writeCharts } from './charts';
 import { formatReport, summarize, type Results } from './report';
 import { Bench, type ScenarioConfig } from './scenarios';
@@ -21,10 +23,13 @@ import { runAdmissionLoad, type AdmissionLoadResult } from './admission/load';
 
 const MiB = 1024 * 1024;
 const HOSTS = ['h1', 'h2', 'h3', 'h4'];
-const SCENARIOS = ['baselines', 'tracking', 'matrix', 'im', 'heavy', 'bandwidth', 'concurrent', 'network', 'admission'] as const;
+const SCENARIOS = ['baselines', 'tracking', 'matrix', 'im', 'heavy', 'bandwidth', 'concurrent', 'qemu', 'network', 'admission'] as const;
 type ScenarioName = (typeof SCENARIOS)[number];
-/** Run when no --only is given; `network` (needs root) and `admission` (a load test) only when named. */
-const DEFAULT_SCENARIOS: readonly ScenarioName[] = ['baselines', 'tracking', 'matrix', 'im', 'heavy', 'bandwidth', 'concurrent'];
+/**
+ * Run when no --only is given; `qemu` (Ferry beside QEMU's own migration, bench/qemu.ts) only where
+ * QEMU is provisioned, `network` (needs root) and `admission` (a load test) only when named.
+ */
+const DEFAULT_SCENARIOS: readonly ScenarioName[] = ['baselines', 'tracking', 'matrix', 'im', 'heavy', 'bandwidth', 'concurrent', 'qemu'];
 
 interface Flags {
   quick: boolean;
@@ -101,14 +106,16 @@ async function main(f: Flags): Promise<number> {
   const root = await fs.mkdtemp(path.join(os.tmpdir(), 'ferry-bench-'));
   let server: DevServer | null = null;
   let cluster: LocalCluster | null = null;
+  const running = new Running();
   const cleanup = async () => {
+    await running.stopAll();
     await cluster?.stop().catch(() => undefined);
     await server?.stop().catch(() => undefined);
     if (!f.keepDir) await fs.rm(root, { recursive: true, force: true }).catch(() => undefined);
   };
   stopOnSignals(say, cleanup);
 
-  const res: Results = { runs: [], baselines: null, tracking: [], im: null, heavy: [], bandwidth: null, concurrent: null, violations: {} };
+  const res: Results = { runs: [], baselines: null, tracking: [], im: null, heavy: [], bandwidth: null, concurrent: null, violations: {}, qemu: null };
   const has = (s: ScenarioName) => scenarios.includes(s);
   try {
     say(`disk ${cfg.diskBytes / MiB} MiB, memory ${cfg.memoryBytes / MiB} MiB, ${cfg.reps} rep(s), workloads ${cfg.workloads.join(',')} at ${cfg.opsPerSecond} ops/s, modes ${cfg.modes.join(',')}; load average ${os.loadavg()[0].toFixed(1)}; working directory ${root}`);
@@ -156,6 +163,24 @@ async function main(f: Flags): Promise<number> {
       if (has('concurrent')) res.concurrent = await bench.concurrent();
       const bad = Object.entries(bench.violations).filter(([, v]) => v !== 0);
       for (const [vm, v] of bad) say(`WARNING: guest of ${vm} saw ${v} read-check violations`);
+      // The scenarios below share the machine with nothing of this one.
+      await cluster.stop();
+      cluster = null;
+      await server?.stop();
+      server = null;
+    }
+    if (has('qemu')) {
+      const explicit = (f.only ?? '').split(',').map((x) => x.trim()).includes('qemu');
+      const assets = await findQemuAssets();
+      if ('missing' in assets && !explicit) {
+        say(`qemu: skipped, QEMU is not provisioned here (${assets.missing}; npm run setup:qemu provisions it)`);
+      } else {
+        say('qemu: Ferry beside QEMU\'s own mirror + migrate and a plain TCP copy, on a real guest');
+        const qcfg = qemuBenchConfig({ quick: f.quick, reps: f.quick ? undefined : String(Math.min(cfg.reps, 3)) });
+        const qroot = path.join(root, 'qemu');
+        await fs.mkdir(qroot);
+        res.qemu = await runQemuBench(qcfg, { root: qroot, say, fromSources: f.fromSources, running });
+      }
     }
     let network: NetworkRun[] | null = null;
     if (has('network')) {
@@ -179,7 +204,7 @@ async function main(f: Flags): Promise<number> {
     if (admission) process.stdout.write(`\nadmission load: ${JSON.stringify(admission)}\n`);
     if (f.json) {
       const meta = { ...run.meta(), config: cfg };
-      await fs.writeFile(f.json, `${JSON.stringify({ meta, summary, baselines: res.baselines, tracking: res.tracking, im: res.im, bandwidth: res.bandwidth, concurrent: res.concurrent, runs: res.runs, network, admission }, null, 2)}\n`);
+      await fs.writeFile(f.json, `${JSON.stringify({ meta, summary, baselines: res.baselines, tracking: res.tracking, im: res.im, bandwidth: res.bandwidth, concurrent: res.concurrent, runs: res.runs, qemu: res.qemu, network, admission }, null, 2)}\n`);
       say(`wrote ${f.json}`);
     }
     if (f.charts) for (const file of await writeCharts(f.charts, res, summary, say)) say(`wrote ${file}`);

@@ -13,13 +13,14 @@ import { LocalCluster } from '../harness/cluster';
 import { probeAccel } from '../hypervisor/qemu/accel-probe';
 import type { GuestWorkload } from '../hypervisor/qemu/guest-params';
 import { findQemuAssets } from '../scripts/qemu-assets';
-import { ensureTemporalCli, startDevServer, type DevServer } from '../scripts/temporal-cli';
+import { ensureTemporalCli, startDevServer } from '../scripts/temporal-cli';
 import { timeTcp, writeFresh } from './baselines';
 import { resultWithin } from './scenarios';
 import { buildDist } from './compiled';
-import { startRun, stopOnSignals } from './run-context';
+import { Running, startRun, stopOnSignals } from './run-context';
 import { PEER_MIGRATION_PARAMETERS, runPeer, type PeerAssets } from './qemu-peer';
 import { spread, type Spread } from './stats';
+import { formatTargets, qemuTargets } from './targets';
 
 const MiB = 1024 * 1024;
 const [A, B] = ['qa', 'qb'];
@@ -32,7 +33,7 @@ const VERIFY_TIMEOUT_MS = 5 * 60_000;
 type System = 'tcp' | 'ferry' | 'qemu';
 type Direction = 'a→b' | 'b→a';
 
-interface Flags {
+export interface QemuBenchFlags {
   quick: boolean;
   json?: string;
   diskMib?: string;
@@ -45,7 +46,7 @@ interface Flags {
   fromSources: boolean;
 }
 
-interface Config {
+export interface QemuBenchConfig {
   diskBytes: number;
   memoryBytes: number;
   reps: number;
@@ -56,7 +57,7 @@ interface Config {
 }
 
 /** One measured run of one system. */
-interface Run {
+export interface QemuRun {
   system: System;
   workload: BenchWorkload | null;
   direction: Direction | null;
@@ -78,7 +79,7 @@ interface Run {
   detail: Record<string, unknown>;
 }
 
-interface Row {
+export interface QemuRow {
   system: System;
   workload: BenchWorkload | null;
   direction: Direction | null;
@@ -109,7 +110,7 @@ function list<T extends string>(value: string | undefined, allowed: readonly T[]
   return items;
 }
 
-function config(f: Flags): Config {
+export function qemuBenchConfig(f: Partial<QemuBenchFlags> & { quick: boolean }): QemuBenchConfig {
   const diskBytes = positive(f.diskMib, f.quick ? 128 : 1024, 'disk-mib') * MiB;
   const memoryBytes = positive(f.memoryMib, f.quick ? 128 : 512, 'memory-mib') * MiB;
   if (diskBytes % MiB || memoryBytes % MiB) throw new Error('--disk-mib and --memory-mib must be whole numbers of MiB');
@@ -125,7 +126,7 @@ function config(f: Flags): Config {
   };
 }
 
-const emptyRun = (system: System, workload: BenchWorkload | null, direction: Direction | null, rep: number): Run => ({
+const emptyRun = (system: System, workload: BenchWorkload | null, direction: Direction | null, rep: number): QemuRun => ({
   system,
   workload,
   direction,
@@ -143,18 +144,18 @@ const emptyRun = (system: System, workload: BenchWorkload | null, direction: Dir
   detail: {},
 });
 
-const rate = (cfg: Config, w: BenchWorkload): number => (w === 'idle' ? 0 : cfg.opsPerSecond);
+const rate = (cfg: QemuBenchConfig, w: BenchWorkload): number => (w === 'idle' ? 0 : cfg.opsPerSecond);
 
 class QemuBench {
-  readonly runs: Run[] = [];
+  readonly runs: QemuRun[] = [];
 
   constructor(
-    private readonly cfg: Config,
+    private readonly cfg: QemuBenchConfig,
     private readonly root: string,
     private readonly say: (line: string) => void,
   ) {}
 
-  private record(r: Run): Run {
+  private record(r: QemuRun): QemuRun {
     this.runs.push(r);
     const what = r.ok
       ? `total ${(r.total_ms / 1000).toFixed(2)} s, downtime ${r.downtime_ms?.toFixed(0) ?? '-'} ms (QEMU ${r.hypervisor_downtime_ms ?? '-'} ms), disk ${(r.disk_bytes / 1e6).toFixed(0)} MB, memory ${(r.memory_bytes / 1e6).toFixed(0)} MB${r.violations === null ? '' : `, ${r.violations} violations`}`
@@ -223,7 +224,7 @@ class QemuBench {
     }
   }
 
-  private async ferryRun(ferry: FerryClient, vmId: string, workload: BenchWorkload, rep: number, from: string, to: string): Promise<Run> {
+  private async ferryRun(ferry: FerryClient, vmId: string, workload: BenchWorkload, rep: number, from: string, to: string): Promise<QemuRun> {
     const direction: Direction = from === A ? 'a→b' : 'b→a';
     const r = emptyRun('ferry', workload, direction, rep);
     try {
@@ -314,8 +315,8 @@ class QemuBench {
   }
 }
 
-function summarize(runs: Run[]): Row[] {
-  const keys = new Map<string, Run[]>();
+function summarize(runs: QemuRun[]): QemuRow[] {
+  const keys = new Map<string, QemuRun[]>();
   for (const r of runs) {
     const key = `${r.system}|${r.workload ?? ''}|${r.direction ?? ''}`;
     keys.set(key, [...(keys.get(key) ?? []), r]);
@@ -323,7 +324,7 @@ function summarize(runs: Run[]): Row[] {
   const limit = spread(runs.filter((r) => r.system === 'tcp' && r.ok).map((r) => r.total_ms)).median;
   return [...keys.values()].map((group) => {
     const ok = group.filter((r) => r.ok);
-    const of = (pick: (r: Run) => number | null) => spread(ok.map(pick).filter((x): x is number => x !== null));
+    const of = (pick: (r: QemuRun) => number | null) => spread(ok.map(pick).filter((x): x is number => x !== null));
     const total = of((r) => r.total_ms);
     return {
       system: group[0].system,
@@ -343,7 +344,7 @@ function summarize(runs: Run[]): Row[] {
   });
 }
 
-function formatTable(rows: Row[]): string {
+export function formatQemuTable(rows: QemuRow[]): string {
   const range = (s: Spread, scale: number, digits: number): string => {
     if (s.n === 0) return '-';
     const f = (x: number) => (x / scale).toFixed(digits);
@@ -369,56 +370,71 @@ function formatTable(rows: Row[]): string {
   return [line(header), `|${widths.map((w) => '-'.repeat(w + 2)).join('|')}|`, ...body.map(line)].join('\n');
 }
 
-async function main(f: Flags): Promise<number> {
-  const cfg = config(f);
+export interface QemuBenchResult {
+  rows: QemuRow[];
+  runs: QemuRun[];
+  qemu: { version: string; accel: 'kvm' | 'tcg'; accel_reason: string; kernel: string; guest: string; peer_migration_parameters: typeof PEER_MIGRATION_PARAMETERS };
+}
+
+/**
+ * The side-by-side run: the physical limit, Ferry there and back, QEMU's own mirror + migrate. `root`
+ * is a working directory the caller removes; `fromSources` runs the agents through tsx (no build).
+ */
+export async function runQemuBench(cfg: QemuBenchConfig, o: { root: string; say: (line: string) => void; fromSources: boolean; running: Running }): Promise<QemuBenchResult> {
+  const { root, say } = o;
+  const assets = await findQemuAssets({ log: (l) => say(`  ${l}`) });
+  if ('missing' in assets) throw new Error(`QEMU or the guest is missing: ${assets.missing} (npm run setup:qemu provisions them)`);
+  const accel = await probeAccel(assets);
+  say(`QEMU: disk ${cfg.diskBytes / MiB} MiB, memory ${cfg.memoryBytes / MiB} MiB, ${cfg.reps} rep(s), workloads ${cfg.workloads.join(',')} (randwrite at ${cfg.opsPerSecond} ops/s), systems ${cfg.systems.join(',')}; QEMU ${assets.qemuVersion} under ${accel.accel} (${accel.reason}); load average ${os.loadavg()[0].toFixed(1)}; working directory ${root}`);
+  const bench = new QemuBench(cfg, root, say);
+  if (cfg.systems.includes('tcp')) {
+    say(`physical limit: ${(cfg.diskBytes + cfg.memoryBytes) / MiB} MiB over loopback TCP to another process`);
+    await bench.physicalLimit();
+  }
+  if (cfg.systems.includes('ferry')) {
+    say('starting a Temporal dev server (headless, in memory)');
+    const cli = await ensureTemporalCli({ log: (l) => say(`  ${l}`) });
+    const server = await startDevServer({ cliPath: cli.path, uiPort: null });
+    const stopServer = o.running.add(() => server.stop());
+    const clusterRoot = path.join(root, 'cluster');
+    say(`starting host agents ${A} and ${B} with FERRY_HYPERVISOR=qemu`);
+    try {
+      if (!o.fromSources) await buildDist(say);
+      const cluster = await LocalCluster.start({ temporalAddress: server.address, hosts: [A, B], root: clusterRoot, env: { FERRY_HYPERVISOR: 'qemu' }, compiled: !o.fromSources });
+      const stopCluster = o.running.add(() => cluster.stop());
+      await bench.ferry(cluster.ferryClient()).finally(stopCluster);
+    } finally {
+      await stopServer();
+    }
+  }
+  if (cfg.systems.includes('qemu')) await bench.peer(assets, accel.accel);
+  for (const r of bench.runs.filter((x) => !x.ok)) say(`ERROR: ${r.system} ${r.workload ?? ''} ${r.direction ?? ''} #${r.rep}: ${r.error ?? 'failed'}`);
+  return {
+    rows: summarize(bench.runs),
+    runs: bench.runs,
+    qemu: { version: assets.qemuVersion, accel: accel.accel, accel_reason: accel.reason, kernel: assets.kernelVersion, guest: assets.guestVersion, peer_migration_parameters: PEER_MIGRATION_PARAMETERS },
+  };
+}
+
+async function main(f: QemuBenchFlags): Promise<number> {
+  const cfg = qemuBenchConfig(f);
   const run = startRun();
   const say = run.say;
   const root = await fs.mkdtemp(path.join(os.tmpdir(), 'ferry-bench-qemu-'));
-  let server: DevServer | null = null;
-  let cluster: LocalCluster | null = null;
+  const running = new Running();
   const cleanup = async () => {
-    await cluster?.stop().catch(() => undefined);
-    await server?.stop().catch(() => undefined);
+    await running.stopAll();
     if (!f.keepDir) await fs.rm(root, { recursive: true, force: true }).catch(() => undefined);
   };
   stopOnSignals(say, cleanup);
   try {
-    const assets = await findQemuAssets({ log: (l) => say(`  ${l}`) });
-    if ('missing' in assets) throw new Error(`QEMU or the guest is missing: ${assets.missing} (npm run setup:qemu provisions them)`);
-    const accel = await probeAccel(assets);
-    say(`disk ${cfg.diskBytes / MiB} MiB, memory ${cfg.memoryBytes / MiB} MiB, ${cfg.reps} rep(s), workloads ${cfg.workloads.join(',')} (randwrite at ${cfg.opsPerSecond} ops/s), systems ${cfg.systems.join(',')}; QEMU ${assets.qemuVersion} under ${accel.accel} (${accel.reason}); load average ${os.loadavg()[0].toFixed(1)}; working directory ${root}`);
-    const bench = new QemuBench(cfg, root, say);
-    if (cfg.systems.includes('tcp')) {
-      say(`physical limit: ${(cfg.diskBytes + cfg.memoryBytes) / MiB} MiB over loopback TCP to another process`);
-      await bench.physicalLimit();
-    }
-    if (cfg.systems.includes('ferry')) {
-      say('starting a Temporal dev server (headless, in memory)');
-      const cli = await ensureTemporalCli({ log: (l) => say(`  ${l}`) });
-      server = await startDevServer({ cliPath: cli.path, uiPort: null });
-      const clusterRoot = path.join(root, 'cluster');
-      say(`starting host agents ${A} and ${B} with FERRY_HYPERVISOR=qemu`);
-      if (!f.fromSources) await buildDist(say);
-      cluster = await LocalCluster.start({ temporalAddress: server.address, hosts: [A, B], root: clusterRoot, env: { FERRY_HYPERVISOR: 'qemu' }, compiled: !f.fromSources });
-      await bench.ferry(cluster.ferryClient());
-      await cluster.stop();
-      cluster = null;
-      await server.stop();
-      server = null;
-    }
-    if (cfg.systems.includes('qemu')) await bench.peer(assets, accel.accel);
-
-    const rows = summarize(bench.runs);
-    process.stdout.write(`${formatTable(rows)}\n`);
-    const failed = bench.runs.filter((r) => !r.ok);
-    for (const r of failed) say(`ERROR: ${r.system} ${r.workload ?? ''} ${r.direction ?? ''} #${r.rep}: ${r.error ?? 'failed'}`);
+    const res = await runQemuBench(cfg, { root, say, fromSources: f.fromSources, running });
+    process.stdout.write(`${formatQemuTable(res.rows)}\n`);
+    const targets = qemuTargets(res.rows);
+    process.stdout.write(`\n${formatTargets(targets)}\n`);
+    const failed = res.runs.filter((r) => !r.ok);
     if (f.json) {
-      const meta = {
-        ...run.meta(),
-        qemu: { version: assets.qemuVersion, accel: accel.accel, accel_reason: accel.reason, kernel: assets.kernelVersion, guest: assets.guestVersion, peer_migration_parameters: PEER_MIGRATION_PARAMETERS },
-        config: cfg,
-      };
-      await fs.writeFile(f.json, `${JSON.stringify({ meta, rows, runs: bench.runs }, null, 2)}\n`);
+      await fs.writeFile(f.json, `${JSON.stringify({ meta: { ...run.meta(), qemu: res.qemu, config: cfg }, targets, rows: res.rows, runs: res.runs }, null, 2)}\n`);
       say(`wrote ${f.json}`);
     }
     say(`done in ${run.elapsedS().toFixed(0)} s${failed.length ? `; ${failed.length} run(s) failed` : ''}`);
@@ -440,11 +456,13 @@ const program = new Command('ferry-bench-qemu')
   .option('--systems <list>', 'comma-separated, from tcp,ferry,qemu (default all)')
   .option('--from-sources', 'run the agents through tsx from the sources instead of the compiled dist/ (no build step)', false)
   .option('--keep-dir', 'keep the working directory (agent homes, logs) for inspection', false)
-  .action(async (f: Flags) => {
+  .action(async (f: QemuBenchFlags) => {
     process.exitCode = await main(f);
   });
 
-program.parseAsync(process.argv).catch((err: Error) => {
-  process.stderr.write(`ferry bench:qemu failed: ${err.stack ?? err.message}\n`);
-  process.exit(1);
-});
+if (require.main === module) {
+  program.parseAsync(process.argv).catch((err: Error) => {
+    process.stderr.write(`ferry bench:qemu failed: ${err.stack ?? err.message}\n`);
+    process.exit(1);
+  });
+}

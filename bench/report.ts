@@ -4,6 +4,8 @@ import type { BandwidthResult, ConcurrentResult, ImResult, RunRecord } from './s
 import { median, percentile, spread } from './stats';
 import type { TrackingResult } from './tracking';
 import { formatGuestRounds } from './guest-rate';
+import { formatQemuTable, type QemuBenchResult } from './qemu';
+import { formatTargets, qemuTargets, simTargets } from './targets';
 
 export interface Results {
   runs: RunRecord[];
@@ -15,6 +17,8 @@ export interface Results {
   concurrent: ConcurrentResult | null;
   /** Guest read-check violations per VM, read before each VM was destroyed (all must be 0). */
   violations: Record<string, number>;
+  /** The side-by-side run on QEMU (Ferry, QEMU's own mirror + migrate, a TCP copy), when QEMU is provisioned. */
+  qemu: QemuBenchResult | null;
 }
 
 /** A finite number rounded to `digits`, or null (JSON has no NaN). */
@@ -32,8 +36,15 @@ const completed = (runs: RunRecord[]) => runs.filter((r) => r.outcome === 'compl
  *   orchestration_overhead_ms  median over the matrix runs of total time minus the time the agents spent
  *                           moving bytes (durations in the transfer activities' results)
  *   heavy_writer.total_over_idle  heavy writer's tpm total / total_s
+ *   targets.*               each target with its measured value, bound and met (true, false, or null
+ *                           when the run did not measure it): targets.ts
  */
 export function summarize(res: Results) {
+  const base = measured(res);
+  return { ...base, targets: { ...simTargets(base), ...(res.qemu ? qemuTargets(res.qemu.rows) : {}) } };
+}
+
+function measured(res: Results) {
   const ok = completed(res.runs.filter((r) => r.scenario === 'matrix'));
   const downtimes = ok.filter((r) => r.mode === 'tpm' && r.workload === 'randwrite' && r.downtime_ms != null).map((r) => r.downtime_ms!);
   const idleTotals = ok.filter((r) => r.mode === 'tpm' && r.workload === 'idle' && r.kind === 'full').map((r) => r.total_ms);
@@ -97,6 +108,7 @@ export function summarize(res: Results) {
 }
 
 export type Summary = ReturnType<typeof summarize>;
+export type Measured = ReturnType<typeof measured>;
 
 function cell(xs: number[], digits: number, scale = 1): string {
   const s = spread(xs.map((x) => x / scale));
@@ -195,6 +207,13 @@ export function formatReport(res: Results, summary: Summary): string {
     );
     for (const e of c.errors.slice(0, 5)) out.push(`    ! ${e}`);
   }
+  if (res.qemu) {
+    out.push('');
+    out.push(`On QEMU ${res.qemu.qemu.version} (${res.qemu.qemu.accel}): Ferry beside QEMU's own mirror + migrate and a plain TCP copy (median, min–max)`);
+    out.push(formatQemuTable(res.qemu.rows));
+  }
+  out.push('');
+  out.push(formatTargets(summary.targets));
   out.push('');
   out.push('Summary');
   out.push(JSON.stringify(summary, null, 2));

@@ -43,3 +43,25 @@ export function stopOnSignals(say: (line: string) => void, cleanup: () => Promis
     });
   }
 }
+
+/** What a scenario started and must stop, also when a signal cuts it short: stopOnSignals' cleanup runs these. */
+export class Running {
+  private readonly stops = new Set<() => Promise<unknown>>();
+
+  /** Registers `stop`; the returned function runs it (once) and forgets it. */
+  add(stop: () => Promise<unknown>): () => Promise<void> {
+    let done = false;
+    const once = async () => {
+      if (done) return;
+      done = true;
+      this.stops.delete(once);
+      await stop().catch(() => undefined);
+    };
+    this.stops.add(once);
+    return once;
+  }
+
+  async stopAll(): Promise<void> {
+    for (const stop of [...this.stops].reverse()) await stop();
+  }
+}
