@@ -114,8 +114,16 @@ export class LocalCluster {
   static async start(opts: ClusterOptions): Promise<LocalCluster> {
     const root = opts.root ?? (await fs.mkdtemp(path.join(os.tmpdir(), 'ferry-cluster-')));
     await fs.mkdir(root, { recursive: true });
-    const bundle = await workflowBundle();
-    const connection = await Connection.connect({ address: opts.temporalAddress });
+    let bundle: Awaited<ReturnType<typeof workflowBundle>>;
+    let connection: Connection;
+    try {
+      bundle = await workflowBundle();
+      connection = await Connection.connect({ address: opts.temporalAddress });
+    } catch (err) {
+      // Nothing of the cluster exists yet: only a root made here is ours to remove.
+      if (!opts.root) await fs.rm(root, { recursive: true, force: true });
+      throw err;
+    }
     const client = new Client({ connection, namespace: opts.namespace ?? 'default' });
     const cluster = new LocalCluster(root, opts, opts.secret ?? randomBytes(24).toString('hex'), client, connection, bundle);
     try {
