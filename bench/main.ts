@@ -117,6 +117,7 @@ async function main(f: Flags): Promise<number> {
 
   const res: Results = { runs: [], baselines: null, tracking: [], im: null, heavy: [], bandwidth: null, concurrent: null, violations: {}, qemu: null };
   const has = (s: ScenarioName) => scenarios.includes(s);
+  let qemuError: string | null = null;
   try {
     say(`disk ${cfg.diskBytes / MiB} MiB, memory ${cfg.memoryBytes / MiB} MiB, ${cfg.reps} rep(s), workloads ${cfg.workloads.join(',')} at ${cfg.opsPerSecond} ops/s, modes ${cfg.modes.join(',')}; load average ${os.loadavg()[0].toFixed(1)}; working directory ${root}`);
     if (has('baselines')) {
@@ -179,7 +180,13 @@ async function main(f: Flags): Promise<number> {
         const qcfg = qemuBenchConfig({ quick: f.quick, reps: f.quick ? undefined : String(Math.min(cfg.reps, 3)) });
         const qroot = path.join(root, 'qemu');
         await fs.mkdir(qroot);
-        res.qemu = await runQemuBench(qcfg, { root: qroot, say, fromSources: f.fromSources, running });
+        // A scenario that fails is reported with the rest, not instead of it.
+        try {
+          res.qemu = await runQemuBench(qcfg, { root: qroot, say, fromSources: f.fromSources, running });
+        } catch (err) {
+          qemuError = (err as Error).message;
+          say(`ERROR: qemu: ${qemuError}`);
+        }
       }
     }
     let network: NetworkRun[] | null = null;
@@ -204,12 +211,12 @@ async function main(f: Flags): Promise<number> {
     if (admission) process.stdout.write(`\nadmission load: ${JSON.stringify(admission)}\n`);
     if (f.json) {
       const meta = { ...run.meta(), config: cfg };
-      await fs.writeFile(f.json, `${JSON.stringify({ meta, summary, baselines: res.baselines, tracking: res.tracking, im: res.im, bandwidth: res.bandwidth, concurrent: res.concurrent, runs: res.runs, qemu: res.qemu, network, admission }, null, 2)}\n`);
+      await fs.writeFile(f.json, `${JSON.stringify({ meta, summary, baselines: res.baselines, tracking: res.tracking, im: res.im, bandwidth: res.bandwidth, concurrent: res.concurrent, runs: res.runs, qemu: res.qemu, qemu_error: qemuError, network, admission }, null, 2)}\n`);
       say(`wrote ${f.json}`);
     }
     if (f.charts) for (const file of await writeCharts(f.charts, res, summary, say)) say(`wrote ${file}`);
-    say(`done in ${run.elapsedS().toFixed(0)} s`);
-    return 0;
+    say(`done in ${run.elapsedS().toFixed(0)} s${qemuError ? '; the qemu scenario failed' : ''}`);
+    return qemuError ? 1 : 0;
   } finally {
     await cleanup();
   }
